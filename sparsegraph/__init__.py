@@ -1,0 +1,17 @@
+"""sparsegraph: compiler passes for sparse neural networks.
+
+    >>> import torch, sparsegraph as sg
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("gpt-mini")
+    >>> report = sg.analyze(spec.model, spec.example_inputs)
+    >>> report.dense_flops > 0
+    True
+"""
+from . import capture as _capture_mod
+from .analysis import analyze
+from .capture import capture, trace
+from .dims import analyze_dims
+from .graph import CaptureError, ModelGraph, SparsegraphError
+
+__all__ = ["analyze", "analyze_dims", "capture", "trace", "ModelGraph", "SparsegraphError", "CaptureError"]
+__version__ = "0.1.0"

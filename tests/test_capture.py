@@ -1,0 +1,120 @@
+"""Capture: torch.export main path, symbolic_trace / Dynamo graphs, canonical trainable modules."""
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import sparsegraph as sg
+from sparsegraph.capture import BatchNorm, trace
+from sparsegraph.models import builtin
+
+
+def test_trace_resnet_matches_original_in_train_and_eval_at_any_batch():
+    spec = builtin("resnet-mini")
+    model = spec.model
+    gm = trace(model, spec.example_inputs)
+    assert any(isinstance(m, BatchNorm) for m in gm.modules())
+    x = torch.randn(5, 1, 16, 16)  # a batch size the capture never saw
+    model.eval(), gm.eval()
+    torch.testing.assert_close(gm(x), model(x))
+    model.train(), gm.train()
+    torch.testing.assert_close(gm(x), model(x))  # batch statistics, running stats updated alike
+    for (n1, b1), (n2, b2) in zip(sorted(model.named_buffers()), sorted(gm.named_buffers())):
+        assert n1 == n2
+        torch.testing.assert_close(b1, b2)
+
+
+def test_trace_keeps_parameter_names_and_gradients_flow():
+    spec = builtin("gpt-mini", n_layer=2)
+    gm = trace(spec.model, spec.example_inputs)
+    assert set(dict(spec.model.named_parameters())) == set(dict(gm.named_parameters()))
+    idx = torch.randint(0, 256, (3, 17))
+    torch.testing.assert_close(gm(idx), spec.model(idx))
+    gm(idx).sum().backward()
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+def test_modelgraph_has_kinds_shapes_weights_and_backpointers():
+    spec = builtin("gpt-mini", n_layer=1)
+    g = sg.capture(spec.model, spec.example_inputs)
+    kinds = {op.kind for op in g}
+    assert {"linear", "embedding", "norm", "attention", "reshape", "permute", "split"} <= kinds
+    qkv = next(op for op in g if op.module == "h.0.attn.c_attn")
+    assert g.values[qkv.ref("weight")].param == "h.0.attn.c_attn.weight"
+    assert g.shape(qkv.outputs[0]) == (2, 64, 384)
+    assert g.values[qkv.outputs[0]].symbolic == (True, True, False)  # batch and sequence stay dynamic
+    assert isinstance(qkv.source, fx.Node) and qkv.source.graph is g.source.graph
+    assert all(g.nx.has_edge(g.producer(i).name, qkv.name) for i in qkv.inputs if g.producer(i))
+
+
+def test_symbolic_trace_and_dynamo_graphs_are_accepted():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(2, 3, 8, 8)
+    ref = sg.analyze(model, (x,))
+    via_fx = sg.analyze(sg.capture(fx.symbolic_trace(model), (x,)))
+    assert via_fx.dense_flops == ref.dense_flops
+    assert [r.weight for r in via_fx.layers] == [r.weight for r in ref.layers]
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["graph"] = sg.capture(gm, example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(x)
+    assert sg.analyze(seen["graph"]).dense_flops == ref.dense_flops
+
+
+def test_symbolic_trace_fallback_when_export_fails(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def broken(*a, **k):
+        raise RuntimeError("export unavailable")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    with pytest.warns(UserWarning, match="symbolic_trace"):
+        gm = trace(model, (torch.randn(3, 4),))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+class NumpyInside(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(x.detach().numpy() * 2)
+
+
+def test_uncapturable_module_is_one_clear_error():
+    with pytest.raises(sg.CaptureError, match=r"cannot capture NumpyInside: torch.export.*symbolic_trace"):
+        sg.capture(NumpyInside(), (torch.randn(2, 3),))
+
+
+def test_capture_without_inputs_is_an_error():
+    with pytest.raises(sg.CaptureError, match="example inputs are required"):
+        sg.capture(nn.Linear(2, 2))
+
+
+def test_getitem_of_multi_output_ops_become_aliases():
+    spec = builtin("gpt-mini", n_layer=1)
+    g = sg.capture(spec.model, spec.example_inputs)
+    split = next(op for op in g if op.op == "split")
+    assert len(split.outputs) == 3
+    aliases = [op for op in g if op.op == "alias" and op.inputs[0] in split.outputs]
+    assert len(aliases) == 3 and all(op.source.target is operator.getitem for op in aliases)
+
+
+def test_dynamo_graph_parameters_keep_their_names():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["graph"] = sg.capture(gm, example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(torch.randn(3, 4))
+    g = seen["graph"]
+    assert set(g.params) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert [r.role for r in sg.analyze(g).layers] == ["stem", "head"]

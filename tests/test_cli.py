@@ -1,0 +1,99 @@
+"""The command line, as a user runs it."""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from sparsegraph.cli import main
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sparsegraph.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_analyze_builtin_json(capsys):
+    assert main(["analyze", "resnet-mini", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dense_flops"] > 0 and data["layers"][0]["role"] == "stem"
+
+
+def test_analyze_default_model_table(capsys):
+    assert main(["analyze", "--groups"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt-mini" in out and "dimension groups" in out
+
+
+def test_input_shape_changes_flops(capsys):
+    main(["analyze", "resnet-mini", "--json", "--input-shape", "1,1,16,16"])
+    one = json.loads(capsys.readouterr().out)["dense_flops"]
+    main(["analyze", "resnet-mini", "--json", "--input-shape", "4,1,16,16"])
+    assert json.loads(capsys.readouterr().out)["dense_flops"] == 4 * one
+
+
+def test_user_callable(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)), torch.randn(2, 8)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["analyze", "mymodels:make", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dense_flops"] == 2 * 2 * (8 * 16 + 16 * 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "no-such-model"], "unknown model 'no-such-model'"),
+    (["analyze", "missing.onnx"], "ONNX file not found: missing.onnx"),
+    (["analyze", "resnet-mini", "--input-shape", "1,x,3"], "bad --input-shape '1,x,3'"),
+    (["analyze", "resnet-mini", "--input-shape", "2,3,16,16"], "cannot capture ResNet"),
+    (["analyze", "torchvision:nonet"], "unknown torchvision model 'nonet'"),
+    (["analyze", "hf:nonet"], "unknown Hugging Face architecture 'nonet'"),
+    (["analyze", "os:nonexistent_fn"], "cannot import 'os:nonexistent_fn'"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("sparsegraph analyze: error:")
+
+
+def test_corrupt_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(os.urandom(256))
+    r = run("analyze", str(bad))
+    assert r.returncode == 2 and "bad.onnx" in r.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_op_strict(tmp_path):
+    (tmp_path / "flipper.py").write_text(
+        "import torch\n"
+        "class F(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.l = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return torch.flip(self.l(x), dims=[-1])\n"
+        "def make():\n"
+        "    return F(), torch.randn(2, 4)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    loose = run("analyze", "flipper:make", env=env)
+    assert loose.returncode == 0 and "aten.flip.default" in loose.stdout
+    strict = run("analyze", "flipper:make", "--strict", env=env)
+    assert strict.returncode == 2 and "no dimension rule for op(s) aten.flip.default" in strict.stderr
+
+
+def test_llama_7b_is_analysed_on_meta_without_allocating():
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = run("analyze", "hf:llama", "--json")
+    assert r.returncode == 0, r.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(peak_kib, before) < 2 * 1024 * 1024  # under 2 GiB for a ~7B-parameter model
+    data = json.loads(r.stdout)
+    L, d, ff, V, H = 32, 4096, 11008, 32000, 32  # default LlamaConfig
+    B, T = 2, 128
+    assert 6.5e9 < data["params"] < 7e9
+    weights = L * (4 * d * d + 3 * d * ff) + V * d  # every matmul weight, lm_head included
+    attention = L * 2 * (2 * B * H * T * T * (d // H))  # q k^T and p v
+    rope = data["dense_flops"] - 2 * B * T * weights - attention
+    assert 0 <= rope <= 1e-5 * data["dense_flops"]  # only the rotary-frequency matmul is left
