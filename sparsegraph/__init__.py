@@ -7,11 +7,14 @@
     >>> report.dense_flops > 0
     True
 """
-from . import capture as _capture_mod
 from .analysis import analyze
 from .capture import capture, trace
 from .dims import analyze_dims
 from .graph import CaptureError, ModelGraph, SparsegraphError
+from .io import load, save
+from .plan import SparsityPlan
+from .sparsify import sparsify
 
-__all__ = ["analyze", "analyze_dims", "capture", "trace", "ModelGraph", "SparsegraphError", "CaptureError"]
+__all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan",
+           "ModelGraph", "SparsegraphError", "CaptureError"]
 __version__ = "0.1.0"

@@ -26,18 +26,18 @@ def analyze(model_or_path: Any, example_inputs: Any = None, *, spectral: bool = 
     dims = analyze_dims(g)
     layers = find_layers(g)
     plan = getattr(model_or_path, "plan", None) or getattr(g.source, "plan", None)
-    plan_layers = {l["weight"]: l for l in plan.layers} if plan is not None and hasattr(plan, "layers") else {}
+    plan_layers = {w.name: w for w in plan.weights} if plan is not None else {}
     rows, layer_ops = [], set()
     for l in layers:
         op = g.ops[l.op]
         flops = op_flops(g, op)
         density = layer_density(g, l)
         pl = plan_layers.get(l.weight)
-        if pl is not None:
-            density = pl.get("density", density)
+        if pl is not None and pl.sparse:
+            density = pl.density
         w = g.values[g.params[l.weight]]
         rows.append(LayerRow(l.name, l.op, l.kind, l.role, l.weight, list(w.shape), _numel(w.shape),
-                             density, flops, round(flops * density), pl.get("family", "") if pl else ""))
+                             density, flops, round(flops * density), pl.family if pl and pl.family != "dense" else ""))
         layer_ops.add(l.op)
     other = sum(op_flops(g, op) for op in g if op.name not in layer_ops)
     counted: set[str] = set()
@@ -55,7 +55,7 @@ def analyze(model_or_path: Any, example_inputs: Any = None, *, spectral: bool = 
     sparse = sum(r.sparse_flops for r in rows) + other
     report = Report(g.name, g.frontend, rows, dense, sparse, params, nonzero, other,
                     groups=dims.summary(), unknown_ops=sorted({op.target for op in dims.unknown}),
-                    plan=plan.to_dict() if plan is not None and hasattr(plan, "to_dict") else None, graph=g)
+                    plan=plan.to_dict() if plan is not None else None, graph=g)
     if spectral:
         from .spectral import mask_spectra
         report.spectral = mask_spectra(g, layers)

@@ -126,8 +126,9 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> fx.
     >>> gm(torch.randn(5, 4)).shape  # any batch size
     torch.Size([5, 2])
     """
-    if isinstance(model, fx.GraphModule) and _is_aten(model.graph):
-        return model
+    if isinstance(model, fx.GraphModule) and _is_aten(model.graph) and all(
+            n.op != "call_function" or "val" in n.meta for n in model.graph.nodes):
+        return model  # already captured (rewritten modules lack shape metadata: they are re-exported)
     if not isinstance(model, nn.Module):
         raise CaptureError(f"cannot capture {type(model).__name__}: expected a torch.nn.Module")
     args = _as_tuple(example_inputs)
@@ -326,6 +327,8 @@ def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     _prune_unused(gm)
+    gm._tracer_cls = gm.graph._tracer_cls = None  # pickling re-traces with a plain fx.Tracer, not export's
+    gm._tracer_extras = {}
     gm.recompile()
     gm.train(training)
     return gm
@@ -660,7 +663,11 @@ def capture(model: Any, example_inputs: Any = None, *, name: str | None = None,
     """
     if isinstance(model, (str, os.PathLike)) or type(model).__module__.startswith(("onnx", "onnx_ir")):
         from .capture_onnx import capture_onnx
-        return capture_onnx(model, name=name)
+        shapes = None
+        if isinstance(example_inputs, dict):  # input name -> tensor or shape
+            shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+                      for k, v in example_inputs.items()}
+        return capture_onnx(model, name=name, input_shapes=shapes)
     if isinstance(model, ModelGraph):
         return model
     label = name or type(model).__name__

@@ -84,6 +84,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("rewrite")
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from .graph import SparsegraphError as Err
+    from .io import save
+    from .passes.emit_torch import emit
+    from .passes.sparse_ift import Options, make_plan
+
+    spec = resolve(args)
+    if spec.kind == "onnx":
+        raise Err(f"{spec.name}: rewriting .onnx files is not supported; rewrite the PyTorch model instead")
+    g = _capture(spec)
+    opts = Options(args.include_stem, args.include_head, budget_ratio=args.budget_ratio,
+                   factorized_bn=args.factorized_bn)
+    plan = make_plan(g, args.transform, args.sparsity, args.mask, args.seed, opts)
+    meta = any(getattr(x, "is_meta", False) for x in spec.example_inputs)
+    if not args.plan_only:
+        if meta:
+            raise Err(f"{spec.name} is too large to allocate here (built on the meta device); use --plan-only")
+        model = emit(g.source, plan)
+        model.example_inputs = spec.example_inputs
+        from .sparsify import _check
+        _check(model, plan)
+        if args.output:
+            save(model, args.output)
+    if args.json:
+        print(plan.to_json())
+    else:
+        console = _console()
+        console.print(plan.table())
+        if args.output and not args.plan_only:
+            console.print(f"saved to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsegraph", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--groups", action="store_true", help="also print the dimension groups")
     a.add_argument("--spectral", action="store_true", help="spectral gaps of every mask")
     a.add_argument("--strict", action="store_true", help="fail on ops without a dimension rule")
+
+    r = sub.add_parser("rewrite", help="rewrite a dense model into a Sparse Iso-FLOP Transformation")
+    model_args(r)
+    r.add_argument("--transform", default="sparse_wide",
+                   choices=["sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"])
+    r.add_argument("--sparsity", type=float, default=0.75, help="in [0, 1) (default 0.75)")
+    r.add_argument("--mask", default="uniform", help="uniform, erk, nm:2:4, block:32, balanced_block:32")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--include-stem", action="store_true", help="sparsify the first layer too")
+    r.add_argument("--include-head", action="store_true", help="sparsify the last layer too")
+    r.add_argument("--budget-ratio", type=float, default=None,
+                   help="Sparse Wide: target sparse FLOPs as a fraction of the original dense FLOPs")
+    r.add_argument("--factorized-bn", action="store_true", help="Sparse Factorized: BN+ReLU between U and V")
+    r.add_argument("--plan-only", action="store_true", help="print the plan without building the model")
+    r.add_argument("--json", action="store_true", help="print the plan as JSON")
+    r.add_argument("-o", "--output", help="write the rewritten model here (load with sg.load)")
     return p
 
 

@@ -122,6 +122,7 @@ class _Builder:
         self.multiples: dict[Var, int] = {}
         self.patches: list[Patch] = []
         self.unknown: list[Op] = []
+        self.fixed_roots: set[Var] = set()
         for v in g.values.values():
             for a in range(len(v.shape)):
                 self.uf[(v.name, a)]  # register
@@ -142,12 +143,16 @@ class _Builder:
     def tie(self, a: Var | None, b: Var | None) -> None:
         if a is None or b is None or a == b:
             return
+        fixed = self.uf[a] in self.fixed_roots or self.uf[b] in self.fixed_roots
         self.uf.union(a, b)
         self.ties.add_edge(a, b)
+        if fixed:
+            self.fixed_roots.add(self.uf[a])
 
     def fix(self, var: Var | None, reason: str) -> None:
         if var is not None:
             self.fixed.setdefault(var, reason)
+            self.fixed_roots.add(self.uf[var])
 
     def fix_value(self, value: str | None, reason: str) -> None:
         if value is not None and value in self.g.values:
@@ -155,7 +160,7 @@ class _Builder:
                 self.fix((value, a), reason)
 
     def is_fixed(self, var: Var) -> bool:
-        return self.uf[var] in {self.uf[f] for f in self.fixed}
+        return self.uf[var] in self.fixed_roots  # a former root never becomes a root again
 
     def tie_same(self, a: str, b: str, skip: set[int] = frozenset()) -> None:
         """Tie axis i of a to axis i of b (same rank), except axes in skip."""

@@ -59,7 +59,7 @@ def find_layers(g: ModelGraph) -> list[Layer]:
         kind = "norm" if op.op in NORMS else ("embedding" if op.op == "embedding" else
                                               "conv" if op.op == "convolution" else "linear")
         name = op.module or wval.param.rsplit(".", 1)[0]
-        if op.op in MATMULS and op.module and not wval.param.startswith(op.module):
+        if op.op in MATMULS and op.module and "." in wval.param and not wval.param.startswith(op.module):
             name = f"{op.module}:{op.name}"  # e.g. a tied head read through another module
         layers.append(Layer(name, op.name, kind, wval.param, bval.param if bval else None,
                             out_axis, tuple(in_axes), role=kind if kind in ("norm", "embedding") else "hidden"))

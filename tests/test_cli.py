@@ -97,3 +97,44 @@ def test_llama_7b_is_analysed_on_meta_without_allocating():
     attention = L * 2 * (2 * B * H * T * T * (d // H))  # q k^T and p v
     rope = data["dense_flops"] - 2 * B * T * weights - attention
     assert 0 <= rope <= 1e-5 * data["dense_flops"]  # only the rotary-frequency matmul is left
+
+
+def test_rewrite_default_model_prints_plan(capsys):
+    assert main(["rewrite"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt-mini: sparse_wide, sparsity 0.75" in out and "original dense FLOPs" in out
+    assert "h.0.mlp.c_fc.weight" in out and "1024×256" in out  # widened from 512x128
+
+
+def test_rewrite_save_then_analyze_with_spectra(tmp_path, capsys):
+    out = tmp_path / "par.sgm"
+    assert main(["rewrite", "resnet-mini", "--transform", "sparse_parallel", "--sparsity", "0.5",
+                 "--mask", "block:4", "--json", "-o", str(out)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["transform"] == "sparse_parallel" and out.exists()
+    assert main(["analyze", str(out), "--json", "--spectral"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sparse_flops"] == plan["totals"]["sparse_flops"]
+    assert {r["weight"] for r in report["spectral"]} == {w["name"] for w in plan["weights"] if w["mask"] != "none"}
+
+
+def test_rewrite_plan_only_llama_without_allocating():
+    r = run("rewrite", "hf:llama", "--transform", "sparse_wide", "--sparsity", "0.75", "--plan-only", "--json")
+    assert r.returncode == 0, r.stderr
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 1024 * 1024
+    plan = json.loads(r.stdout)
+    assert abs(plan["totals"]["sparse_flops"] / plan["totals"]["original_dense_flops"] - 1) < 1e-3
+    mlp = next(w for w in plan["weights"] if w["name"] == "model.layers.0.mlp.up_proj.weight")
+    assert mlp["shape"] == [22016, 8192] and mlp["mask"] == "uniform"  # 11008 x 4096 widened 2x
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], r"sparsity must be in [0, 1), got 1.5"),
+    (["--mask", "nm:5:4"], "nm:5:4"),
+    (["--transform", "sparse_parallel", "--budget-ratio", "0.5"], "a FLOP budget applies to sparse_wide only"),
+])
+def test_rewrite_bad_input_leaves_no_output(tmp_path, args, message):
+    out = tmp_path / "out.sgm"
+    r = run("rewrite", "resnet-mini", *args, "-o", str(out))
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []

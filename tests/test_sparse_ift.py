@@ -1,0 +1,296 @@
+"""Sparse-IFT rewrites: iso-FLOP totals, exactness, real models, plans, save/load, bad input."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import sparsegraph as sg
+from sparsegraph.models import builtin
+from sparsegraph.models.gpt import loss_fn
+from sparsegraph.passes.emit_torch import embed_dense
+from sparsegraph.passes.sparse_ift import PlanError, make_plan
+
+from .conftest import hf_model
+
+FAMILIES = ["sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"]
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    spec = builtin("gpt-mini", n_layer=2)
+    return spec, sg.capture(spec.model, spec.example_inputs)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    spec = builtin("resnet-mini")
+    return spec, sg.capture(spec.model, spec.example_inputs)
+
+
+def _sgd_lowers_loss(model, inputs, loss):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        value = loss(model(*inputs))
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    return losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+def test_iso_flops_shapes_and_training(family, sparsity, gpt, resnet):
+    for (spec, g), make_loss in ((gpt, lambda x: (lambda y: loss_fn(y, x[0]))),
+                                 (resnet, lambda x: (lambda y: F.cross_entropy(y, torch.tensor([1, 3]))))):
+        dense = sg.analyze(g)
+        model = sg.sparsify(spec.model, spec.example_inputs, family, sparsity, graph=g)
+        measured = sg.analyze(model, spec.example_inputs)  # re-captured: counts the masks, not the plan
+        ratio = measured.sparse_flops / dense.dense_flops
+        if family == "sparse_wide":
+            assert abs(ratio - 1) < 1e-3, ratio
+            assert measured.dense_flops > 1.5 * dense.dense_flops  # the model really is wider
+        else:  # exact up to the rounding of the inner dimension d: one unit of d per layer at most
+            slack = sum(w.dense_flops / w.shape[w.out_axis] * (1 - sparsity if family == "sparse_factorized" else 1)
+                        for w in model.plan.weights if w.part in ("u", "v"))
+            # and of each sparse weight's nonzero count (half an element each)
+            slack += sum(0.5 * w.dense_flops / math.prod(w.shape) for w in model.plan.sparse_weights)
+            assert abs(measured.sparse_flops - dense.dense_flops) <= slack, (ratio, slack / dense.dense_flops)
+        assert abs(model.plan.totals["sparse_flops"] - measured.sparse_flops) <= 1e-6 * measured.sparse_flops
+        x = spec.example_inputs
+        assert model(*x).shape == spec.model(*x).shape
+        assert _sgd_lowers_loss(model, x, make_loss(x))
+        masks = {n: b for n, b in model.named_buffers() if n.endswith("_mask")}
+        assert masks and all(abs(b.count_nonzero().item() / b.numel() - w.density) < 1e-12
+                             for w in model.plan.sparse_weights for n, b in masks.items() if n == w.name + "_mask")
+
+
+@pytest.mark.parametrize("family", ["sparse_wide", "sparse_parallel", "sparse_doped"])
+def test_sparsity_zero_is_the_original_model(family, gpt, resnet):
+    for spec, g in (gpt, resnet):
+        model = sg.sparsify(spec.model, spec.example_inputs, family, 0.0, graph=g)
+        original = dict(spec.model.state_dict())
+        state = model.state_dict()
+        assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in original.items()}
+        model.load_state_dict(original)
+        model.eval(), spec.model.eval()
+        x = spec.example_inputs
+        torch.testing.assert_close(model(*x), spec.model(*x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["builtin", "torchvision"])
+def test_widening_emitter_is_exact(source):
+    if source == "builtin":
+        spec = builtin("resnet18")
+        dense, x = spec.model, spec.example_inputs
+    else:
+        dense, x = torchvision.models.resnet18(num_classes=10), (torch.randn(2, 3, 64, 64),)
+    dense.eval()
+    for m in dense.modules():  # non-trivial BN statistics, so a wrong embedding would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    wide = sg.sparsify(dense, x, "sparse_wide", 0.75)
+    embed_dense(wide, dense.state_dict()).eval()
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in dense.parameters())
+    torch.testing.assert_close(wide(*x), dense(*x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity, width", [(0.5, 90), (0.75, 128), (0.9, 202)])
+def test_torchvision_resnet18_widths_match_reference(sparsity, width):
+    model = torchvision.models.resnet18()
+    g = sg.capture(model, (torch.randn(2, 3, 64, 64),))
+    plan = make_plan(g, "sparse_wide", sparsity)
+    assert plan.weight("layer1.0.conv1.weight").shape[:2] == [width, width]
+    assert plan.weight("layer2.0.conv1.weight").shape[0] == {90: 181, 128: 256, 202: 404}[width]
+    assert plan.weight("conv1.weight").shape == [width, 3, 7, 7] and plan.weight("conv1.weight").density == 1
+    assert plan.weight("fc.weight").shape == [1000, {90: 724, 128: 1024, 202: 1619}[width]]
+    assert abs(plan.flops_ratio - 1) < 1e-3
+    assert plan.sparsity_used > sparsity  # the dense stem and head grew too, so hidden layers pay
+
+
+@pytest.mark.parametrize("sparsity, d_model, d_attn", [(0.5, 1086, 1092), (0.75, 1536, 1536)])
+def test_hf_gpt2_widths_heads_kept(sparsity, d_model, d_attn):
+    model = hf_model("gpt2")
+    g = sg.capture(model, (torch.randint(0, 1000, (2, 32)),))
+    plan = make_plan(g, "sparse_wide", sparsity)
+    c_attn = plan.weight("transformer.h.0.attn.c_attn.weight")  # Conv1D: (in, out)
+    assert c_attn.shape == [d_model, 3 * d_attn]
+    assert plan.weight("transformer.h.0.mlp.c_fc.weight").shape == [d_model, {0.5: 4344, 0.75: 6144}[sparsity]]
+    head_dim = [p for p in plan.patches if p["key"] == "size" and p["old"] == 64]
+    assert head_dim and {p["new"] for p in head_dim} == {d_attn // 12}  # 12 heads kept, head_dim grows
+    scales = [p for p in plan.patches if p["key"] == "scale"]
+    assert len(scales) == 12 and math.isclose(scales[0]["new"], (d_attn // 12) ** -0.5)
+    assert abs(plan.flops_ratio - 1) < 1e-3
+
+
+def test_hf_gpt2_wide_runs_and_trains():
+    model = hf_model("gpt2", n_layer=2, vocab_size=512)  # a small vocabulary: the dense head does not dominate
+    ids = torch.randint(0, 512, (2, 16))
+    wide = sg.sparsify(model, (ids,), "sparse_wide", 0.5)
+    assert wide(ids).logits.shape == (2, 16, model.config.vocab_size)
+    assert _sgd_lowers_loss(wide, (ids,), lambda y: loss_fn(y.logits, ids))
+    sdpa = [n for n in wide.graph.nodes if "scaled_dot_product" in str(n.target)]
+    q = sdpa[0].args[0]
+    assert wide.plan.weight("transformer.h.0.attn.c_attn.weight").shape == [1086, 3 * 1092]
+    assert len(sdpa) == 2 and q.op == "call_function"
+
+
+def test_builtin_gpt_wide():
+    spec = builtin("gpt-mini")
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75)
+    assert wide.plan.weight("h.0.attn.c_attn.weight").shape == [768, 256]  # 4 heads of 64 (were 32)
+    assert wide.plan.weight("wte.weight").shape == [256, 256]  # tied embedding/head stays dense, widened
+    assert wide.plan.weight("wte.weight").density == 1
+    assert abs(wide.plan.flops_ratio - 1) < 1e-3
+
+
+def _two_of_four(m):
+    full = m[:, : m.shape[1] // 4 * 4]
+    return (full.reshape(m.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def _balanced16(m):
+    rows, cols = -(-m.shape[0] // 16) * 16, -(-m.shape[1] // 16) * 16
+    padded = torch.zeros(rows, cols)
+    padded[: m.shape[0], : m.shape[1]] = m
+    blocks = padded.reshape(rows // 16, 16, cols // 16, 16).amax((1, 3))
+    return len(set(blocks.sum(-1).tolist())) == 1
+
+
+def test_masks_kinds_through_sparsify(gpt):
+    spec, g = gpt
+    for mask, check in (("nm:2:4", _two_of_four), ("balanced_block:16", _balanced16), ("erk", lambda m: True)):
+        sparsity = 0.5 if mask.startswith("nm") else 0.75
+        model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", sparsity, mask=mask, graph=g)
+        measured, target = sg.analyze(model, spec.example_inputs).sparse_flops, sg.analyze(g).dense_flops
+        # iso-FLOP up to the mask's granularity: one block per block-row of one layer, or a width step
+        step = max(w.dense_flops / -(-w.shape[1] // 16) for w in model.plan.sparse_weights) if "block" in mask \
+            else 0.01 * target
+        assert abs(measured - target) <= step, (mask, measured / target)
+        for w in model.plan.sparse_weights:
+            assert check(dict(model.named_buffers())[w.name + "_mask"]), (mask, w.name)
+    erk = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="erk", graph=g).plan
+    dens = {w.name: w.density for w in erk.sparse_weights}
+    assert dens["h.0.attn.c_proj.weight"] > dens["h.0.mlp.c_fc.weight"]  # ERK: smaller layers denser
+
+
+def test_options_filter_stem_head_budget(resnet):
+    spec, g = resnet
+    only_first_stage = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5, graph=g,
+                                   filter=lambda mod, fqn: fqn.startswith("layers.0"))
+    assert {w.layer for w in only_first_stage.plan.sparse_weights} == {"layers.0.0.conv1", "layers.0.0.conv2"}
+    seen = []
+    sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5, graph=g,
+                filter=lambda mod, fqn: seen.append((type(mod), fqn)) or True)
+    assert (nn.Conv2d, "layers.0.0.conv1") in seen  # the filter sees the original module
+    with_ends = make_plan(g, "sparse_wide", 0.75, opts=_opts(include_stem=True, include_head=True))
+    assert with_ends.weight("conv1.weight").sparse and with_ends.weight("fc.weight").sparse
+    half = make_plan(g, "sparse_wide", 0.75, opts=_opts(budget_ratio=0.5))
+    assert abs(half.flops_ratio - 0.5) < 1e-3
+
+
+def _opts(**kw):
+    from sparsegraph.passes.sparse_ift import Options
+    return Options(**kw)
+
+
+def test_parallel_branches_have_their_own_batchnorm(resnet):
+    spec, g = resnet
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.75, graph=g)
+    bns = [n for n, m in model.named_modules() if n.startswith("layers.0.0.bn1")]
+    assert sorted(bns) == ["layers.0.0.bn1", "layers.0.0.bn1_branch1", "layers.0.0.bn1_branch2",
+                           "layers.0.0.bn1_branch3"]
+    assert not any("sum to one sparse matrix" in n for n in model.plan.notes)  # every conv has its BN
+    one = builtin("gpt-mini", n_layer=1)
+    lin = sg.sparsify(one.model, one.example_inputs, "sparse_parallel", 0.5)
+    assert any("sum to one sparse matrix" in n for n in lin.plan.notes)  # linear layers: said, not hidden
+
+
+def test_factorized_with_bn_between(resnet):
+    spec, g = resnet
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, graph=g, factorized_bn=True)
+    assert "layers.0.0.conv1.uv_bn" in dict(model.named_modules())
+    u, v = model.plan.weight("layers.0.0.conv1.u.weight"), model.plan.weight("layers.0.0.conv1.v.weight")
+    # k x k conv f_in -> d, then 1x1 d -> f_out; d = ceil(9*16*16 / ((9*16 + 16) * 0.25)) = 58
+    assert u.shape == [58, 16, 3, 3] and v.shape == [16, 58, 1, 1]
+    doped = make_plan(g, "sparse_doped", 0.75)
+    # d = floor(0.75 * 9*16*16 / (9*16 + 16)) = 10
+    assert doped.weight("layers.0.0.conv1.u.weight").shape == [10, 16, 3, 3]
+
+
+def test_plan_json_round_trip(gpt):
+    spec, g = gpt
+    plan = make_plan(g, "sparse_wide", 0.75)
+    again = sg.SparsityPlan.from_json(plan.to_json())
+    assert again == plan and again.to_json() == plan.to_json()
+    with pytest.raises(ValueError, match="schema version 99"):
+        sg.SparsityPlan.from_dict({**plan.to_dict(), "version": 99})
+
+
+def test_save_load_round_trip(tmp_path, resnet):
+    spec, g = resnet
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_doped", 0.75, graph=g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    path = tmp_path / "m.sgm"
+    sg.save(model, path)
+    back = sg.load(path)
+    assert back.plan == model.plan
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    model.eval(), back.eval()
+    torch.testing.assert_close(back(*spec.example_inputs), model(*spec.example_inputs))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.sgm"]  # no temporary left behind
+    (tmp_path / "junk.sgm").write_bytes(b"not a model")
+    with pytest.raises(sg.SparsegraphError, match="junk.sgm is not a readable sparsegraph model"):
+        sg.load(tmp_path / "junk.sgm")
+
+
+def test_same_seed_same_model(gpt):
+    spec, g = gpt
+    a = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, seed=3, graph=g)
+    b = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, seed=3, graph=g)
+    c = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, seed=4, graph=g)
+    for (k, v), (_, w), (_, z) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(v, w)
+    assert not all(torch.equal(v, z) for v, z in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+    ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
+    ({"transform": "sparse_tall"}, "unknown transform 'sparse_tall'"),
+    ({"filter": lambda m, n: False}, "no layer to sparsify .the filter selects nothing"),
+    ({"mask": "nm:2:4", "sparsity": 0.75}, "mask nm:2:4 has density 0.5, but sparsity 0.75"),
+    ({"mask": "bogus"}, "bogus"),
+])
+def test_bad_input(kwargs, message, gpt):
+    spec, g = gpt
+    args = {"transform": "sparse_wide", "sparsity": 0.5} | kwargs
+    with pytest.raises(sg.SparsegraphError, match=message):
+        sg.sparsify(spec.model, spec.example_inputs, graph=g, **args)
+
+
+def test_no_widenable_group_is_an_error():
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(PlanError, match="no widenable dimension group"):
+        sg.sparsify(model, (torch.randn(2, 8),), "sparse_wide", 0.5)
+    with pytest.raises(PlanError, match="no layer to sparsify"):
+        sg.sparsify(model, (torch.randn(2, 8),), "sparse_parallel", 0.5)  # its one layer is stem and head
+
+
+def test_sparsify_leaves_the_original_alone(resnet):
+    spec, g = resnet
+    before = copy.deepcopy(spec.model.state_dict())
+    sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.5, graph=g)
+    assert all(torch.equal(v, spec.model.state_dict()[k]) for k, v in before.items())
