@@ -12,9 +12,9 @@ from .capture import capture, trace
 from .dims import analyze_dims
 from .graph import CaptureError, ModelGraph, SparsegraphError
 from .io import load, save
-from .plan import SparsityPlan
+from .plan import SparsityPlan, plan_of
 from .sparsify import sparsify
 
-__all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan",
+__all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan", "plan_of",
            "ModelGraph", "SparsegraphError", "CaptureError"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from .capture import capture
 from .dims import analyze_dims
 from .flops import LayerRow, Report, layer_density, op_flops
 from .graph import ModelGraph
+from .plan import plan_of
 from .layers import find_layers
 
 
@@ -25,7 +26,7 @@ def analyze(model_or_path: Any, example_inputs: Any = None, *, spectral: bool = 
         model_or_path, example_inputs, name=name)
     dims = analyze_dims(g)
     layers = find_layers(g)
-    plan = getattr(model_or_path, "plan", None) or getattr(g.source, "plan", None)
+    plan = plan_of(model_or_path) or plan_of(g.source)
     plan_layers = {w.name: w for w in plan.weights} if plan is not None else {}
     rows, layer_ops = [], set()
     for l in layers:

@@ -128,6 +128,10 @@ class _Sizes:
 def _input_sizes(model: ir.Model, given: dict[str, Any], default: int, label: str) -> _Sizes:
     """Sizes for every input axis; one dim_param gets one size across inputs."""
     names = [v.name for v in _user_inputs(model)]
+    if isinstance(given, (list, tuple)):  # shapes in input order (the CLI's repeated --input-shape)
+        if len(given) > len(names):
+            raise CaptureError(f"cannot capture {label}: {len(given)} input shapes for {len(names)} inputs {names}")
+        given = dict(zip(names, given))
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise CaptureError(f"cannot capture {label}: input_shapes names unknown inputs {unknown}; "
@@ -944,7 +948,7 @@ def capture_onnx(path_or_model: Any, name: str | None = None,
     _check_structure(model, label)
     model = _prepare(model, owned=not isinstance(path_or_model, ir.Model))
     inference = _Inference(model, label)
-    sizes, facts = _first_inference(inference, model, dict(input_shapes or {}), label)
+    sizes, facts = _first_inference(inference, model, input_shapes or {}, label)
     facts_b = None
     if sizes.doubled is not None:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .graph import SparsegraphError
-from .plan import SparsityPlan
+from .plan import SparsityPlan, attach_plan, plan_of
 
 FORMAT = "sparsegraph-model"
 VERSION = 1
@@ -37,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Save a sparsegraph model (an fx.GraphModule with `.plan`)."""
-    plan = getattr(model, "plan", None)
+    plan = plan_of(model)
     payload: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "module": model,
         "plan": plan.to_json() if plan is not None else None,
@@ -61,6 +61,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> torch.nn.Module:
     if payload.get("version") != VERSION:
         raise SparsegraphError(f"{path}: sparsegraph model format version {payload.get('version')} is not supported")
     model = payload["module"]
-    model.plan = SparsityPlan.from_json(payload["plan"]) if payload.get("plan") else None
+    if payload.get("plan"):
+        attach_plan(model, SparsityPlan.from_json(payload["plan"]))
     model.example_inputs = payload.get("example_inputs", ())
     return model

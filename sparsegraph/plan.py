@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch.nn as nn
+
 SCHEMA_VERSION = 1
 FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
@@ -157,3 +159,43 @@ class SparsityPlan:
         return (f"{self.model} {self.transform} s={self.sparsity:g} (hidden s used {self.sparsity_used:.4f}): "
                 f"sparse FLOPs {t['sparse_flops']:,} vs original dense {t['original_dense_flops']:,} "
                 f"({self.flops_ratio:.4f}x), params {t['params']:,} ({t['nonzero_params']:,} nonzero)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan travels with its model: a submodule whose extra state is the plan's JSON, so
+# state_dict, torch.save, copy.deepcopy and DistributedDataParallel all carry it
+# ---------------------------------------------------------------------------------------------
+PLAN_MODULE = "sparsegraph_plan"
+
+
+class PlanHolder(nn.Module):
+    def __init__(self, plan: SparsityPlan | None = None):
+        super().__init__()
+        self.plan = plan
+
+    def get_extra_state(self) -> str:
+        return self.plan.to_json(indent=None) if self.plan is not None else ""
+
+    def set_extra_state(self, state: str) -> None:
+        self.plan = SparsityPlan.from_json(state) if state else None
+
+
+def attach_plan(model, plan: SparsityPlan) -> None:
+    """Attach `plan` to `model` (as `model.plan` and in its state_dict)."""
+    holder = getattr(model, PLAN_MODULE, None)
+    if not isinstance(holder, PlanHolder):
+        model.add_module(PLAN_MODULE, PlanHolder(plan))
+    else:
+        holder.plan = plan
+    model.plan = plan
+
+
+def plan_of(model) -> SparsityPlan | None:
+    """The plan of a sparsegraph model, also through DDP/compile wrappers and after load_state_dict."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        holder = getattr(m, PLAN_MODULE, None) if m is not None else None
+        if isinstance(holder, PlanHolder) and holder.plan is not None:
+            if getattr(m, "plan", None) is not holder.plan:
+                object.__setattr__(m, "plan", holder.plan)
+            return holder.plan
+    return getattr(model, "plan", None)

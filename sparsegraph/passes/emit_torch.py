@@ -18,7 +18,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..capture import BatchNorm, _get_attr, _has_attr, _pop_attr, _set_attr, aten_name
 from ..masks import layer_seed, make_mask, parse_mask
-from ..plan import SparsityPlan, WeightPlan
+from ..plan import SparsityPlan, WeightPlan, attach_plan
 from .manager import PassResult, graph_pass
 
 aten = torch.ops.aten
@@ -321,7 +321,7 @@ def emit(gm: fx.GraphModule, plan: SparsityPlan, init: str = "default") -> fx.Gr
     if init not in ("default", "keep"):
         raise ValueError(f"init must be 'default' or 'keep', got {init!r}")
     out = _Emitter(copy.deepcopy(gm), plan, init).run()
-    out.plan = plan
+    attach_plan(out, plan)
     measure(out, plan)
     return out
 
