@@ -12,7 +12,7 @@ from .layers import find_layers
 
 
 def analyze(model_or_path: Any, example_inputs: Any = None, *, spectral: bool = False,
-            name: str | None = None) -> Report:
+            name: str | None = None, graph: ModelGraph | None = None) -> Report:
     """Analyse a model: per-layer and total dense/sparse FLOPs, parameters, roles, dimension groups.
 
     >>> import sparsegraph as sg
@@ -22,8 +22,8 @@ def analyze(model_or_path: Any, example_inputs: Any = None, *, spectral: bool = 
     >>> report.dense_flops == sum(r.dense_flops for r in report.layers) + report.other_flops
     True
     """
-    g = model_or_path if isinstance(model_or_path, ModelGraph) else capture(
-        model_or_path, example_inputs, name=name)
+    g = graph or (model_or_path if isinstance(model_or_path, ModelGraph) else capture(
+        model_or_path, example_inputs, name=name))
     dims = analyze_dims(g)
     layers = find_layers(g)
     plan = plan_of(model_or_path) or plan_of(g.source)

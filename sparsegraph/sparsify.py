@@ -16,7 +16,8 @@ from .plan import SparsityPlan
 def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wide", sparsity: float = 0.75,
              mask: str = "uniform", seed: int = 0, *, include_stem: bool = False, include_head: bool = False,
              filter: Callable[[Any, str], bool] | None = None, budget: float | None = None,
-             budget_ratio: float | None = None, factorized_bn: bool = False, init: str = "default",
+             budget_ratio: float | None = None, factorized_bn: bool = False, width: float | None = None,
+             init: str = "default",
              graph: ModelGraph | None = None) -> torch.fx.GraphModule:
     """Rewrite a dense model into a Sparse Iso-FLOP Transformation of itself.
 
@@ -27,6 +28,8 @@ def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wid
     mask:      uniform | erk | "nm:2:4" | "block:32" | "balanced_block:32"
     filter:    (module_or_node, fqn) -> bool, which layers may become sparse
     budget / budget_ratio: Sparse Wide only, target sparse FLOPs instead of the original's
+    width:     Sparse Wide only, widen by exactly this factor at density 1 - sparsity (no iso-FLOP
+               search): width and sparsity as independent knobs, e.g. for SμPar sweeps
     init:      "default" (fresh PyTorch initialisation) or "keep" (keep weights whose shape is unchanged)
 
     >>> import torch, sparsegraph as sg
@@ -42,16 +45,16 @@ def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wid
     """
     g = graph or capture(model, example_inputs)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn,
+    opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width,
                    resolve_module=modules.get)
     plan = make_plan(g, transform, sparsity, mask, seed, opts)
     out = emit(g.source, plan, init)
     out.example_inputs = _as_tuple(example_inputs)
-    _check(out, plan)
+    check_runs(out, plan)
     return out
 
 
-def _check(model: torch.fx.GraphModule, plan: SparsityPlan) -> None:
+def check_runs(model: torch.fx.GraphModule, plan: SparsityPlan) -> None:
     """Run the rewritten model once on its example inputs: a broken rewrite fails here, loudly."""
     inputs = model.example_inputs
     if not inputs or any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):

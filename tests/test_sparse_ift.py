@@ -307,3 +307,13 @@ def test_plan_survives_state_dict_and_deepcopy(gpt):
     twin.sparsegraph_plan.plan = None
     twin.load_state_dict(state)
     assert sg.plan_of(twin) == model.plan and twin.plan == model.plan
+
+
+def test_width_and_sparsity_as_independent_knobs(gpt):
+    spec, g = gpt
+    masked = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, width=1.0, graph=g)
+    assert masked.plan.weight("h.0.mlp.c_fc.weight").shape == [512, 128]  # same width, masks only
+    assert masked.plan.weight("h.0.mlp.c_fc.weight").density == 0.25
+    wide_dense = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.0, width=2.0, graph=g)
+    assert wide_dense.plan.weight("h.0.mlp.c_fc.weight").shape == [1024, 256]
+    assert not wide_dense.plan.sparse_weights

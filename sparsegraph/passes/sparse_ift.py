@@ -34,12 +34,14 @@ class Options:
     budget: float | None = None  # Sparse Wide: target sparse FLOPs (absolute) ...
     budget_ratio: float | None = None  # ... or as a fraction of the original dense FLOPs
     factorized_bn: bool = False  # Sparse Factorized: BatchNorm + ReLU between U and V (convs)
+    width: float | None = None  # Sparse Wide: widen by this factor at density 1 - s exactly (no iso-FLOP search)
     resolve_module: Callable[[str], Any] | None = field(default=None, repr=False)
 
     def public(self) -> dict:
         return {"include_stem": self.include_stem, "include_head": self.include_head,
                 "filter": getattr(self.filter, "__name__", None) if self.filter else None,
-                "budget": self.budget, "budget_ratio": self.budget_ratio, "factorized_bn": self.factorized_bn}
+                "budget": self.budget, "budget_ratio": self.budget_ratio, "factorized_bn": self.factorized_bn,
+                "width": self.width}
 
 
 def _check_sparsity(sparsity: float) -> float:
@@ -207,7 +209,11 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
         densities = _layer_densities(g, chosen, wid, mask, density)
         return densities, fixed + sum(f * densities[w] for w, f in sparse_flops.items())
 
-    if sparsity == 0:
+    if opts.width is not None:  # width and sparsity chosen independently (sweeps, SμPar experiments)
+        if opts.width < 1 or opts.budget is not None or opts.budget_ratio is not None:
+            raise PlanError(f"width must be >= 1 and excludes a FLOP budget, got width={opts.width}")
+        k, density = float(opts.width), rho
+    elif sparsity == 0:
         k, density = 1.0, 1.0
     elif kind.density_fixed is not None:  # N:M: the density is the mask's; search the widening
         density = kind.density_fixed
@@ -246,8 +252,8 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
     patches = _patches(g, dims, wid)
     plan = SparsityPlan(g.name, "sparse_wide", sparsity, used, mask, seed, opts.public(), groups, weights, patches,
                         _totals(g, weights, _other_flops(g, layers, shape_of), original))
-    plan.notes.append(f"widening k={k:.4f}; hidden density searched to {density:.6f} "
-                      f"for a budget of {target:,.0f} FLOPs")
+    plan.notes.append(f"widening k={k:.4f}; hidden density {density:.6f} " + (
+        "as given (no iso-FLOP search)" if opts.width is not None else f"searched for a budget of {target:,.0f} FLOPs"))
     return plan
 
 
