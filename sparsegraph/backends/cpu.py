@@ -1,0 +1,411 @@
+"""CPU block-sparse products: a small C/OpenMP library built on first use, PyTorch's sparse kernels otherwise.
+
+The library (`cpu_source.py`, plain C with GCC vector extensions, no PyTorch headers) is compiled
+once per machine with `gcc -O3 -march=native -fopenmp` into a cache folder
+(`$SPARSEGRAPH_CACHE`, default `~/.cache/sparsegraph`; the file name hashes the source, the
+compiler and the CPU model/flags) and loaded with ctypes. Building takes about two seconds. If no C
+compiler is found, the build fails, or `SPARSEGRAPH_NATIVE=0` is set, every product falls back to
+PyTorch (MKL-backed BSR/CSR `torch.sparse.mm` for float32/float64, a dense product of the unpacked
+weight otherwise), with one warning naming the cause. OpenMP resolves to the libgomp PyTorch has
+already loaded, so both share one thread pool; the kernels use `torch.get_num_threads()` threads.
+
+A block-sparse W (n, k) with blocks b x b is given in BSR form: `values` (nnzb, b, b) in W's
+orientation, zero-padded at ragged edges; `crow` (ceil(n/b)+1,), `col` (nnzb,) int32; and the
+BSR of W^T as `crow_t`, `col_t` and `perm_t` (the value index of each W^T block). CSR is b = 1.
+
+Two data layouts, for the two ways a sparse weight is applied:
+
+    rows:  x (M, k) -> y (M, n) = x W^T + bias           linear layers (and transposed convs of them)
+    cols:  X (P, k, L) -> Y (P, n, L) = W X + bias        an im2col view (L positions per image)
+
+    >>> import torch
+    >>> from sparsegraph.backends import cpu
+    >>> from sparsegraph.backends.triton_kernels import make_layout, pack_values
+    >>> w = torch.randn(40, 24) * (torch.rand(40, 24) < 0.3)
+    >>> L = make_layout(w.ne(0), block=1, n=40, k=24)
+    >>> x = torch.randn(5, 24)
+    >>> y = cpu.linear(x, pack_values(w, L), L.crow, L.col, None, 40, 24, 1)
+    >>> torch.allclose(y, x @ w.T, atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from .cpu_source import source
+
+ABI_VERSION = 1
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+BUILD_ERROR: str | None = None  # why the native kernels are unavailable (None: available or not tried)
+
+# path thresholds (see bench/kernels.py and cost_model.py for the measurements behind them)
+SMALL_M = 4  # below this many rows, linear products run as dot products over W's rows
+TRANSPOSE_BELOW_BLOCK = 8  # blocks narrower than this run the rows layout through x^T (lanes along M)
+TRANSPOSE_ROWS = 2048  # ... in chunks of this many rows, so x^T and y^T stay in cache
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading
+# ---------------------------------------------------------------------------------------------
+def cache_dir() -> str:
+    return os.environ.get("SPARSEGRAPH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparsegraph")
+
+
+def _cpu_signature() -> str:
+    """CPU model and feature flags: a library built with -march=native is only valid on the same CPU."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    sig += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        sig += platform.processor()
+    return sig
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "gcc")
+    return shutil.which(cc)
+
+
+def _build(cc: str) -> str:
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([source(), " ".join(flags), version, _cpu_signature()]).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    path = os.path.join(folder, f"libsparsegraph_cpu-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = os.path.join(tmp, "kernels.c")
+        with open(src, "w") as f:
+            f.write(source())
+        out = os.path.join(tmp, "lib.so")
+        proc = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(cc)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[:1]}")
+        os.replace(out, path)  # atomic: concurrent builders never see a half-written library
+    for old in os.listdir(folder):  # libraries of earlier sources (a loaded one stays valid when unlinked)
+        if old.startswith("libsparsegraph_cpu-") and old.endswith(".so") and old != os.path.basename(path):
+            try:
+                os.unlink(os.path.join(folder, old))
+            except OSError:
+                pass
+    return path
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    sigs = {
+        "sg_rows": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i32],
+        "sg_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i32],
+        "sg_sddmm_rows": [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32],
+        "sg_sddmm_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32],
+        "sg_conv2d": [i64] * 14 + [ptr] * 6 + [i32],
+    }
+    for name, args in sigs.items():
+        for suffix in ("_f32", "_f64"):
+            fn = getattr(lib, name + suffix)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+def library() -> ctypes.CDLL | None:
+    """The native kernel library, built and loaded on first call; None (with one warning) if unavailable."""
+    global _lib, _tried, BUILD_ERROR
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("SPARSEGRAPH_NATIVE", "1") == "0":
+                raise RuntimeError("disabled by SPARSEGRAPH_NATIVE=0")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'gcc')}) on PATH")
+            lib = ctypes.CDLL(_build(cc))
+            if lib.sg_abi_version() != ABI_VERSION:
+                raise RuntimeError("stale library in the cache (ABI version mismatch)")
+            _declare(lib)
+            _lib = lib
+        except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch fallback
+            BUILD_ERROR = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+            if os.environ.get("SPARSEGRAPH_NATIVE", "1") != "0":
+                warnings.warn(f"sparsegraph: native CPU sparse kernels unavailable ({BUILD_ERROR}); "
+                              "using PyTorch's sparse kernels instead", RuntimeWarning, stacklevel=2)
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _native(*tensors: Tensor):
+    """The library if it can run on these tensors (CPU, float32/float64, one dtype), else None."""
+    lib = library()
+    if lib is None:
+        return None
+    t0 = tensors[0]
+    if t0.dtype not in (torch.float32, torch.float64) or any(
+            t is not None and (t.device.type != "cpu" or t.dtype != t0.dtype) for t in tensors):
+        return None
+    return lib
+
+
+def _sfx(t: Tensor) -> str:
+    return "_f32" if t.dtype == torch.float32 else "_f64"
+
+
+def _p(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("sparsegraph CPU kernel: could not allocate a work buffer")
+
+
+def _i32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# raw native calls (contiguous inputs)
+# ---------------------------------------------------------------------------------------------
+def _rows(lib, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, trans: bool,
+          bias: Tensor | None, out: int, b: int) -> Tensor:
+    M, IN = x.shape
+    y = torch.empty(M, out, dtype=x.dtype)
+    _check(getattr(lib, "sg_rows" + _sfx(x))(M, IN, out, b, _p(x), IN, _p(values), _p(crow), _p(col), _p(perm),
+                                             int(trans), _p(bias), _p(y), out, _threads()))
+    return y
+
+
+def _cols(lib, X: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, so: int, si: int,
+          bias: Tensor | None, out: int, b: int) -> Tensor:
+    P, IN, L = X.shape
+    Y = torch.empty(P, out, L, dtype=X.dtype)
+    _check(getattr(lib, "sg_cols" + _sfx(X))(P, IN, out, L, b, _p(X), _p(values), _p(crow), _p(col), _p(perm),
+                                             so, si, _p(bias), _p(Y), _threads()))
+    return Y
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch fallback (MKL BSR/CSR for float32/float64; dense products of the unpacked weight otherwise)
+# ---------------------------------------------------------------------------------------------
+def _torch_sparse(values: Tensor, crow: Tensor, col: Tensor, rows: int, cols: int, b: int) -> Tensor:
+    R, C = -(-rows // b), -(-cols // b)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta", "invariant checks disabled"
+        warnings.simplefilter("ignore", UserWarning)
+        if b == 1:
+            return torch.sparse_csr_tensor(crow.long(), col.long(), values.reshape(-1), (R, C),
+                                           check_invariants=False)
+        return torch.sparse_bsr_tensor(crow.long(), col.long(), values, (R * b, C * b), check_invariants=False)
+
+
+def unpack(values: Tensor, crow: Tensor, col: Tensor, n: int, k: int, b: int) -> Tensor:
+    """Dense (n, k) weight from BSR values (zeros outside the blocks)."""
+    R, C = -(-n // b), -(-k // b)
+    row = torch.repeat_interleave(torch.arange(R, device=values.device), torch.diff(crow.long()).to(values.device),
+                                  output_size=values.shape[0])
+    blocks = values.new_zeros(R, C, b, b)
+    blocks[row, col.long().to(values.device)] = values
+    return blocks.transpose(1, 2).reshape(R * b, C * b)[:n, :k]
+
+
+def pack(weight: Tensor, crow: Tensor, col: Tensor, b: int) -> Tensor:
+    """(nnzb, b, b) blocks of a dense (n, k) weight at the layout's blocks, zero-padded at ragged edges."""
+    n, k = weight.shape
+    R, C = -(-n // b), -(-k // b)
+    padded = torch.nn.functional.pad(weight, (0, C * b - k, 0, R * b - n))
+    row = torch.repeat_interleave(torch.arange(R, device=weight.device), torch.diff(crow.long()).to(weight.device),
+                                  output_size=col.shape[0])
+    return padded.reshape(R, b, C, b).transpose(1, 2)[row, col.long().to(weight.device)].contiguous()
+
+
+def _fallback_apply(x2: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
+                    b: int) -> Tensor:
+    """y (M, n) = x2 (M, k) @ W^T + bias through PyTorch."""
+    if values.dtype in (torch.float32, torch.float64) and values.device.type == "cpu":
+        C = -(-k // b)
+        xp = torch.nn.functional.pad(x2, (0, C * b - k)) if C * b != k else x2
+        y = torch.sparse.mm(_torch_sparse(values, crow, col, n, k, b), xp.t()).t()[:, :n]
+    else:
+        y = x2 @ unpack(values, crow, col, n, k, b).t()
+    return (y + bias if bias is not None else y).contiguous()
+
+
+def _transposed_values(values: Tensor, perm_t: Tensor) -> Tensor:
+    return values.index_select(0, perm_t.long()).transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the products, rows layout (linear layers)
+# ---------------------------------------------------------------------------------------------
+def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
+           b: int, impl: str = "auto") -> Tensor:
+    """y (M, n) = x (M, k) @ W^T + bias."""
+    x = x.contiguous()
+    M = x.shape[0]
+    lib = _native(x, values, bias) if impl != "torch" else None
+    if lib is None:
+        return _fallback_apply(x, values, _i32(crow), _i32(col), bias, n, k, b)
+    values, crow, col = values.contiguous(), _i32(crow), _i32(col)
+    bias = bias.contiguous() if bias is not None else None
+    if M == 0:
+        return x.new_zeros(0, n)
+    if M < SMALL_M:  # dot products along W's rows, x read as (M, k, 1)
+        return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
+    if b < TRANSPOSE_BELOW_BLOCK:  # lanes along M: y^T = W x^T, in chunks of rows
+        y = x.new_empty(M, n)
+        for m0 in range(0, M, TRANSPOSE_ROWS):
+            xc = x[m0:m0 + TRANSPOSE_ROWS]
+            yt = _cols(lib, xc.t().contiguous().view(1, k, xc.shape[0]), values, crow, col, None, b, 1, bias, n, b)
+            y[m0:m0 + TRANSPOSE_ROWS] = yt.view(n, xc.shape[0]).t()
+        return y
+    return _rows(lib, x, values, crow, col, None, True, bias, n, b)
+
+
+def linear_grad_input(dy: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor, perm_t: Tensor, n: int, k: int,
+                      b: int, impl: str = "auto") -> Tensor:
+    """dx (M, k) = dy (M, n) @ W, through W^T's block structure (values read through perm_t)."""
+    dy = dy.contiguous()
+    M = dy.shape[0]
+    lib = _native(dy, values) if impl != "torch" else None
+    if lib is None:
+        return _fallback_apply(dy, _transposed_values(values, perm_t), _i32(crow_t), _i32(col_t), None, k, n, b)
+    values, crow_t, col_t, perm_t = values.contiguous(), _i32(crow_t), _i32(col_t), _i32(perm_t)
+    if M == 0:
+        return dy.new_zeros(0, k)
+    if b < TRANSPOSE_BELOW_BLOCK and M >= SMALL_M:  # element (o=kk, i=nn) of a W^T block at nn*b + kk
+        dx = dy.new_empty(M, k)
+        for m0 in range(0, M, TRANSPOSE_ROWS):
+            g = dy[m0:m0 + TRANSPOSE_ROWS]
+            dxt = _cols(lib, g.t().contiguous().view(1, n, g.shape[0]), values, crow_t, col_t, perm_t, 1, b, None,
+                        k, b)
+            dx[m0:m0 + TRANSPOSE_ROWS] = dxt.view(k, g.shape[0]).t()
+        return dx
+    return _rows(lib, dy, values, crow_t, col_t, perm_t, False, None, k, b)
+
+
+def linear_grad_values(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, n: int, k: int, b: int,
+                       impl: str = "auto") -> Tensor:
+    """dV (nnzb, b, b) = (dy^T x) on W's nonzero blocks, zero at ragged edges."""
+    dy, x = dy.contiguous(), x.contiguous()
+    M = x.shape[0]
+    lib = _native(dy, x) if impl != "torch" else None
+    crow, col = _i32(crow), _i32(col)
+    nnzb = col.shape[0]
+    if lib is None:
+        return pack(dy.t() @ x, crow, col, b)
+    dv = torch.empty(nnzb, b, b, dtype=x.dtype)
+    if b < TRANSPOSE_BELOW_BLOCK:  # dot products along M on the transposed operands, in chunks of rows
+        part = torch.empty_like(dv)
+        for m0 in range(0, M, TRANSPOSE_ROWS):
+            gt, xt = dy[m0:m0 + TRANSPOSE_ROWS].t().contiguous(), x[m0:m0 + TRANSPOSE_ROWS].t().contiguous()
+            out = dv if m0 == 0 else part
+            _check(getattr(lib, "sg_sddmm_cols" + _sfx(x))(1, k, n, gt.shape[1], b, _p(gt), _p(xt), _p(crow),
+                                                           _p(col), _p(out), _threads()))
+            if m0:
+                dv += part
+        if M == 0:
+            dv.zero_()
+    else:
+        _check(getattr(lib, "sg_sddmm_rows" + _sfx(x))(M, k, n, b, _p(dy), n, _p(x), k, _p(crow), _p(col), _p(dv),
+                                                       _threads()))
+    return dv
+
+
+# ---------------------------------------------------------------------------------------------
+# the products, cols layout (im2col views of convolutions: lanes along spatial positions)
+# ---------------------------------------------------------------------------------------------
+def apply_cols(X: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int, b: int,
+               impl: str = "auto") -> Tensor:
+    """Y (P, n, L) = W X (P, k, L) + bias[:, None]."""
+    X = X.contiguous()
+    P, _, L = X.shape
+    lib = _native(X, values, bias) if impl != "torch" else None
+    if lib is None:
+        x2 = X.transpose(1, 2).reshape(P * L, k)
+        return _fallback_apply(x2, values, _i32(crow), _i32(col), bias, n, k, b).view(P, L, n).transpose(1, 2) \
+            .contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    return _cols(lib, X, values.contiguous(), _i32(crow), _i32(col), None, b, 1, bias, n, b)
+
+
+def apply_cols_grad_input(G: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor, perm_t: Tensor, n: int, k: int,
+                          b: int, impl: str = "auto") -> Tensor:
+    """dX (P, k, L) = W^T G (P, n, L)."""
+    G = G.contiguous()
+    P, _, L = G.shape
+    lib = _native(G, values) if impl != "torch" else None
+    if lib is None:
+        g2 = G.transpose(1, 2).reshape(P * L, n)
+        return _fallback_apply(g2, _transposed_values(values, perm_t), _i32(crow_t), _i32(col_t), None, k, n, b) \
+            .view(P, L, k).transpose(1, 2).contiguous()
+    return _cols(lib, G, values.contiguous(), _i32(crow_t), _i32(col_t), _i32(perm_t), 1, b, None, k, b)
+
+
+def cols_grad_values(G: Tensor, X: Tensor, crow: Tensor, col: Tensor, n: int, k: int, b: int,
+                     impl: str = "auto") -> Tensor:
+    """dV (nnzb, b, b) = sum_p G[p] X[p]^T on W's nonzero blocks."""
+    G, X = G.contiguous(), X.contiguous()
+    P, _, L = X.shape
+    crow, col = _i32(crow), _i32(col)
+    lib = _native(G, X) if impl != "torch" else None
+    if lib is None:
+        return pack(torch.einsum("pnl,pkl->nk", G, X), crow, col, b)
+    dv = torch.empty(col.shape[0], b, b, dtype=X.dtype)
+    _check(getattr(lib, "sg_sddmm_cols" + _sfx(X))(P, k, n, L, b, _p(G), _p(X), _p(crow), _p(col), _p(dv),
+                                                   _threads()))
+    return dv
+
+
+# ---------------------------------------------------------------------------------------------
+# direct convolution (no im2col tensor)
+# ---------------------------------------------------------------------------------------------
+def conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, out_channels: int,
+           kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+           b: int) -> Tensor | None:
+    """conv2d(x, W, bias) with W (out, C kh kw) block-sparse; None if the native kernels cannot run it."""
+    lib = _native(x, values, bias)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    y = torch.empty(N, out_channels, max(Ho, 0), max(Wo, 0), dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    bias = bias.contiguous() if bias is not None else None
+    _check(getattr(lib, "sg_conv2d" + _sfx(x))(N, C, H, W, out_channels, kh, kw, sh, sw, ph, pw, dh, dw, b, _p(x),
+                                               _p(values.contiguous()), _p(_i32(crow)), _p(_i32(col)), _p(bias),
+                                               _p(y), _threads()))
+    return y
+
+
+__all__ = ["library", "conv2d", "available", "linear", "linear_grad_input", "linear_grad_values", "apply_cols",
+           "apply_cols_grad_input", "cols_grad_values", "pack", "unpack", "cache_dir", "BUILD_ERROR"]

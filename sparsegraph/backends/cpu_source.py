@@ -1,0 +1,653 @@
+"""C source of the CPU block-sparse kernels (built by `sparsegraph.backends.cpu` on first use).
+
+Plain C11 with GCC vector extensions and OpenMP; no PyTorch headers, so it builds in about two
+seconds with `gcc -O3 -march=native -fopenmp`. `BODY` is instantiated twice, for float (16 lanes
+per 64-byte vector) and double (8 lanes). Exported symbols (suffix _f32 / _f64):
+
+  sg_rows        y (M, OUT) = x (M, IN) @ B + bias        B block-sparse, output block-rows
+  sg_cols        Y (P, OUT, L) = B X (P, IN, L) + bias     lanes along L (im2col / transposed x)
+  sg_sddmm_rows  dV[j] = G[:, rows of j]^T X[:, cols of j]  on B's nonzero blocks
+  sg_sddmm_cols  dV[j] = sum_p G[p, rows of j] X[p, cols of j]^T
+  sg_conv2d      y = conv2d(x, W, bias) for a block-sparse W (out, C kh kw): stride 1 reads the padded
+                 image through row offsets (no im2col), other strides build im2col tiles per thread
+
+A block-sparse B is given as BSR row pointers `crow`, block columns `col` (int32), values
+(nnzb, b, b) and an optional `perm` (value index of each block, for W^T read through W's values).
+Every function returns 0, or 1 if a work buffer could not be allocated.
+"""
+
+HEADER = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(n) CAT(n, SUF)
+#define CHUNK(items, nt) ((items) / (8 * (nt)) > 1 ? (items) / (8 * (nt)) : 1)
+int sg_abi_version(void) { return 1; }
+"""
+
+BODY = r"""
+/* ---- one instantiation: T (element type), SUF (name suffix), VL (lanes per 64-byte vector) ---- */
+typedef T FN(vec) __attribute__((vector_size(64)));
+typedef IT FN(ivec) __attribute__((vector_size(64)));
+#define V FN(vec)
+#define MI FN(ivec)
+
+static inline V FN(ld)(const T *p) { V v; memcpy(&v, p, sizeof(V)); return v; }
+static inline void FN(st)(T *p, V v) { memcpy(p, &v, sizeof(V)); }
+static inline T FN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+
+/* ------------------------------------------------------------------------------------------
+ * rows kernel: y (M, OUT) = x (M, IN) @ B + bias, B block-sparse with output block-rows r,
+ * blocks j in crow[r]..crow[r+1], input block col[j], values at vals + (perm ? perm[j] : j)*b*b.
+ * trans = 1: a block is stored (out, in) (W of a linear layer); trans = 0: stored (in, out).
+ * Every block-row's blocks are packed once into a thread-local (in, out) buffer with bp lanes
+ * (b rounded up to whole vectors), then an MR x NV register tile of y is accumulated over them.
+ * ---------------------------------------------------------------------------------------- */
+#define MK_ROWS(NV, MR)                                                                          \
+static void FN(mk_rows_##NV##_##MR)(int64_t mr, int64_t nz, const T *x, int64_t ldx,            \
+        const T *buf, int64_t b, int64_t bp, int64_t lane0, const int64_t *in0, const int64_t *kb,\
+        T *y, int64_t ldy, int64_t olim, const T *bias) {                                       \
+    V acc[MR][NV];                                                                               \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                        \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (V){0};                 \
+    const T *xr[MR];                                                                             \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = x + (i < mr ? i : mr - 1) * ldx; \
+    for (int64_t jj = 0; jj < nz; jj++) {                                                        \
+        const T *bj = buf + jj * b * bp + lane0;                                                 \
+        const int64_t c = in0[jj], kn = kb[jj];                                                  \
+        for (int64_t kk = 0; kk < kn; kk++) {                                                    \
+            V w[NV];                                                                             \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) w[v] = FN(ld)(bj + kk * bp + v * VL); \
+            _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                              \
+                const T a = xr[i][c + kk];                                                       \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += w[v] * a;      \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    for (int64_t i = 0; i < mr; i++) {                                                           \
+        T *yr = y + i * ldy + lane0;                                                             \
+        for (int v = 0; v < NV; v++) {                                                           \
+            int64_t left = olim - v * VL;                                                        \
+            if (left <= 0) break;                                                                \
+            V out = acc[i][v];                                                                   \
+            if (bias) { V bv; if (left >= VL) bv = FN(ld)(bias + lane0 + v * VL);                \
+                        else { bv = (V){0}; for (int64_t l = 0; l < left; l++) bv[l] = bias[lane0 + v * VL + l]; } \
+                        out += bv; }                                                             \
+            if (left >= VL) FN(st)(yr + v * VL, out);                                            \
+            else for (int64_t l = 0; l < left; l++) yr[v * VL + l] = out[l];                     \
+        }                                                                                        \
+    }                                                                                            \
+}
+MK_ROWS(1, 16)
+MK_ROWS(2, 12)
+MK_ROWS(3, 8)
+MK_ROWS(4, 6)
+
+int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx,
+                 const T *vals, const int32_t *crow, const int32_t *col, const int32_t *perm, int trans,
+                 const T *bias, T *y, int64_t ldy, int nthreads) {
+    const int64_t R = (OUT + b - 1) / b, bp = (b + VL - 1) / VL * VL;
+    int64_t maxnz = 1;
+    for (int64_t r = 0; r < R; r++) if (crow[r + 1] - crow[r] > maxnz) maxnz = crow[r + 1] - crow[r];
+    const double work = (double)M * (double)crow[R] * (double)(b * b);
+    const int64_t chunk = CHUNK(R, nthreads);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (work > 32768.0) reduction(| : failed)
+    {
+        T *buf = (T *)aligned_alloc(64, ((size_t)(maxnz * b * bp * sizeof(T)) + 63) / 64 * 64);
+        int64_t *in0 = (int64_t *)malloc(sizeof(int64_t) * 2 * maxnz), *kb = in0 ? in0 + maxnz : NULL;
+        failed = buf == NULL || in0 == NULL;
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t r = 0; r < R; r++) {
+            if (failed) continue;
+            const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = crow[r + 1] - crow[r];
+            for (int64_t jj = 0; jj < nz; jj++) {
+                const int64_t j = crow[r] + jj, idx = perm ? perm[j] : j;
+                const T *src = vals + idx * b * b;
+                T *dst = buf + jj * b * bp;
+                in0[jj] = (int64_t)col[j] * b;
+                kb[jj] = IN - in0[jj] < b ? IN - in0[jj] : b;
+                for (int64_t i = 0; i < b; i++) {
+                    T *d = dst + i * bp;
+                    if (trans) for (int64_t o = 0; o < b; o++) d[o] = src[o * b + i];
+                    else memcpy(d, src + i * b, sizeof(T) * b);
+                    for (int64_t o = b; o < bp; o++) d[o] = 0;
+                }
+            }
+            for (int64_t lane0 = 0; lane0 < bp; lane0 += 4 * VL) {
+                const int64_t lanes = bp - lane0 < 4 * VL ? bp - lane0 : 4 * VL, nv = lanes / VL;
+                const int64_t olim = ob - lane0;
+                if (olim <= 0) break;
+                const T *bb = bias ? bias + o0 : NULL;
+                T *yb = y + o0;
+                if (nz == 0) {  /* empty block-row: bias or zeros */
+                    for (int64_t m = 0; m < M; m++)
+                        for (int64_t o = 0; o < (olim < lanes ? olim : lanes); o++)
+                            yb[m * ldy + lane0 + o] = bb ? bb[lane0 + o] : 0;
+                    continue;
+                }
+                const int64_t MR = nv == 1 ? 16 : nv == 2 ? 12 : nv == 3 ? 8 : 6;
+                for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                    const int64_t mr = M - m0 < MR ? M - m0 : MR;
+                    const T *xm = x + m0 * ldx;
+                    T *ym = yb + m0 * ldy;
+                    const int64_t ol = olim < lanes ? olim : lanes;
+                    switch (nv) {
+                    case 1: FN(mk_rows_1_16)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
+                    case 2: FN(mk_rows_2_12)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
+                    case 3: FN(mk_rows_3_8)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
+                    default: FN(mk_rows_4_6)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
+                    }
+                }
+            }
+        }
+        free(in0);
+        free(buf);
+    }
+    return failed;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * cols kernel: Y (P, OUT, L) = B (OUT, IN) X (P, IN, L) + bias[:, None], B block-sparse with
+ * output block-rows r; element (o, i) of a block at vals + idx*b*b + o*so + i*si. Lanes run
+ * along L (spatial positions of an im2col view, or the batch of a transposed linear); an
+ * OR x LV register tile (OR output rows, LV vectors of lanes) accumulates broadcast weights.
+ * L == 1 takes a dot-product path (x is then a (P, IN) matrix: small-batch linear layers).
+ * ---------------------------------------------------------------------------------------- */
+/* sum of each of VL vectors, as one vector (lane r = sum of acc[r]): pairwise shuffle transpose */
+static inline V FN(reduce_rows)(V *acc) {
+#if defined(__clang__)
+    V out;
+    for (int r = 0; r < VL; r++) out[r] = FN(hsum)(acc[r]);
+    return out;
+#else
+    int n = VL;
+    for (int h = VL / 2; h >= 1; h /= 2) {
+        MI lo, hi;
+        for (int j = 0; j < VL; j++) { lo[j] = (j / h) * 2 * h + j % h; hi[j] = lo[j] + h; }
+        for (int i = 0; i < n / 2; i++)
+            acc[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], lo) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], hi);
+        n /= 2;
+    }
+    return acc[0];
+#endif
+}
+
+/* VL consecutive output rows o..o+VL-1 of one block-row (b >= VL, rows contiguous: si == 1) */
+static void FN(dot_rows)(T *y, const T *bias, const T *vals, const int32_t *perm, const int32_t *col, int64_t j0,
+                         int64_t nz, int64_t b, int64_t so, int64_t o, const T *X, int64_t IN) {
+    V acc[VL];
+    T tail[VL];
+    _Pragma("GCC unroll 16") for (int r = 0; r < VL; r++) { acc[r] = (V){0}; tail[r] = 0; }
+    for (int64_t jj = 0; jj < nz; jj++) {
+        const int64_t j = j0 + jj, c = (int64_t)col[j] * b, kn = IN - c < b ? IN - c : b;
+        const T *w = vals + (int64_t)(perm ? perm[j] : j) * b * b + o * so;
+        const T *xx = X + c;
+        int64_t i = 0;
+        for (; i + VL <= kn; i += VL) {
+            const V xv = FN(ld)(xx + i);
+            _Pragma("GCC unroll 16") for (int r = 0; r < VL; r++) acc[r] += FN(ld)(w + r * so + i) * xv;
+        }
+        for (; i < kn; i++)
+            for (int r = 0; r < VL; r++) tail[r] += w[r * so + i] * xx[i];
+    }
+    V out = FN(reduce_rows)(acc);
+    for (int r = 0; r < VL; r++) y[r] = out[r] + tail[r] + (bias ? bias[r] : 0);
+}
+
+#define MK_COLS(OR, LV)                                                                          \
+static void FN(mk_cols_##OR##_##LV)(int64_t orr, const int32_t *col, int64_t j0, int64_t nz,       \
+        const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si, int64_t ob0,       \
+        const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy, const T *bias) { \
+    V acc[OR][LV];                                                                               \
+    _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++)                                         \
+        _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) acc[r][v] = (V){0};                 \
+    for (int64_t jj = 0; jj < nz; jj++) {                                                        \
+        const int64_t c = (int64_t)col[j0 + jj] * b, kn = IN - c < b ? IN - c : b;               \
+        const T *blk = vals + (int64_t)(perm ? perm[j0 + jj] : j0 + jj) * b * b;                 \
+        const T *wr[OR];                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++) wr[r] = blk + (ob0 + (r < orr ? r : orr - 1)) * so; \
+        for (int64_t i = 0; i < kn; i++) {                                                       \
+            V xv[LV];                                                                            \
+            const T *xr = roff ? X + roff[c + i] : X + (c + i) * ldx;                            \
+            _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) xv[v] = FN(ld)(xr + v * VL);    \
+            _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++) {                               \
+                const T w = wr[r][i * si];                                                       \
+                _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) acc[r][v] += xv[v] * w;     \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    for (int64_t r = 0; r < orr; r++) {                                                          \
+        const T bv = bias ? bias[r] : 0;                                                         \
+        _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) FN(st)(Y + r * ldy + v * VL, acc[r][v] + bv); \
+    }                                                                                            \
+}
+MK_COLS(8, 2)
+MK_COLS(4, 4)
+MK_COLS(2, 4)
+MK_COLS(1, 4)
+MK_COLS(4, 2)
+MK_COLS(2, 2)
+MK_COLS(1, 2)
+MK_COLS(8, 1)
+MK_COLS(4, 1)
+MK_COLS(2, 1)
+MK_COLS(1, 1)
+
+static void FN(cols_tile)(int64_t OR, int64_t LV, int64_t orr, const int32_t *col, int64_t j0,
+                          int64_t nz, const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si,
+                          int64_t ob0, const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy,
+                          const T *bias) {
+#define CALL_COLS(a, c) FN(mk_cols_##a##_##c)(orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff, IN, Y, ldy, bias)
+    if (LV == 1) {
+        if (OR == 8) CALL_COLS(8, 1); else if (OR == 4) CALL_COLS(4, 1); else if (OR == 2) CALL_COLS(2, 1); else CALL_COLS(1, 1);
+    } else if (LV == 2 && OR != 8) {
+        if (OR == 4) CALL_COLS(4, 2); else if (OR == 2) CALL_COLS(2, 2); else CALL_COLS(1, 2);
+    } else if (OR == 8) CALL_COLS(8, 2);
+    else if (OR == 4) CALL_COLS(4, 4);
+    else if (OR == 2) CALL_COLS(2, 4);
+    else CALL_COLS(1, 4);
+#undef CALL_COLS
+}
+
+int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *X, const T *vals,
+                 const int32_t *crow, const int32_t *col, const int32_t *perm, int64_t so, int64_t si,
+                 const T *bias, T *Y, int nthreads) {
+    const int64_t R = (OUT + b - 1) / b;
+    const int64_t OR = b >= 8 ? 8 : b >= 4 ? 4 : b >= 2 ? 2 : 1;
+    const double work = (double)P * (double)L * (double)crow[R] * (double)(b * b);
+    /* lanes in blocks of LB, so the rows of X a lane block reads stay in cache across block-rows */
+    int64_t LB = (32768 / (IN > 0 ? IN : 1) + 63) / 64 * 64;  /* about 128 KiB of X rows per lane block */
+    LB = LB < 64 ? 64 : LB > 256 ? 256 : LB;
+    if (L <= LB) LB = L;
+    const int64_t NLB = (L + LB - 1) / LB;
+    const int64_t chunk = CHUNK(P * NLB * R, nthreads);
+#pragma omp parallel for collapse(3) schedule(dynamic, chunk) num_threads(nthreads) if (work > 32768.0)
+    for (int64_t p = 0; p < P; p++) {
+      for (int64_t lb = 0; lb < NLB; lb++) {
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t lbeg = lb * LB, lend = lbeg + LB < L ? lbeg + LB : L;
+            const T *Xp = X + p * IN * L;
+            T *Yp = Y + p * OUT * L;
+            const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+            const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
+            if (L == 1 && b == 1) {  /* CSR dot product: y[o] = sum_j v_j x[col_j] */
+                T s = 0;
+                if (perm) for (int64_t j = j0; j < j0 + nz; j++) s += vals[perm[j]] * Xp[col[j]];
+                else {
+#pragma omp simd reduction(+ : s)
+                    for (int64_t j = j0; j < j0 + nz; j++) s += vals[j] * Xp[col[j]];
+                }
+                Yp[o0] = s + (bias ? bias[o0] : 0);
+                continue;
+            }
+            if (L == 1) {  /* dot products: y[o] = sum_j sum_i B(o, i) x[c + i] */
+                int64_t o = 0;
+                if (si == 1 && b >= VL)  /* VL rows at a time, reduced together by a shuffle transpose */
+                    for (; o + VL <= ob; o += VL) FN(dot_rows)(Yp + o0 + o, bias ? bias + o0 + o : NULL, vals, perm,
+                                                              col, j0, nz, b, so, o, Xp, IN);
+                for (; o < ob; o++) {
+                    V acc = (V){0};
+                    T s = 0;
+                    for (int64_t jj = 0; jj < nz; jj++) {
+                        const int64_t j = j0 + jj, c = (int64_t)col[j] * b, kn = IN - c < b ? IN - c : b;
+                        const T *w = vals + (int64_t)(perm ? perm[j] : j) * b * b + o * so;
+                        const T *xx = Xp + c;
+                        int64_t i = 0;
+                        if (si == 1) for (; i + VL <= kn; i += VL) acc += FN(ld)(w + i) * FN(ld)(xx + i);
+                        for (; i < kn; i++) s += w[i * si] * xx[i];
+                    }
+                    Yp[o0 + o] = s + FN(hsum)(acc) + (bias ? bias[o0 + o] : 0);
+                }
+                continue;
+            }
+            for (int64_t ob0 = 0; ob0 < ob; ob0 += OR) {
+                const int64_t orr = ob - ob0 < OR ? ob - ob0 : OR;
+                const T *bb = bias ? bias + o0 + ob0 : NULL;
+                T *Yr = Yp + (o0 + ob0) * L;
+                int64_t l0 = lbeg;
+                const int64_t LV = OR == 8 ? 2 : 4;
+                for (; l0 + LV * VL <= lend; l0 += LV * VL)
+                    FN(cols_tile)(OR, LV, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb);
+                for (; l0 + VL <= lend; l0 += VL)
+                    FN(cols_tile)(OR, 1, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb);
+                if (l0 < lend) {  /* lane tail (fewer than VL lanes left) */
+                    const int64_t tl = lend - l0;
+                    for (int64_t o = 0; o < orr; o++) {
+                        T acc[VL];
+                        for (int64_t l = 0; l < VL; l++) acc[l] = bb ? bb[o] : 0;
+                        for (int64_t jj = 0; jj < nz; jj++) {
+                            const int64_t j = j0 + jj, c = (int64_t)col[j] * b, kn = IN - c < b ? IN - c : b;
+                            const T *w = vals + (int64_t)(perm ? perm[j] : j) * b * b + (ob0 + o) * so;
+                            for (int64_t i = 0; i < kn; i++) {
+                                const T wi = w[i * si], *xr = Xp + (c + i) * L + l0;
+                                for (int64_t l = 0; l < tl; l++) acc[l] += wi * xr[l];
+                            }
+                        }
+                        for (int64_t l = 0; l < tl; l++) Yr[o * L + l0 + l] = acc[l];
+                    }
+                }
+            }
+        }
+      }
+    }
+    return 0;
+}
+
+/* the im2col rows of output positions l0 .. l0+lt of one image: buf[k][t], k = (c, i, j) in
+ * (c, kh, kw) order, row stride ldb; lanes lt .. ldb-1 are zero. Runs of positions along one
+ * output row are copied as contiguous input segments when the stride is 1. */
+static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t H, int64_t W, int64_t KH,
+                            int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,
+                            int64_t Wo, int64_t l0, int64_t lt) {
+    const int64_t K = C * KH * KW;
+    for (int64_t q = l0; q < l0 + lt;) {
+        const int64_t ho = q / Wo, wo0 = q % Wo;
+        const int64_t n = Wo - wo0 < l0 + lt - q ? Wo - wo0 : l0 + lt - q, ofs = q - l0;
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t i = 0; i < KH; i++) {
+                const int64_t hi = ho * SH - PH + i * DH;
+                const int inside = hi >= 0 && hi < H;
+                const T *src = xp + (c * H + (inside ? hi : 0)) * W;
+                for (int64_t j = 0; j < KW; j++) {
+                    T *row = buf + ((c * KH + i) * KW + j) * ldb + ofs;
+                    const int64_t wb = wo0 * SW - PW + j * DW;
+                    if (!inside) { memset(row, 0, sizeof(T) * n); continue; }
+                    if (SW == 1) {
+                        int64_t t0 = wb < 0 ? -wb : 0, t1 = W - wb < n ? W - wb : n;
+                        if (t0 > n) t0 = n;
+                        if (t1 < t0) t1 = t0;
+                        if (t0) memset(row, 0, sizeof(T) * t0);
+                        if (t1 > t0) memcpy(row + t0, src + wb + t0, sizeof(T) * (t1 - t0));
+                        if (n > t1) memset(row + t1, 0, sizeof(T) * (n - t1));
+                    } else {
+                        for (int64_t t = 0; t < n; t++) {
+                            const int64_t wi = wb + t * SW;
+                            row[t] = wi >= 0 && wi < W ? src[wi] : 0;
+                        }
+                    }
+                }
+            }
+        q += n;
+    }
+    if (lt < ldb)
+        for (int64_t k = 0; k < K; k++) memset(buf + k * ldb + lt, 0, sizeof(T) * (ldb - lt));
+}
+
+/* stride-1 convolution without im2col: on the zero-padded image (Hp x Wp per channel), the
+ * im2col row (c, i, j) over "extended" positions e = ho * Wp + wo is the contiguous run starting
+ * at plane c + i*DH*Wp + j*DW, so the cols register tiles read the padded image through a table
+ * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead). */
+static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
+                              int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
+                              const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
+    const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, Ho = Hp - DH * (KH - 1), Wo = Wp - DW * (KW - 1);
+    const int64_t L = Ho * Wo, Le = (Ho - 1) * Wp + Wo, K = C * KH * KW, R = (OUT + b - 1) / b, plane = Hp * Wp;
+    const int64_t ntiles = (Le + 63) / 64, ltw = ((Le + ntiles - 1) / ntiles + VL - 1) / VL * VL;
+    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
+    const int64_t items0 = N * ntiles;
+    const int64_t RG = items0 >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
+    const int64_t per = (R + RG - 1) / RG;
+    const int64_t margin = 2 * 64 + 64;  /* full-vector reads past the last extended position */
+    T *xp = (T *)malloc(sizeof(T) * (size_t)(N * C * plane + margin));
+    int64_t *roff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
+    if (xp == NULL || roff == NULL) { free(xp); free(roff); return 1; }
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t i = 0; i < KH; i++)
+            for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = c * plane + i * DH * Wp + j * DW;
+    memset(xp + N * C * plane, 0, sizeof(T) * margin);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pc = 0; pc < N * C; pc++) {  /* the padded copy */
+        T *dst = xp + pc * plane;
+        const T *src = x + pc * H * W;
+        memset(dst, 0, sizeof(T) * PH * Wp);
+        for (int64_t h = 0; h < H; h++) {
+            T *d = dst + (PH + h) * Wp;
+            memset(d, 0, sizeof(T) * PW);
+            memcpy(d + PW, src + h * W, sizeof(T) * W);
+            memset(d + PW + W, 0, sizeof(T) * PW);
+        }
+        memset(dst + (PH + H) * Wp, 0, sizeof(T) * PH * Wp);
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        T *ytile = (T *)aligned_alloc(64, ((size_t)(OR * ltw) * sizeof(T) + 63) / 64 * 64);
+        failed = ytile == NULL;
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t p = 0; p < N; p++)
+            for (int64_t t = 0; t < ntiles; t++)
+                for (int64_t g = 0; g < RG; g++) {
+                    if (failed) continue;
+                    const int64_t e0 = t * ltw, et = Le - e0 < ltw ? Le - e0 : ltw;
+                    const T *X = xp + p * C * plane + e0;
+                    const int64_t r1 = (g + 1) * per < R ? (g + 1) * per : R;
+                    for (int64_t r = g * per; r < r1; r++) {
+                        const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+                        const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
+                        for (int64_t ob0 = 0; ob0 < ob; ob0 += OR) {
+                            const int64_t orr = ob - ob0 < OR ? ob - ob0 : OR;
+                            const T *bb = bias ? bias + o0 + ob0 : NULL;
+                            int64_t c0 = 0;
+                            for (; c0 + LV * VL <= ltw; c0 += LV * VL)
+                                FN(cols_tile)(OR, LV, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
+                                              ytile + c0, ltw, bb);
+                            for (; c0 + 2 * VL <= ltw; c0 += 2 * VL)
+                                FN(cols_tile)(OR, 2, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
+                                              ytile + c0, ltw, bb);
+                            for (; c0 < ltw; c0 += VL)
+                                FN(cols_tile)(OR, 1, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
+                                              ytile + c0, ltw, bb);
+                            T *Y = y + (p * OUT + o0 + ob0) * L;
+                            for (int64_t e = e0; e < e0 + et;) {  /* keep the columns wo < Wo */
+                                const int64_t ho = e / Wp, wo = e % Wp;
+                                const int64_t run = (Wp - wo < e0 + et - e ? Wp - wo : e0 + et - e);
+                                const int64_t keep = wo < Wo ? (Wo - wo < run ? Wo - wo : run) : 0;
+                                for (int64_t o = 0; o < orr && keep > 0; o++)
+                                    memcpy(Y + o * L + ho * Wo + wo, ytile + o * ltw + (e - e0), sizeof(T) * keep);
+                                e += run;
+                            }
+                        }
+                    }
+                }
+        free(ytile);
+    }
+    free(roff);
+    free(xp);
+    return failed;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * direct convolution: y (N, OUT, Ho, Wo) = conv2d(x (N, C, H, W), W, bias) for a block-sparse
+ * W viewed as (OUT, C*KH*KW) in (c, kh, kw) order. Output positions are taken LT at a time: the
+ * im2col tile of those positions (K x LT, K = C*KH*KW) is built in a thread-local buffer (no
+ * full-size im2col tensor, no page faults, no 4 KiB-strided rows), then the cols register tiles
+ * multiply it. Work items are (image, position tile, group of block-rows).
+ * ---------------------------------------------------------------------------------------- */
+#define LT 64
+int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW, int64_t SH,
+                  int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
+                  const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
+    const int64_t Ho = (H + 2 * PH - DH * (KH - 1) - 1) / SH + 1, Wo = (W + 2 * PW - DW * (KW - 1) - 1) / SW + 1;
+    if (Ho <= 0 || Wo <= 0) return 0;
+    const int64_t L = Ho * Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
+    if (SH == 1 && SW == 1)
+        return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, b, x, vals, crow, col, bias, y, nthreads);
+    const int64_t ntiles = (L + LT - 1) / LT, ltw = ((L + ntiles - 1) / ntiles + VL - 1) / VL * VL;  /* tile width */
+    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
+    const int64_t items0 = N * ntiles;
+    const int64_t RG = items0 >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
+    const int64_t per = (R + RG - 1) / RG;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        T *buf = (T *)aligned_alloc(64, ((size_t)(K * ltw + OR * ltw) * sizeof(T) + 63) / 64 * 64);
+        failed = buf == NULL;
+        T *ytile = buf ? buf + K * ltw : NULL;
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t p = 0; p < N; p++)
+            for (int64_t t = 0; t < ntiles; t++)
+                for (int64_t g = 0; g < RG; g++) {
+                    if (failed) continue;
+                    const int64_t l0 = t * ltw, lt = L - l0 < ltw ? L - l0 : ltw;
+                    FN(im2col_tile)(buf, ltw, x + p * C * H * W, C, H, W, KH, KW, SH, SW, PH, PW, DH, DW, Wo, l0, lt);
+                    const int64_t r1 = (g + 1) * per < R ? (g + 1) * per : R;
+                    for (int64_t r = g * per; r < r1; r++) {
+                        const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+                        const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
+                        for (int64_t ob0 = 0; ob0 < ob; ob0 += OR) {
+                            const int64_t orr = ob - ob0 < OR ? ob - ob0 : OR;
+                            const T *bb = bias ? bias + o0 + ob0 : NULL;
+                            T *Y = y + (p * OUT + o0 + ob0) * L + l0;
+                            const int full = lt == ltw;
+                            T *dst = full ? Y : ytile;
+                            const int64_t ldy = full ? L : ltw;
+                            int64_t c0 = 0;
+                            for (; c0 + LV * VL <= ltw; c0 += LV * VL)
+                                FN(cols_tile)(OR, LV, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
+                                              dst + c0, ldy, bb);
+                            for (; c0 + 2 * VL <= ltw; c0 += 2 * VL)
+                                FN(cols_tile)(OR, 2, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
+                                              dst + c0, ldy, bb);
+                            for (; c0 < ltw; c0 += VL)
+                                FN(cols_tile)(OR, 1, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
+                                              dst + c0, ldy, bb);
+                            if (!full)
+                                for (int64_t o = 0; o < orr; o++) memcpy(Y + o * L, ytile + o * ltw, sizeof(T) * lt);
+                        }
+                    }
+                }
+        free(buf);
+    }
+    return failed;
+}
+#undef LT
+
+/* ------------------------------------------------------------------------------------------
+ * SDDMM, rows layout: dV[j](o, i) = sum_m G[m, o0 + o] X[m, c0 + i] on the nonzero blocks j of
+ * B (out block-row r of j, in block col[j]); dV is (nnzb, b, b) in (out, in) orientation, zero
+ * at ragged edges. An OT x IV tile (OT output rows, IV vectors of input lanes) runs down M.
+ * ---------------------------------------------------------------------------------------- */
+#define MK_SDD_ROWS(OT, IV)                                                                      \
+static void FN(mk_sdd_rows_##OT##_##IV)(int64_t M, int64_t ot, const T *G, int64_t ldg,         \
+        const T *X, int64_t ldx, T *D, int64_t b) {                                              \
+    V acc[OT][IV];                                                                               \
+    _Pragma("GCC unroll 8") for (int t = 0; t < OT; t++)                                         \
+        _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) acc[t][v] = (V){0};                 \
+    for (int64_t m = 0; m < M; m++) {                                                            \
+        V xv[IV];                                                                                \
+        _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) xv[v] = FN(ld)(X + m * ldx + v * VL); \
+        const T *g = G + m * ldg;                                                                \
+        _Pragma("GCC unroll 8") for (int t = 0; t < OT; t++) {                                   \
+            const T a = g[t < ot ? t : ot - 1];                                                  \
+            _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) acc[t][v] += xv[v] * a;         \
+        }                                                                                        \
+    }                                                                                            \
+    for (int64_t t = 0; t < ot; t++)                                                             \
+        for (int v = 0; v < IV; v++) FN(st)(D + t * b + v * VL, acc[t][v]);                      \
+}
+MK_SDD_ROWS(8, 2)
+MK_SDD_ROWS(8, 1)
+
+int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G, int64_t ldg,
+                       const T *X, int64_t ldx, const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
+    const int64_t R = (OUT + b - 1) / b, nnzb = crow[R];
+    int64_t *rowof = (int64_t *)malloc(sizeof(int64_t) * (nnzb > 0 ? nnzb : 1));
+    if (rowof == NULL) return 1;
+    for (int64_t r = 0; r < R; r++) for (int64_t j = crow[r]; j < crow[r + 1]; j++) rowof[j] = r;
+    const double work = (double)M * (double)nnzb * (double)(b * b);
+    const int64_t chunk = CHUNK(nnzb, nthreads);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (work > 32768.0)
+    for (int64_t j = 0; j < nnzb; j++) {
+        const int64_t o0 = rowof[j] * b, ob = OUT - o0 < b ? OUT - o0 : b;
+        const int64_t c0 = (int64_t)col[j] * b, kn = IN - c0 < b ? IN - c0 : b;
+        T *D = dV + j * b * b;
+        memset(D, 0, sizeof(T) * b * b);
+        for (int64_t t0 = 0; t0 < ob; t0 += 8) {
+            const int64_t ot = ob - t0 < 8 ? ob - t0 : 8;
+            const T *Gt = G + o0 + t0;
+            int64_t i0 = 0;
+            for (; i0 + 2 * VL <= kn; i0 += 2 * VL)
+                FN(mk_sdd_rows_8_2)(M, ot, Gt, ldg, X + c0 + i0, ldx, D + t0 * b + i0, b);
+            for (; i0 + VL <= kn; i0 += VL)
+                FN(mk_sdd_rows_8_1)(M, ot, Gt, ldg, X + c0 + i0, ldx, D + t0 * b + i0, b);
+            for (; i0 < kn; i0++)
+                for (int64_t t = 0; t < ot; t++) {
+                    T s = 0;
+                    for (int64_t m = 0; m < M; m++) s += Gt[m * ldg + t] * X[m * ldx + c0 + i0];
+                    D[(t0 + t) * b + i0] = s;
+                }
+        }
+    }
+    free(rowof);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * SDDMM, cols layout: dV[j](o, i) = sum_p sum_l G[p, o0 + o, l] X[p, c0 + i, l]; dot products
+ * along the lanes l, an OT x IT tile of them at a time, reduced once at the end.
+ * ---------------------------------------------------------------------------------------- */
+#define MK_SDD_COLS(OT, IT)                                                                      \
+static void FN(mk_sdd_cols_##OT##_##IT)(int64_t P, int64_t L, int64_t ot, int64_t it,            \
+        const T *G, int64_t OUT, int64_t ob0, const T *X, int64_t IN, int64_t ib0, T *D, int64_t b) { \
+    V acc[OT][IT];                                                                               \
+    T tail[OT][IT];                                                                              \
+    _Pragma("GCC unroll 4") for (int t = 0; t < OT; t++)                                         \
+        _Pragma("GCC unroll 4") for (int u = 0; u < IT; u++) { acc[t][u] = (V){0}; tail[t][u] = 0; } \
+    for (int64_t p = 0; p < P; p++) {                                                            \
+        const T *gr[OT], *xr[IT];                                                                \
+        _Pragma("GCC unroll 4") for (int t = 0; t < OT; t++) gr[t] = G + (p * OUT + ob0 + (t < ot ? t : ot - 1)) * L; \
+        _Pragma("GCC unroll 4") for (int u = 0; u < IT; u++) xr[u] = X + (p * IN + ib0 + (u < it ? u : it - 1)) * L; \
+        int64_t l = 0;                                                                           \
+        for (; l + VL <= L; l += VL) {                                                           \
+            V gv[OT], xv[IT];                                                                    \
+            _Pragma("GCC unroll 4") for (int t = 0; t < OT; t++) gv[t] = FN(ld)(gr[t] + l);      \
+            _Pragma("GCC unroll 4") for (int u = 0; u < IT; u++) xv[u] = FN(ld)(xr[u] + l);      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < OT; t++)                                 \
+                _Pragma("GCC unroll 4") for (int u = 0; u < IT; u++) acc[t][u] += gv[t] * xv[u]; \
+        }                                                                                        \
+        for (; l < L; l++)                                                                       \
+            for (int t = 0; t < OT; t++) for (int u = 0; u < IT; u++) tail[t][u] += gr[t][l] * xr[u][l]; \
+    }                                                                                            \
+    for (int64_t t = 0; t < ot; t++)                                                             \
+        for (int64_t u = 0; u < it; u++) D[t * b + u] = FN(hsum)(acc[t][u]) + tail[t][u];        \
+}
+MK_SDD_COLS(4, 4)
+MK_SDD_COLS(1, 1)
+
+int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *G, const T *X,
+                       const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
+    const int64_t R = (OUT + b - 1) / b, nnzb = crow[R];
+    int64_t *rowof = (int64_t *)malloc(sizeof(int64_t) * (nnzb > 0 ? nnzb : 1));
+    if (rowof == NULL) return 1;
+    for (int64_t r = 0; r < R; r++) for (int64_t j = crow[r]; j < crow[r + 1]; j++) rowof[j] = r;
+    const double work = (double)P * (double)L * (double)nnzb * (double)(b * b);
+    const int64_t chunk = CHUNK(nnzb, nthreads);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (work > 32768.0)
+    for (int64_t j = 0; j < nnzb; j++) {
+        const int64_t o0 = rowof[j] * b, ob = OUT - o0 < b ? OUT - o0 : b;
+        const int64_t c0 = (int64_t)col[j] * b, kn = IN - c0 < b ? IN - c0 : b;
+        T *D = dV + j * b * b;
+        memset(D, 0, sizeof(T) * b * b);
+        for (int64_t t0 = 0; t0 < ob; t0 += 4)
+            for (int64_t u0 = 0; u0 < kn; u0 += 4) {
+                const int64_t ot = ob - t0 < 4 ? ob - t0 : 4, it = kn - u0 < 4 ? kn - u0 : 4;
+                if (b == 1) FN(mk_sdd_cols_1_1)(P, L, 1, 1, G, OUT, o0, X, IN, c0, D, b);
+                else FN(mk_sdd_cols_4_4)(P, L, ot, it, G, OUT, o0 + t0, X, IN, c0 + u0, D + t0 * b + u0, b);
+            }
+    }
+    free(rowof);
+    return 0;
+}
+#undef V
+#undef MI
+"""
+
+
+def source() -> str:
+    """The full translation unit: BODY for float, then for double."""
+    return (HEADER + "#define T float\n#define IT int32_t\n#define SUF _f32\n#define VL 16\n" + BODY
+            + "#undef T\n#undef IT\n#undef SUF\n#undef VL\n"
+            + "#define T double\n#define IT int64_t\n#define SUF _f64\n#define VL 8\n" + BODY)

@@ -1,0 +1,135 @@
+"""torch.compile(model, backend="sparsegraph"): lowered graphs, eager-equal outputs and gradients."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsegraph as sg
+from sparsegraph.backends import compile as sgc
+from sparsegraph.models import builtin
+from sparsegraph.models.gpt import loss_fn
+
+SPARSE = "sparsegraph.sparse_linear"
+
+
+@pytest.fixture(autouse=True)
+def _shipped_cost_model(monkeypatch):
+    """Decisions from the shipped constants, not from a calibration cached on this machine."""
+    from sparsegraph.backends import cost_model
+
+    monkeypatch.setattr(cost_model, "load", lambda: cost_model.CostModel())
+
+
+def _count(graph_module, name):
+    return sum(1 for n in graph_module.graph.nodes if name in str(n.target))
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    sgc.LOG.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_backend_is_registered_by_entry_point():
+    assert "sparsegraph" in torch._dynamo.list_backends()
+
+
+def test_gpt_sparse_wide_matches_eager_with_gradients():
+    spec = builtin("gpt-mini", n_layer=2)
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=2)
+    fast = torch.compile(wide, backend="sparsegraph")
+    x = spec.example_inputs[0]
+    y = torch.randint(0, 256, x.shape, generator=torch.Generator().manual_seed(0))
+    loss_fn(fast(x), y).backward()
+    compiled = _grads(wide)
+    wide.zero_grad()
+    loss_fn(wide(x), y).backward()
+    eager = _grads(wide)
+    assert compiled.keys() == eager.keys()
+    for k in eager:
+        assert torch.allclose(compiled[k], eager[k], rtol=1e-4, atol=1e-6), k
+    with torch.no_grad():
+        assert torch.allclose(fast(x), wide(x), rtol=1e-4, atol=1e-5)
+    entry = next(e for e in sgc.LOG if e["compiled"])
+    n_sparse = len(wide.plan.sparse_weights)
+    assert entry["lowering"]["formats"] == {"bsr": n_sparse}
+    fw, bw = entry["compiled"][:2]  # AOT forward and backward graphs, as Inductor received them
+    assert _count(fw, SPARSE + ".default") == n_sparse
+    assert _count(bw, "sparse_linear_grad_input") == n_sparse and _count(bw, "sparse_linear_grad_values") == n_sparse
+
+
+def test_resnet_sparse_wide_matches_eager_with_gradients():
+    spec = builtin("resnet-mini")
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8", seed=2)
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(8) % 10
+    eager_model = copy.deepcopy(wide)  # BatchNorm running statistics update in train mode: keep twins
+    fast = torch.compile(wide, backend="sparsegraph")
+    nn.functional.cross_entropy(fast(x), target).backward()
+    nn.functional.cross_entropy(eager_model(x), target).backward()
+    compiled, eager = _grads(wide), _grads(eager_model)
+    for k in eager:
+        assert torch.allclose(compiled[k], eager[k], rtol=1e-3, atol=1e-5), k
+    entry = next(e for e in sgc.LOG if e["compiled"])
+    convs = [r for r in entry["lowering"]["layers"].values() if r["kind"] == "conv" and r["format"] != "dense"]
+    assert convs
+    fw, bw = entry["compiled"][:2]
+    assert _count(fw, "sparsegraph.sparse_conv2d.default") == len(convs)
+    assert _count(bw, "sparse_conv2d_grad_input") >= len(convs) - 1  # the first conv's input needs no gradient
+    assert _count(bw, "sparse_conv2d_grad_values") == len(convs)
+    wide.eval()
+    eager_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fast(x), eager_model(x), rtol=1e-4, atol=1e-5)
+
+
+class _Masked(nn.Module):
+    def __init__(self, mask_value=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc = nn.Linear(512, 512)
+        bm = torch.rand(32, 32, generator=g) < 0.1
+        mask = bm.repeat_interleave(16, 0).repeat_interleave(16, 1).float()
+        if mask_value is not None:
+            mask = mask * mask_value
+        self.register_buffer("fc_mask", mask)
+
+    def forward(self, x):
+        return torch.relu(nn.functional.linear(x, self.fc.weight * self.fc_mask, self.fc.bias))
+
+
+def test_unlowerable_graph_falls_back_with_one_warning():
+    model = _Masked(mask_value=0.5)  # weight * 0.5-valued "mask": not a sparsity pattern
+    fast = torch.compile(model, backend="sparsegraph")
+    x = torch.randn(4, 512)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fast(x)
+        out2 = fast(x)
+    msgs = [str(r.message) for r in rec if "sparsegraph backend" in str(r.message)]
+    assert len(msgs) == 1 and "other than 0 and 1" in msgs[0] and "fc_mask" in msgs[0], msgs
+    assert torch.allclose(out, model(x)) and torch.allclose(out2, out)
+
+
+def test_changed_masks_are_relowered():
+    model = _Masked()
+    fast = torch.compile(model, backend=sgc.make_backend("cpu", compiler=lambda gm, inputs, record: gm))
+    x = torch.randn(64, 512)
+    assert torch.allclose(fast(x), model(x), atol=1e-5)
+    assert sgc.LOG[-1]["lowering"]["formats"] == {"bsr": 1}
+    with torch.no_grad():  # a dynamic-sparse-training update, in place
+        model.fc_mask.copy_(1 - model.fc_mask)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = fast(x)
+    assert any("masks changed" in str(r.message) for r in rec)
+    assert torch.allclose(y, model(x), atol=1e-5)
+    assert torch.allclose(fast(x), model(x), atol=1e-5)

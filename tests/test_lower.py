@@ -1,0 +1,186 @@
+"""sg.lower: masked products become sparsegraph::sparse_linear where the cost model says so."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsegraph as sg
+from sparsegraph.backends import cost_model as cm
+from sparsegraph.models import builtin
+from sparsegraph.models.gpt import loss_fn
+from sparsegraph.passes.lower import LoweringError, decide
+
+SPARSE_OP = torch.ops.sparsegraph.sparse_linear.default
+CONV_OP = torch.ops.sparsegraph.sparse_conv2d.default
+
+
+@pytest.fixture(autouse=True)
+def _shipped_cost_model(monkeypatch):
+    """Decisions from the shipped constants, not from a calibration cached on this machine."""
+    from sparsegraph.backends import cost_model
+
+    monkeypatch.setattr(cost_model, "load", lambda: cost_model.CostModel())
+
+
+def _ops(gm, target):
+    return [n for n in gm.graph.nodes if n.target is target]
+
+
+@pytest.fixture(scope="module")
+def gpt_wide():
+    spec = builtin("gpt-mini", n_layer=2)
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=1)
+    return spec, model
+
+
+def test_lowered_gpt_matches_and_uses_bsr(gpt_wide):
+    spec, wide = gpt_wide
+    low = sg.lower(wide)
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), wide(x), rtol=1e-4, atol=1e-5)
+    layers = low.plan.lowering["layers"]
+    assert set(layers) == {w.name for w in wide.plan.sparse_weights}
+    for name, rec in layers.items():
+        assert rec["format"] == "bsr" and rec["block"] == 32 and rec["balanced"], (name, rec)
+        assert rec["predicted_speedup"] > 1 / cm.MARGIN and rec["reason"]
+        assert rec["rows"] == x.numel()  # judged at the example input's B*T rows
+    assert len(_ops(low, SPARSE_OP)) == len(layers)
+    params = dict(low.named_parameters())
+    assert "h.0.mlp.c_fc.weight" not in params and params["h.0.mlp.c_fc.weight_values"].dim() == 3
+    assert not [b for b, _ in low.named_buffers() if b.endswith("_mask")]
+    assert wide.plan.lowering == {}  # the input model is untouched
+    # any batch size, any sequence length
+    x2 = torch.randint(0, 256, (3, 17))
+    with torch.no_grad():
+        assert torch.allclose(low(x2), wide(x2), rtol=1e-4, atol=1e-5)
+
+
+def test_lowered_gpt_trains_like_the_masked_model(gpt_wide):
+    spec, wide = gpt_wide
+    low = sg.lower(wide)
+    x = spec.example_inputs[0]
+    y = torch.randint(0, 256, x.shape, generator=torch.Generator().manual_seed(0))
+    loss_fn(low(x), y).backward()
+    wide.zero_grad()
+    loss_fn(wide(x), y).backward()
+    from sparsegraph.backends.cpu import pack
+    for name in low.plan.lowering["layers"]:
+        crow, col = (dict(low.named_buffers())[f"{name}_{k}"] for k in ("crow", "col"))
+        want = pack(dict(wide.named_parameters())[name].grad, crow, col, 32)  # masked-dense grad, on the blocks
+        got = dict(low.named_parameters())[f"{name}_values"].grad
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), name
+    wide.zero_grad()
+
+
+def test_uniform_masks_lower_to_csr_or_stay_dense():
+    spec = builtin("gpt-mini", n_layer=1)
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9)
+    low = sg.lower(wide)
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), wide(x), rtol=1e-4, atol=1e-5)
+    for rec in low.plan.lowering["layers"].values():
+        assert rec["format"] in ("csr", "dense")  # an unstructured mask is never exactly block-structured
+        if rec["format"] == "dense":
+            assert rec["reason"].startswith("dense")
+
+
+def test_sparse_wide_resnet_convs_lower():
+    spec = builtin("resnet-mini")
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8").eval()
+    g = torch.Generator().manual_seed(0)
+    for m in wide.modules():  # non-trivial statistics so every conv matters to the output
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.1 + 0.05)
+    low = sg.lower(wide, example_inputs=(torch.randn(16, 1, 16, 16),))
+    convs = {k: v for k, v in low.plan.lowering["layers"].items() if v["kind"] == "conv"}
+    assert convs and all(v["format"] in ("bsr", "csr", "dense") for v in convs.values())
+    lowered = [k for k, v in convs.items() if v["format"] != "dense"]
+    assert lowered, convs
+    assert len(_ops(low, CONV_OP)) == len(lowered)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        a, b = low(x), wide(x)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_target_dense_bakes_masks(gpt_wide):
+    spec, wide = gpt_wide
+    low = sg.lower(wide, target="dense")
+    assert not _ops(low, SPARSE_OP)
+    assert not [b for b, _ in low.named_buffers() if b.endswith("_mask")]
+    assert all(r["format"] == "dense" for r in low.plan.lowering["layers"].values())
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), wide(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_of_lowered_model(gpt_wide):
+    spec, wide = gpt_wide
+    low = sg.lower(wide)
+    x = spec.example_inputs[0]
+    ep = torch.export.export(low, (x,))
+    assert any(n.target is SPARSE_OP for n in ep.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), low(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_of_lowered_convs():
+    spec = builtin("resnet-mini")
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8").eval()
+    low = sg.lower(wide, example_inputs=(torch.randn(16, 1, 16, 16),))
+    x = spec.example_inputs[0]
+    ep = torch.export.export(low, (x,))
+    assert any(n.target is CONV_OP for n in ep.graph.nodes)
+    assert torch.allclose(ep.module()(x), low(x), rtol=1e-5, atol=1e-6)
+
+
+def test_decisions_follow_the_cost_model():
+    model = cm.load()
+    ones = torch.ones(768, 768)
+    assert decide("w", "op", "linear", ones, (64, 1), "auto", torch.device("cpu"), model).reason == "mask is all ones"
+    bm = torch.zeros(24, 24, dtype=torch.bool)
+    for r in range(24):
+        bm[r, torch.randperm(24)[:2]] = True
+    mask = bm.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    c = decide("w", "op", "linear", mask, (64, 1), "auto", torch.device("cpu"), model)
+    assert (c.format, c.block, c.balanced) == ("bsr", 32, True)
+    assert c.predicted_speedup == pytest.approx(model.linear_dense(64, 768, 768) / model.linear_sparse(
+        64, 768, 768, 48, 32), rel=1e-2)
+    dense_ish = torch.rand(8, 8) < 0.9  # a tiny, nearly dense layer: the call overhead dominates
+    assert decide("w", "op", "linear", dense_ish, (4, 1), "auto", torch.device("cpu"), model).format == "dense"
+    tri = decide("w", "op", "linear", mask, (64, 1), "triton", torch.device("cpu"), model)
+    assert (tri.format, tri.block) == ("triton", 32)
+
+
+def test_masks_must_be_binary():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("fc_mask", torch.full((8, 8), 0.5))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.fc.weight * self.fc_mask, self.fc.bias)
+
+    with pytest.raises(LoweringError, match="other than 0 and 1"):
+        sg.lower(M(), example_inputs=(torch.randn(2, 8),))
+
+
+def test_unknown_target(gpt_wide):
+    with pytest.raises(LoweringError, match="target"):
+        sg.lower(gpt_wide[1], target="gpu")
+
+
+def test_hf_gpt2_addmm_layers_lower():
+    from tests.conftest import hf_model
+
+    model = hf_model("gpt2", n_layer=1, n_embd=256, n_head=4, vocab_size=100, n_positions=64)
+    x = torch.randint(0, 100, (4, 32))
+    wide = sg.sparsify(model, (x,), "sparse_wide", 0.75, mask="balanced_block:32")
+    low = sg.lower(wide)
+    assert set(low.plan.lowering["formats"]) == {"bsr"}
+    with torch.no_grad():
+        a, b = low(x), wide(x)
+    a, b = (t.logits if hasattr(t, "logits") else t[0] if isinstance(t, (tuple, list)) else t for t in (a, b))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,199 @@
+"""sparsegraph::sparse_linear against dense masked products (float64 reference), every format."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsegraph.backends import cpu
+from sparsegraph.backends.sparse_linear import (SparseLinearError, SparseWeight, block_mask_of, sparse_conv2d,
+                                                sparse_linear)
+
+
+def _weight(n, k, block, density, seed, balanced=False, empty_rows=0, dtype=torch.float64):
+    """A block-sparse (n, k) weight (exactly block-structured), some block-rows empty."""
+    g = torch.Generator().manual_seed(seed)
+    R, C = -(-n // block), -(-k // block)
+    if balanced:
+        per = max(1, round(density * C))
+        bm = torch.zeros(R, C, dtype=torch.bool)
+        for r in range(R):
+            bm[r, torch.randperm(C, generator=g)[:per]] = True
+    else:
+        bm = torch.rand(R, C, generator=g) < density
+    bm[:empty_rows] = False
+    mask = bm.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    w = torch.randn(n, k, generator=g, dtype=dtype) * mask
+    return SparseWeight.from_dense(w, block, mask=mask), w
+
+
+def _reference(x, w, bias, dim):
+    """y = W along dim, in float64, through dense autograd."""
+    y = torch.movedim(torch.movedim(x, dim, -1) @ w.t(), -1, dim)
+    if bias is not None:
+        shape = [1] * y.dim()
+        shape[dim % y.dim()] = -1
+        y = y + bias.view(shape)
+    return y
+
+
+def _check(sw, w, x_shape, dim, with_bias, impl, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    x64 = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    b64 = torch.randn(sw.n, generator=g, dtype=torch.float64) if with_bias else None
+    dy64 = torch.randn(*_out_shape(x_shape, dim, sw.n), generator=g, dtype=torch.float64)
+    # float64 reference with gradients for x, the values (through a differentiable unpack) and bias
+    xr = x64.clone().requires_grad_()
+    vr = sw.values.to(torch.float64).clone().requires_grad_()
+    br = b64.clone().requires_grad_() if with_bias else None
+    yr = _reference(xr, cpu.unpack(vr, sw.crow, sw.col, sw.n, sw.k, sw.block), br, dim)
+    grads_r = torch.autograd.grad(yr, [t for t in (xr, vr, br) if t is not None], dy64)
+    # the op, in the dtype under test
+    x = x64.to(dtype).requires_grad_()
+    v = sw.values.to(dtype).clone().requires_grad_()
+    b = b64.to(dtype).requires_grad_() if with_bias else None
+    y = sparse_linear(x, v, sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, b, sw.n, sw.k, sw.block, dim, impl)
+    assert y.shape == yr.shape and y.dtype == dtype and y.is_contiguous()
+    grads = torch.autograd.grad(y, [t for t in (x, v, b) if t is not None], dy64.to(dtype))
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for got, want in zip((y, *grads), (yr, *grads_r)):
+        assert got.shape == want.shape
+        if want.numel():
+            scale = max(1.0, want.abs().max().item()) * max(sw.k, sw.n) ** 0.5
+            assert (got.double() - want).abs().max().item() <= tol * scale
+
+
+def _out_shape(x_shape, dim, n):
+    s = list(x_shape)
+    s[dim % len(s)] = n
+    return tuple(s)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 70), block=st.sampled_from([1, 2, 3, 8, 16, 32]),
+       density=st.floats(0.0, 1.0), balanced=st.booleans(), empty=st.integers(0, 2),
+       rows=st.sampled_from([(1,), (3,), (17,), (2, 5), (0,)]), with_bias=st.booleans(),
+       impl=st.sampled_from(["auto", "torch"]), seed=st.integers(0, 1000))
+def test_rows_layout_matches_dense(n, k, block, density, balanced, empty, rows, with_bias, impl, seed):
+    sw, w = _weight(n, k, block, density, seed, balanced, empty)
+    _check(sw, w, (*rows, k), -1, with_bias, impl, torch.float64, seed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 50), k=st.integers(1, 50), block=st.sampled_from([1, 4, 16, 32]),
+       density=st.floats(0.05, 1.0), P=st.integers(1, 3), L=st.integers(1, 40), with_bias=st.booleans(),
+       impl=st.sampled_from(["auto", "torch"]), seed=st.integers(0, 1000))
+def test_cols_layout_matches_dense(n, k, block, density, P, L, with_bias, impl, seed):
+    sw, w = _weight(n, k, block, density, seed, empty_rows=1)
+    _check(sw, w, (P, k, L), 1, with_bias, impl, torch.float64, seed)
+
+
+@pytest.mark.parametrize("block,balanced", [(1, False), (16, False), (32, True)])
+@pytest.mark.parametrize("rows", [(1,), (64,), (4, 33)])
+def test_float32_against_float64(block, balanced, rows):
+    sw, w = _weight(200, 150, block, 0.2, 7, balanced, empty_rows=1)
+    _check(sw, w, (*rows, 150), -1, True, "auto", torch.float32, 7)
+
+
+def test_no_blocks_at_all():
+    sw, w = _weight(40, 30, 16, 0.0, 0)
+    assert sw.nnzb == 0
+    x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64)
+    y = sw.apply(x, bias)
+    assert torch.equal(y, bias.expand(5, 40))
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(dx, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("conf", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=0, dilation=2),
+                                  dict(stride=(1, 2), padding=(2, 0), dilation=1)])
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_sparse_conv2d_matches_conv2d(block, conf, impl):
+    g = torch.Generator().manual_seed(block)
+    mask = torch.rand(24, 5 * 9, generator=g) < 0.3
+    mask = block_mask_of(mask, block).repeat_interleave(block, 0).repeat_interleave(block, 1)[:24, :45]
+    mask[:block] = False  # an empty block-row
+    w = torch.randn(24, 5, 3, 3, dtype=torch.float64, generator=g) * mask.view(24, 5, 3, 3)
+    sw = SparseWeight.from_dense(w.reshape(24, -1), block, mask=mask)
+    x = torch.randn(3, 5, 9, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.float64, generator=g, requires_grad=True)
+    values = sw.values.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    y = sparse_conv2d(x, values, sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, bias, 24, [3, 3],
+                      *(list(conf[k]) if isinstance(conf[k], tuple) else [conf[k]] * 2
+                        for k in ("stride", "padding", "dilation")), block, impl)
+    yr = F.conv2d(x, wr, bias, **conf)
+    assert y.shape == yr.shape and torch.allclose(y, yr, atol=1e-10)
+    dy = torch.randn_like(y)
+    dx, dv, db = torch.autograd.grad(y, (x, values, bias), dy)
+    dxr, dwr, dbr = torch.autograd.grad(yr, (x, wr, bias), dy)
+    assert torch.allclose(dx, dxr, atol=1e-10) and torch.allclose(db, dbr, atol=1e-10)
+    assert torch.allclose(dv, cpu.pack(dwr.reshape(24, -1), sw.crow, sw.col, block), atol=1e-10)
+
+
+def test_sparse_conv2d_opcheck():
+    sw, _ = _weight(20, 4 * 9, 4, 0.4, 3, empty_rows=1, dtype=torch.float32)
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    args = (x, sw.values.clone().requires_grad_(), sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t,
+            torch.randn(20, requires_grad=True), 20, [3, 3], [1, 1], [1, 1], [1, 1], 4, "auto")
+    torch.library.opcheck(torch.ops.sparsegraph.sparse_conv2d.default, args)
+
+
+@pytest.mark.parametrize("case", ["csr", "bsr", "balanced_bsr", "cols"])
+def test_opcheck(case):
+    block = {"csr": 1, "bsr": 16, "balanced_bsr": 16, "cols": 8}[case]
+    sw, _ = _weight(50, 45, block, 0.3, 1, balanced=case == "balanced_bsr", empty_rows=1, dtype=torch.float32)
+    values = sw.values.clone().requires_grad_()
+    if case == "cols":
+        x, bias, dim = torch.randn(2, 45, 7, requires_grad=True), None, 1
+    else:
+        x, bias, dim = torch.randn(3, 4, 45, requires_grad=True), torch.randn(50, requires_grad=True), -1
+    args = (x, values, sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, bias, 50, 45, block, dim, "auto")
+    torch.library.opcheck(torch.ops.sparsegraph.sparse_linear.default, args)
+
+
+def test_bad_inputs_name_the_problem():
+    sw, _ = _weight(20, 10, 4, 0.5, 0, dtype=torch.float32)
+    with pytest.raises(SparseLinearError, match="k=10"):
+        sw.apply(torch.randn(3, 11))
+    with pytest.raises(SparseLinearError, match="dtype"):
+        sw.apply(torch.randn(3, 10, dtype=torch.float64))
+    with pytest.raises(SparseLinearError, match="impl"):
+        sw.apply(torch.randn(3, 10), impl="magic")
+    with pytest.raises(SparseLinearError, match="values"):
+        sparse_linear(torch.randn(3, 10), sw.values[:, :2], sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, None,
+                      20, 10, 4)
+
+
+def test_falls_back_cleanly_without_a_compiler(tmp_path):
+    """No C compiler: one warning, and the PyTorch kernels give the same results."""
+    code = (
+        "import warnings, torch\n"
+        "from sparsegraph.backends import cpu\n"
+        "from sparsegraph.backends.sparse_linear import SparseWeight\n"
+        "w = torch.randn(30, 20) * (torch.rand(30, 20) < 0.3)\n"
+        "x = torch.randn(4, 20)\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = SparseWeight.from_dense(w, 1).apply(x)\n"
+        "    y = SparseWeight.from_dense(w, 1).apply(x)\n"
+        "assert not cpu.available()\n"
+        "msgs = [str(r.message) for r in rec if 'native CPU sparse kernels' in str(r.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert torch.allclose(y, x @ w.T, atol=1e-5)\n"
+        "print(msgs[0])\n")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), SPARSEGRAPH_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "no C compiler" in out.stdout
+
+
+def test_native_kernels_build():
+    """On this machine (gcc present) the native kernels build and load."""
+    assert cpu.available(), cpu.BUILD_ERROR
