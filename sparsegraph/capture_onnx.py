@@ -25,6 +25,7 @@ Conventions
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ def _load(src: Any) -> tuple[ir.Model, str]:
         if os.path.isdir(path):
             raise CaptureError(f"cannot read ONNX file {path}: it is a directory")
         try:
-            model = ir.load(path)
+            model = read_model(path)
         except Exception as e:  # noqa: BLE001 - protobuf DecodeError, OSError, ...
             raise CaptureError(f"cannot read ONNX file {path}: not a valid ONNX model "
                                f"(truncated or corrupt? {_first_line(e)})") from None
@@ -68,6 +69,8 @@ def _load(src: Any) -> tuple[ir.Model, str]:
     if isinstance(src, onnx.ModelProto):
         label = f"ONNX model {src.graph.name or '<unnamed>'}"
         try:
+            if src.graph.sparse_initializer:
+                src = densify_sparse_initializers(src)
             return ir.serde.deserialize_model(src), label
         except Exception as e:  # noqa: BLE001
             raise CaptureError(f"cannot read {label}: {_first_line(e)}") from None
@@ -75,6 +78,29 @@ def _load(src: Any) -> tuple[ir.Model, str]:
         return src, f"ONNX model {src.graph.name or '<unnamed>'}"
     raise CaptureError(f"cannot capture {type(src).__name__}: expected a path to an .onnx file, "
                        "an onnx.ModelProto or an onnx_ir.Model")
+
+
+def densify_sparse_initializers(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """`proto` (a copy unless `inplace`) with its sparse initializers stored dense (onnx_ir does not read them)."""
+    proto = proto if inplace else copy.deepcopy(proto)
+    for sp in proto.graph.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sp.values)
+        idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
+        dense = np.zeros(_numel(sp.dims), dtype=values.dtype)
+        dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))] = values
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(tuple(sp.dims)), sp.values.name))
+    del proto.graph.sparse_initializer[:]
+    return proto
+
+
+def read_model(path: str) -> ir.Model:
+    """`onnx_ir.load`, also for files with sparse initializers (stored dense in the returned model)."""
+    proto = onnx.load(path, load_external_data=False)
+    if proto.graph.sparse_initializer:
+        proto = densify_sparse_initializers(proto, inplace=True)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, os.path.dirname(path))
+    return model
 
 
 def _is_defined(v: ir.Value) -> bool:
@@ -237,6 +263,9 @@ class _Inference:
                 graph.node.extend(_constant_node(v.name, facts.consts[v.name]) for v in node.outputs if v.name)
             else:
                 graph.node.append(proto)
+                if node.domain not in _DEFAULT_DOMAINS:  # ONNX cannot infer other domains' ops: static shapes from the file
+                    graph.value_info.extend(ir.serde.serialize_value(v) for v in node.outputs if v.name and v.dtype
+                                            and v.shape is not None and all(isinstance(d, int) for d in v.shape))
         for v in self.model.graph.outputs:
             info = ir.serde.serialize_value(v)
             if info.type.HasField("tensor_type"):

@@ -166,6 +166,7 @@ class SparsityPlan:
 # state_dict, torch.save, copy.deepcopy and DistributedDataParallel all carry it
 # ---------------------------------------------------------------------------------------------
 PLAN_MODULE = "sparsegraph_plan"
+ONNX_PLAN_KEY = "sparsegraph.plan"  # metadata_props key of ONNX models written by sparsegraph
 
 
 class PlanHolder(nn.Module):
@@ -198,4 +199,7 @@ def plan_of(model) -> SparsityPlan | None:
             if getattr(m, "plan", None) is not holder.plan:
                 object.__setattr__(m, "plan", holder.plan)
             return holder.plan
+    meta = getattr(model, "metadata_props", None)  # an onnx_ir.Model: the plan travels in its metadata
+    if isinstance(meta, dict) and ONNX_PLAN_KEY in meta:
+        return SparsityPlan.from_json(meta[ONNX_PLAN_KEY])
     return getattr(model, "plan", None)

@@ -1,0 +1,461 @@
+"""`sg.onnx`: Sparse-IFT rewrites, folding and ONNX Runtime lowering of ONNX models.
+
+    sg.onnx.sparsify(path_or_model, transform, sparsity, mask, seed)   rewrite an ONNX graph directly
+    sg.onnx.fold(path_or_model)                 BN into Conv, parallel branches and U.V products into one layer
+    sg.onnx.lower(path_or_model, target)        "ort-block" | "ort-sparse" (after folding)
+    sg.onnx.save(model, path) / sg.onnx.load(path)   sparse initializers where they shrink the file
+    sg.onnx.read_plan(path_or_model)            the SparsityPlan from metadata_props
+    sg.onnx.Session(path_or_model)              ONNX Runtime, feeding ort-sparse weights
+
+Every function takes a path, an `onnx.ModelProto` or an `onnx_ir.Model` and returns a new
+`onnx_ir.Model` (the input is never modified); `output=` writes the result atomically (a
+temporary file renamed into place after `onnx.checker.check_model(full_check=True)` passed).
+
+>>> import sparsegraph as sg, numpy as np
+>>> from onnx import helper, numpy_helper
+>>> w = lambda n, s: numpy_helper.from_array(np.random.default_rng(0).standard_normal(s).astype(np.float32), n)
+>>> nodes = [helper.make_node("Gemm", ["x", "fc1.weight"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+...          helper.make_node("Gemm", ["r", "fc2.weight"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["b"]),
+...          helper.make_node("Gemm", ["b", "fc3.weight"], ["y"], transB=1)]
+>>> graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", 1, [4, 8])],
+...     [helper.make_tensor_value_info("y", 1, [4, 8])], [w("fc1.weight", (32, 8)), w("fc2.weight", (32, 32)),
+...     w("fc3.weight", (8, 32))])
+>>> m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+>>> wide = sg.onnx.sparsify(m, "sparse_wide", sparsity=0.75)
+>>> wide.graph.initializers["fc2.weight"].const_value.shape
+Shape([64, 64])
+>>> sg.onnx.read_plan(wide).transform
+'sparse_wide'
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .capture_onnx import capture_onnx, densify_sparse_initializers
+from .graph import CaptureError, SparsegraphError
+from .io import atomic_write
+from .passes.onnx_rewrite import (LOWERING_KEY, PLAN_KEY, ApplyPlanPass, OnnxPassError, check_opset,
+                                  check_weights)
+from .passes.sparse_ift import Options, make_plan
+from .plan import SparsityPlan
+
+__all__ = ["sparsify", "fold", "lower", "save", "load", "to_proto", "read_plan", "read_lowering", "Session",
+           "TARGETS", "OnnxPassError"]
+
+TARGETS = ("fold", "ort-block", "ort-sparse")
+_SPARSE_MIN_ELEMENTS = 64  # smaller initializers are always stored dense
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and writing
+# ---------------------------------------------------------------------------------------------
+def _read_proto(src: Any) -> tuple[onnx.ModelProto, str]:
+    """A ModelProto (sparse initializers intact) and a label for messages."""
+    if isinstance(src, onnx.ModelProto):
+        return src, f"ONNX model {src.graph.name or '<unnamed>'}"
+    if isinstance(src, ir.Model):
+        return ir.serde.serialize_model(src), f"ONNX model {src.graph.name or '<unnamed>'}"
+    if not isinstance(src, (str, os.PathLike)):
+        raise SparsegraphError(f"expected a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
+                               f"got {type(src).__name__}")
+    path = os.fspath(src)
+    if not os.path.isfile(path):
+        raise SparsegraphError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as e:  # noqa: BLE001 - DecodeError, OSError ...
+        raise SparsegraphError(f"cannot read ONNX file {path}: not a valid ONNX model (truncated or corrupt? "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not proto.graph.output:
+        raise SparsegraphError(f"cannot read ONNX file {path}: the graph has no outputs "
+                               "(empty, truncated or corrupt file?)")
+    return proto, path
+
+
+def load(path_or_model: Any) -> ir.Model:
+    """An onnx_ir model; sparse initializers are stored dense in it (onnx_ir keeps only dense ones)."""
+    if isinstance(path_or_model, ir.Model):
+        return path_or_model
+    proto, _ = _read_proto(path_or_model)
+    if proto.graph.sparse_initializer:  # a proto read from a file is ours to change
+        proto = densify_sparse_initializers(proto, inplace=isinstance(path_or_model, (str, os.PathLike)))
+    return ir.serde.deserialize_model(proto)
+
+
+def _sparse_inputs(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.input if i.type.HasField("sparse_tensor_type")}
+
+
+def _sparse_tensor(t: onnx.TensorProto) -> onnx.SparseTensorProto:
+    """COO with linearised int64 indices (ascending), as ONNX specifies."""
+    arr = onnx.numpy_helper.to_array(t)
+    flat = arr.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    values = onnx.numpy_helper.from_array(flat[idx], t.name)
+    return onnx.helper.make_sparse_tensor(values, onnx.numpy_helper.from_array(idx, t.name + ".indices"),
+                                          list(arr.shape))
+
+
+def to_proto(model: ir.Model, sparse_initializers: bool = True) -> onnx.ModelProto:
+    """Serialise; float initializers whose COO form (values + int64 indices) is smaller move to
+    `sparse_initializer` (ONNX Runtime densifies them at load), and so do the default values of
+    sparse-tensor inputs (ort-sparse weights)."""
+    sparse = set()
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if t is None or (v.is_graph_input() and not isinstance(v.type, ir.SparseTensorType)):
+            continue  # an overridable dense input's default stays dense
+        if isinstance(v.type, ir.SparseTensorType):
+            sparse.add(name)  # an ort-sparse weight: always sparse
+            continue
+        if not sparse_initializers or not t.dtype.is_floating_point() or t.size < _SPARSE_MIN_ELEMENTS:
+            continue
+        if isinstance(t, ir.ExternalTensor):
+            continue
+        nnz = int(np.count_nonzero(t.numpy()))
+        if nnz * (t.dtype.itemsize + 8) < t.size * t.dtype.itemsize:  # values + int64 linear indices vs dense
+            sparse.add(name)
+    proto = ir.serde.serialize_model(model)
+    sparse_in = _sparse_inputs(proto.graph)
+    dims = {t.name: list(t.dims) for t in proto.graph.initializer if t.name in sparse_in}
+    for i in proto.graph.input:  # onnx_ir writes sparse-tensor types without their shape
+        if i.name in dims and not i.type.sparse_tensor_type.HasField("shape"):
+            for d in dims[i.name]:
+                i.type.sparse_tensor_type.shape.dim.add().dim_value = d
+    if sparse:
+        keep = []
+        for t in proto.graph.initializer:
+            if t.name in sparse:
+                proto.graph.sparse_initializer.append(_sparse_tensor(t))
+            else:
+                keep.append(t)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+    return proto
+
+
+def save(model: Any, path: str | os.PathLike, *, sparse_initializers: bool = True, check: bool = True) -> str:
+    """Write an ONNX model atomically, after `onnx.checker` passed (see `_check`)."""
+    proto = to_proto(load(model), sparse_initializers) if not isinstance(model, onnx.ModelProto) else model
+    path = os.fspath(path)
+    try:
+        data = proto.SerializeToString()
+    except ValueError as e:  # protobuf's 2 GB limit
+        raise SparsegraphError(f"cannot write {path}: {e} (models over 2 GB need external data, not supported)")
+    if check:
+        _check(proto, path, data)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+    return path
+
+
+def _check(proto: onnx.ModelProto, label: str, data: bytes | None = None) -> None:
+    """`onnx.checker` on the file as written, then `full_check=True` (strict shape inference) on a
+    skeleton: large initializers (dense or sparse) become typed graph inputs. ONNX's shape inference
+    does not type a sparse initializer read by a standard op (it fails even on a one-MatMul model
+    that ONNX Runtime runs), so the full check sees the tensors as ONNX Runtime does after
+    densifying them at load; small initializers stay (shape computations read them)."""
+    try:
+        onnx.checker.check_model(data if data is not None else proto)
+        onnx.checker.check_model(_skeleton(proto), full_check=True)
+    except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError
+        raise SparsegraphError(f"{label}: the written model fails onnx.checker: "
+                               f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _skeleton(proto: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    """The model with its large initializers replaced by graph inputs of the same type and shape."""
+    graph = onnx.GraphProto(name=proto.graph.name, node=proto.graph.node, output=proto.graph.output,
+                            value_info=proto.graph.value_info)
+    sparse_in = _sparse_inputs(proto.graph)
+    graph.input.extend(proto.graph.input)
+    names = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        if int(np.prod(t.dims)) <= limit or t.name in names:
+            graph.initializer.append(t)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for sp in proto.graph.sparse_initializer:
+        if sp.values.name in sparse_in:
+            graph.sparse_initializer.append(sp)
+        elif int(np.prod(sp.dims)) <= limit:
+            graph.initializer.append(onnx.numpy_helper.from_array(_dense_of(sp), sp.values.name))
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
+    out = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import, graph=graph,
+                          functions=proto.functions)
+    return out
+
+
+def read_plan(path_or_model: Any) -> SparsityPlan | None:
+    """The SparsityPlan stored in an ONNX model's `metadata_props` (None if there is none)."""
+    if isinstance(path_or_model, ir.Model):
+        meta = dict(path_or_model.metadata_props)
+    else:
+        proto = _read_proto(path_or_model)[0] if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
+        meta = {p.key: p.value for p in proto.metadata_props}
+    return SparsityPlan.from_json(meta[PLAN_KEY]) if PLAN_KEY in meta else None
+
+
+def read_lowering(path_or_model: Any) -> dict:
+    """Per-weight lowering choices a lowering pass recorded (`{}` if none)."""
+    if isinstance(path_or_model, ir.Model):
+        meta = dict(path_or_model.metadata_props)
+    else:
+        proto = _read_proto(path_or_model)[0] if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
+        meta = {p.key: p.value for p in proto.metadata_props}
+    return json.loads(meta[LOWERING_KEY]) if LOWERING_KEY in meta else {}
+
+
+def _label(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    graph = src.graph
+    return f"ONNX model {graph.name or '<unnamed>'}"
+
+
+def _run(p: ir.passes.PassBase, model: ir.Model) -> ir.Model:
+    """Run an onnx_ir pass; a SparsegraphError raised inside keeps its own message."""
+    try:
+        return p(model).model
+    except ir.passes.InvariantError as e:
+        cause = e.__cause__
+        if isinstance(cause, SparsegraphError):
+            raise cause from None
+        raise SparsegraphError(f"{type(p).__name__}: {e}") from e
+
+
+def _finish(model: ir.Model, output: str | os.PathLike | None, check: bool) -> ir.Model:
+    if output is not None:
+        save(model, output, check=check)
+    elif check:
+        _check(to_proto(model, sparse_initializers=False), _label(model))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# rewriting
+# ---------------------------------------------------------------------------------------------
+def sparsify(path_or_model: Any, transform: str = "sparse_wide", sparsity: float = 0.75, mask: str = "uniform",
+             seed: int = 0, *, include_stem: bool = False, include_head: bool = False,
+             filter: Callable[[Any, str], bool] | None = None, budget: float | None = None,
+             budget_ratio: float | None = None, factorized_bn: bool = False, width: float | None = None,
+             init: str = "default", input_shapes: dict | list | None = None, name: str | None = None,
+             output: str | os.PathLike | None = None, check: bool = True) -> ir.Model:
+    """Rewrite an ONNX model into a Sparse Iso-FLOP Transformation of itself (same planning as
+    `sg.sparsify`). Sparse weights are stored multiplied by their masks; the plan is in
+    `metadata_props` (`read_plan`). `init="default"` gives every weight PyTorch's default
+    initialisation (the same tensors as the PyTorch rewrite with the same seed), `"keep"` keeps
+    the weights whose shape does not change. MatMul, Gemm and Conv weights must be initializers.
+
+    >>> import sparsegraph as sg, torch
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("gpt-mini", n_layer=1)
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_gpt.onnx")
+    >>> wide = sg.onnx.sparsify(path, "sparse_wide", 0.75, output="/tmp/sg_doc_gpt_wide.onnx")
+    >>> sg.onnx.read_plan("/tmp/sg_doc_gpt_wide.onnx").weight("h.0.mlp.c_fc.weight").shape
+    [1024, 256]
+    """
+    g = _capture(path_or_model, name, input_shapes)
+    opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width)
+    plan = make_plan(g, transform, sparsity, mask, seed, opts)
+    out = _run(ApplyPlanPass(plan, g, init), g.source)
+    return _finish(out, output, check)
+
+
+def _capture(path_or_model: Any, name: str | None, input_shapes: Any):
+    """Load, check the opset, capture (concrete shapes) and check that Conv weights are initializers."""
+    model = load(path_or_model)
+    label = name or (os.path.splitext(os.path.basename(os.fspath(path_or_model)))[0]
+                     if isinstance(path_or_model, (str, os.PathLike)) else None)
+    check_opset(model, _label(path_or_model))
+    try:
+        g = capture_onnx(model, name=label, input_shapes=input_shapes)
+    except CaptureError as e:
+        raise SparsegraphError(str(e)) from None
+    check_weights(g)
+    return g
+
+
+def rewrite_file(spec, plan_for: Callable[[Any], SparsityPlan], output: str | None) -> SparsityPlan:
+    """`sparsegraph rewrite model.onnx`: capture, plan with `plan_for(graph)`, write `output` if given."""
+    if output and not os.fspath(output).endswith(".onnx"):
+        raise SparsegraphError(f"{spec.name}: an ONNX model is rewritten to ONNX; give -o a path ending in .onnx")
+    g = _capture(spec.model, os.path.splitext(spec.name)[0], list(spec.example_inputs) or None)
+    plan = plan_for(g)
+    if output:
+        _finish(_run(ApplyPlanPass(plan, g), g.source), output, check=True)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# folding and lowering
+# ---------------------------------------------------------------------------------------------
+def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: bool = True) -> ir.Model:
+    """Fold what the algebra allows back into single layers (DESIGN.md section 6): BatchNormalization
+    into the Conv before it, Sparse Parallel branches into one weight, U.V products (Sparse
+    Factorized without a nonlinearity, Sparse Doped S + U.V) into one matrix. Exact up to float
+    rounding; the folded layers cost what the dense original did.
+
+    >>> import sparsegraph as sg
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("resnet-mini")
+    >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5)
+    >>> path = sg.export_onnx(par, spec.example_inputs, "/tmp/sg_doc_par.onnx")
+    >>> folded = sg.onnx.fold(path)
+    >>> sum(n.op_type == "BatchNormalization" for n in folded.graph)
+    0
+    """
+    from .passes.onnx_fold import FoldPass
+
+    model = load(path_or_model).clone()
+    check_opset(model, _label(path_or_model))
+    out = _run(FoldPass(), model)
+    return _finish(out, output, check)
+
+
+def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, block: int | None = None,
+          max_density: float | None = None, output: str | os.PathLike | None = None,
+          check: bool = True) -> ir.Model:
+    """Lower an ONNX model for ONNX Runtime (after folding, unless `fold=False`).
+
+    target  "fold"        folding only
+            "ort-block"   block-sparse MatMul/Gemm weights become Gather + batched MatMul over the
+                          nonzero blocks (standard ops: any execution provider); `block` fixes the
+                          block size (default: the plan's block mask, else the best of 64/32/16/8),
+                          layers whose padded block density exceeds `max_density` (default 0.5) stay dense
+            "ort-sparse"  com.microsoft SparseToDenseMatMul with the weight as a sparse-tensor input
+                          (CPU only; run with `sg.onnx.Session`, which feeds the weights)
+
+    >>> import sparsegraph as sg
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("gpt-mini", n_layer=2)
+    >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
+    >>> path = sg.export_onnx(wide, spec.example_inputs, "/tmp/sg_doc_wide.onnx")
+    >>> lowered = sg.onnx.lower(path, "ort-sparse")
+    >>> sorted({c["target"] for c in sg.onnx.read_lowering(lowered).values()})
+    ['ort-sparse']
+    >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
+    (2, 64, 256)
+    """
+    from .passes.onnx_fold import FoldPass
+    from .passes.onnx_lower import BlockSparseMatMulPass, SparseToDenseMatMulPass
+
+    if target not in TARGETS:
+        raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
+    model = load(path_or_model).clone()
+    check_opset(model, _label(path_or_model))
+    if fold or target == "fold":
+        model = _run(FoldPass(), model)
+    if target == "ort-block":
+        model = _run(BlockSparseMatMulPass(block=block, max_density=max_density), model)
+    elif target == "ort-sparse":
+        model = _run(SparseToDenseMatMulPass(max_density=max_density), model)
+    return _finish(model, output, check)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+class Session:
+    """An ONNX Runtime CPU session for any sparsegraph ONNX file.
+
+    ONNX Runtime densifies sparse initializers when it loads a model, and SparseToDenseMatMul
+    accepts its sparse operand only as a run-time input, so "ort-sparse" files carry each weight as
+    the default value of a sparse-tensor graph input. This session takes those defaults out of the
+    model and feeds them (CSR) on every run; other models run unchanged.
+
+    >>> import numpy as np, sparsegraph as sg
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("gpt-mini", n_layer=1)
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_session.onnx")
+    >>> sg.onnx.Session(path)(np.zeros((2, 64), np.int64)).shape
+    (2, 64, 256)
+    """
+
+    def __init__(self, path_or_model: Any, *, threads: int | None = None, optimization: str = "all",
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        proto, self.label = _read_proto(path_or_model)
+        sparse_in = _sparse_inputs(proto.graph)
+        if sparse_in and not isinstance(path_or_model, (str, os.PathLike)):
+            proto = copy.deepcopy(proto)  # the caller's model stays as it is
+        self._arrays: list[np.ndarray] = []  # kept alive: ORT sparse tensors reference numpy memory
+        self._sparse: dict[str, Any] = {}
+        keep = []
+        for sp in proto.graph.sparse_initializer:
+            if sp.values.name in sparse_in:
+                self._sparse[sp.values.name] = self._csr(ort, _dense_of(sp))
+            else:
+                keep.append(sp)
+        del proto.graph.sparse_initializer[:]
+        proto.graph.sparse_initializer.extend(keep)
+        dense = [t for t in proto.graph.initializer if t.name in sparse_in]
+        for t in dense:
+            self._sparse[t.name] = self._csr(ort, onnx.numpy_helper.to_array(t))
+        if dense:
+            rest = [t for t in proto.graph.initializer if t.name not in sparse_in]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(rest)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                       "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        source = os.fspath(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) and not sparse_in \
+            else proto.SerializeToString()
+        try:
+            self.session = ort.InferenceSession(source, so, providers=list(providers))
+        except Exception as e:  # noqa: BLE001
+            raise SparsegraphError(f"{self.label}: ONNX Runtime cannot load the model: "
+                                   f"{str(e).strip().splitlines()[0]}") from None
+        self._ort = ort
+        self.input_names = [i.name for i in self.session.get_inputs() if i.name not in self._sparse]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _csr(self, ort, dense: np.ndarray):
+        import scipy.sparse
+
+        m = scipy.sparse.csr_matrix(np.ascontiguousarray(dense))
+        values = np.ascontiguousarray(m.data)
+        inner = np.ascontiguousarray(m.indices.astype(np.int64))
+        outer = np.ascontiguousarray(m.indptr.astype(np.int64))
+        self._arrays += [values, inner, outer]
+        st = ort.SparseTensor.sparse_csr_from_numpy(np.array(dense.shape, np.int64), values, inner, outer,
+                                                    ort.OrtDevice.make("cpu", 0))
+        return ort.OrtValue.ort_value_from_sparse_tensor(st)
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """As `onnxruntime.InferenceSession.run`."""
+        if not self._sparse:
+            return self.session.run(output_names, feeds)
+        values = {k: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        values.update(self._sparse)
+        outs = self.session.run_with_ort_values(output_names or self.output_names, values)
+        return [o.numpy() for o in outs]
+
+    def __call__(self, *inputs: np.ndarray):
+        outs = self.run(None, dict(zip(self.input_names, inputs)))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _dense_of(sp: onnx.SparseTensorProto) -> np.ndarray:
+    values = onnx.numpy_helper.to_array(sp.values)
+    idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sp.dims)), dtype=values.dtype)
+    dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))] = values
+    return dense.reshape(tuple(sp.dims))

@@ -1,0 +1,318 @@
+"""ONNX Runtime lowering passes for sparse MatMul/Gemm weights (DESIGN.md section 6).
+
+ONNX Runtime densifies sparse initializers when it loads a model, so a sparse weight costs a
+dense product unless the graph itself skips the zeros. Two lowerings:
+
+ort-block (`BlockSparseMatMulPass`, standard ops only: any execution provider). For y = x W with
+W (K, N) cut into b x b blocks and every output block-column n reading r nonzero input blocks
+idx[n, :] (block-columns with fewer are padded with zero blocks), x2 = x.reshape(M, K):
+
+  rows layout (M > 1 or unknown)                                   shapes
+    g  = Gather(x2.reshape(M, Kb, b), idx, axis=1)                 (M, Nb, r, b)   the needed input blocks
+    g3 = g.reshape(M, Nb, r*b).transpose(1, 0, 2)                  (Nb, M, r*b)
+    yb = MatMul(g3, Wp)                                            (Nb, M, b)      Wp[n] = [W[idx[n, j], n]]_j
+    y  = yb.transpose(1, 0, 2).reshape(*lead, N)                   (..., N)
+  column layout (a single static row, M = 1: the transposes are free reshapes)
+    g  = Gather(x2^T.reshape(Kb, b*M), idx, axis=0)                (Nb, r, b*M)
+    yb = MatMul(Wp^T, g.reshape(Nb, r*b, M))                       (Nb, b, M)
+    y  = yb.reshape(N, M)^T.reshape(*lead, N)
+
+so the batched MatMul does r*b/K of the dense FLOPs (the padded block density). Balanced block
+masks (the same r in every block-row of the PyTorch weight = block-column of W) pad nothing. When
+b does not divide K or N, W gets zero rows/columns, x a Pad and y a Slice. Measured on ONNX
+Runtime CPU (bench/onnx_runtime.py), the rows layout is the faster one from a few dozen rows on.
+
+ort-sparse (`SparseToDenseMatMulPass`): com.microsoft SparseToDenseMatMul(A, B) = A B, where A
+must be a *sparse tensor run-time input* (a 2-D COO or CSR `sparse_tensor(float)`; ONNX Runtime
+rejects sparse initializers and Constant sparse_value there, because it densifies them) and B
+is dense and 2-D; the CPU kernel is single-threaded Eigen (CSR) or a scalar loop (COO), with
+no other execution provider. So y^T = SparseToDenseMatMul(W^T, x2, transB=1), and W^T is a
+sparse graph input whose default value is stored in the file (`sg.onnx.Session` feeds it).
+
+Both record their per-weight choices under metadata_props["sparsegraph.lowering"].
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from ..masks import parse_mask
+from ..plan import plan_of
+from .onnx_rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, const_array, infer_shapes, opset_of,
+                           redirect, weight_source, weight_value)
+
+BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
+DEFAULT_MAX_DENSITY = 0.5  # lower a layer only if its padded block density (ort-block) or density is at most this
+
+
+def _candidates(model: ir.Model):
+    """(node, x, W (K, N) float, weight name, alpha, C or None) for every MatMul/Gemm x @ W with a
+    constant 2-D W (possibly through Transpose views)."""
+    for node in list(model.graph):
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        W = weight_value(node.inputs[1])
+        if W is None or W.ndim != 2 or not np.issubdtype(W.dtype, np.floating):
+            continue
+        alpha, C = 1.0, None
+        if node.op_type == "Gemm":
+            if node.attributes.get_int("transA", 0):
+                continue
+            if node.attributes.get_int("transB", 0):
+                W = W.T
+            alpha = node.attributes.get_float("alpha", 1.0)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                C = const_array(node.inputs[2])
+                if C is None:
+                    continue  # a run-time C: left alone
+                C = C * node.attributes.get_float("beta", 1.0)
+        x = node.inputs[0]
+        if x.shape is None or len(x.shape) < 1:
+            continue
+        name = weight_source(node.inputs[1])[0].name
+        yield node, x, W, name, alpha, C
+
+
+class _Shapes:
+    """x (..., K) -> (M, K) and (M, N) -> (..., N), with run-time leading sizes where they are symbolic."""
+
+    def __init__(self, b: Builder, x: ir.Value, K: int, N: int, opset: int):
+        self.b, self.x, self.K, self.N, self.opset = b, x, K, N, opset
+        self.lead = list(x.shape)[:-1]
+
+    @property
+    def rows(self) -> int | None:
+        """M, when the leading sizes are static."""
+        return int(np.prod(self.lead)) if all(isinstance(d, int) for d in self.lead) else None
+
+    def flat(self) -> ir.Value:
+        if len(self.x.shape) == 2:
+            return self.x
+        return self.b.op("Reshape", [self.x, self.b.const("shape_in", [-1, self.K], np.int64)])
+
+    def transpose(self, v: ir.Value, shape_after: list[int]) -> ir.Value:
+        """A 2-D transpose; a Reshape (no copy) when one side is a single row (M = 1)."""
+        if self.rows == 1:
+            return self.b.op("Reshape", [v, self.b.const("as_column", shape_after, np.int64)])
+        return self.b.op("Transpose", [v], {"perm": [1, 0]})
+
+    def unflat(self, y2: ir.Value) -> ir.Value:
+        if len(self.x.shape) == 2:
+            return y2
+        b = self.b
+        if all(isinstance(d, int) for d in self.lead):
+            return b.op("Reshape", [y2, b.const("shape_out", [*self.lead, self.N], np.int64)])
+        rank = len(self.x.shape)
+        if self.opset >= 15:
+            lead = b.op("Shape", [self.x], {"start": 0, "end": rank - 1})
+        else:
+            lead = b.op("Slice", [b.op("Shape", [self.x]), b.const("zero", [0], np.int64),
+                                  b.const("end", [rank - 1], np.int64)])
+        shape = b.op("Concat", [lead, b.const("n", [self.N], np.int64)], {"axis": 0})
+        return b.op("Reshape", [y2, shape])
+
+
+def _finish(b: Builder, y: ir.Value, alpha_done: bool, alpha: float, C: np.ndarray | None, dtype) -> ir.Value:
+    if not alpha_done and alpha != 1.0:
+        y = b.op("Mul", [y, b.const("alpha", np.array(alpha, dtype))])
+    if C is not None:
+        y = b.op("Add", [y, b.const("bias", C.astype(dtype))])
+    return y
+
+
+def _record(model: ir.Model, choices: dict) -> None:
+    old = json.loads(model.metadata_props.get(LOWERING_KEY, "{}"))
+    old.update(choices)
+    model.metadata_props[LOWERING_KEY] = json.dumps(old, sort_keys=True)
+
+
+def _plan_block(model: ir.Model) -> int | None:
+    plan = plan_of(model)
+    if plan is None:
+        return None
+    kind = parse_mask(plan.mask)
+    return kind.block if kind.name in ("block", "balanced_block") else None
+
+
+def pad_to_blocks(W: np.ndarray, b: int) -> np.ndarray:
+    """W (K, N) with zero rows and columns appended up to multiples of b."""
+    K, N = W.shape
+    Kp, Np = -(-K // b) * b, -(-N // b) * b
+    return W if (Kp, Np) == (K, N) else np.pad(W, ((0, Kp - K), (0, Np - N)))
+
+
+def block_layout(W: np.ndarray, b: int) -> tuple[np.ndarray, int]:
+    """(idx (Nb, r), r): the nonzero b x b blocks of every block-column of W (K, N; multiples of b),
+    padded with blocks the column does not use (zero in W) up to the largest count r."""
+    K, N = W.shape
+    Kb, Nb = K // b, N // b
+    occupied = np.abs(W).reshape(Kb, b, Nb, b).max(axis=(1, 3)) > 0  # (Kb, Nb)
+    r = int(occupied.sum(axis=0).max()) if occupied.size else 0
+    idx = np.zeros((Nb, max(r, 1)), np.int64)
+    for n in range(Nb):
+        rows = np.flatnonzero(occupied[:, n])
+        idx[n, :len(rows)] = rows
+        if len(rows) < r:  # pad with blocks this column does not use (they are zero in W)
+            free = np.flatnonzero(~occupied[:, n])[:r - len(rows)]
+            idx[n, len(rows):r] = free  # never short: r <= Kb
+    return idx, r
+
+
+def pack_blocks(W: np.ndarray, idx: np.ndarray, b: int) -> np.ndarray:
+    """Wp (Nb, r*b, b): Wp[n, j*b:(j+1)*b, :] = W[idx[n, j] block, n block] (the rows layout's weight;
+    the column layout uses its transpose, (Nb, b, r*b))."""
+    K, N = W.shape
+    Nb, r = idx.shape
+    blocks = W.reshape(K // b, b, N // b, b).transpose(2, 0, 1, 3)  # (Nb, Kb, b_in, b_out)
+    picked = blocks[np.arange(Nb)[:, None], idx]  # (Nb, r, b_in, b_out)
+    return np.ascontiguousarray(picked.reshape(Nb, r * b, b))
+
+
+class BlockSparseMatMulPass(ir.passes.InPlacePass):
+    """ort-block: MatMul/Gemm with a block-sparse constant weight -> Gather + batched MatMul over the
+    nonzero blocks (see the module docstring). `block`: the block size (default: the plan's block
+    mask, else the largest of 64/32/16/8 whose padded density is within 10% of the best);
+    layers whose padded block density exceeds `max_density` stay dense; `layout`: "rows", "column"
+    or "auto" (column for a single static row)."""
+
+    def __init__(self, block: int | None = None, max_density: float | None = None, layout: str = "auto"):
+        super().__init__()
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise ValueError(f"block must be a positive integer, got {block!r}")
+        if layout not in ("auto", "rows", "column"):
+            raise ValueError(f"layout must be 'auto', 'rows' or 'column', got {layout!r}")
+        self.block, self.layout = block, layout
+        self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
+
+    def choose(self, W: np.ndarray, plan_block: int | None) -> tuple[int, np.ndarray, int] | None:
+        """(block size, idx, r) for W, or None to keep it dense. Among the block sizes that tile W,
+        the plan's mask block if its padded density is within 10% of the best, else the largest such."""
+        K, N = W.shape
+        sizes = [self.block] if self.block else sorted({*BLOCK_SIZES, *([plan_block] if plan_block else [])},
+                                                       reverse=True)
+        options = {}
+        for b in sizes:
+            if b > max(K, N):
+                continue
+            idx, r = block_layout(pad_to_blocks(W, b), b)
+            if r > 0:  # padded density: the fraction of the dense FLOPs the batched MatMul does
+                options[b] = (r * b / K, idx, r)
+        if not options:
+            return None
+        best = min(o[0] for o in options.values())
+        good = [b for b, o in options.items() if o[0] <= best * 1.1]
+        b = plan_block if plan_block in good else max(good)
+        density, idx, r = options[b]
+        return (b, idx, r) if density <= self.max_density else None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        infer_shapes(model)
+        plan_block = _plan_block(model)
+        namer = Namer(model.graph)
+        opset = opset_of(model)
+        choices = {}
+        for node, x, W, name, alpha, C in _candidates(model):
+            if np.count_nonzero(W) > self.max_density * W.size:  # cannot pass: skip the block analysis
+                continue
+            chosen = self.choose(W, plan_block)
+            if chosen is None:
+                continue
+            b, idx, r = chosen
+            K, N = W.shape
+            Wp = pad_to_blocks(W.astype(np.float64), b)  # ragged edges: zero rows/columns up to (Kp, Np)
+            Kp, Np = Wp.shape
+            Kb, Nb = Kp // b, Np // b
+            dtype = W.dtype
+            bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
+            shapes = _Shapes(bld, x, K, N, opset)
+            wp = pack_blocks(Wp, idx, b) * alpha  # (Nb, r*b, b)
+            layout = self.layout if self.layout != "auto" else ("column" if shapes.rows == 1 else "rows")
+            index = bld.const("block_index", idx, np.int64)
+            if layout == "rows":
+                x2 = shapes.flat()  # (M, K)
+                if Kp != K:
+                    x2 = bld.op("Pad", [x2, bld.const("pad_in", [0, 0, 0, Kp - K], np.int64)])  # (M, Kp)
+                xb = bld.op("Reshape", [x2, bld.const("blocks_in", [-1, Kb, b], np.int64)])  # (M, Kb, b)
+                g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
+                g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, r * b], np.int64)])  # (M, Nb, r*b)
+                g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b)
+                yb = bld.op("MatMul", [g, bld.const("blocks", wp.astype(dtype))])  # (Nb, M, b)
+                yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
+                y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
+                if Np != N:
+                    y = bld.op("Slice", [y, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
+                                         bld.const("axis", [1], np.int64)])  # (M, N)
+            else:
+                xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M)
+                if Kp != K:
+                    xt = bld.op("Pad", [xt, bld.const("pad_in", [0, 0, Kp - K, 0], np.int64)])  # (Kp, M)
+                xb = bld.op("Reshape", [xt, bld.const("blocks_in", [Kb, -1], np.int64)])  # (Kb, b*M)
+                g = bld.op("Gather", [xb, index], {"axis": 0})  # (Nb, r, b*M)
+                g = bld.op("Reshape", [g, bld.const("gathered", [Nb, r * b, -1], np.int64)])  # (Nb, r*b, M)
+                wt = np.ascontiguousarray(wp.transpose(0, 2, 1)).astype(dtype)  # (Nb, b, r*b)
+                yb = bld.op("MatMul", [bld.const("blocks", wt), g])  # (Nb, b, M)
+                yt = bld.op("Reshape", [yb, bld.const("blocks_out", [Np, -1], np.int64)])  # (Np, M)
+                if Np != N:
+                    yt = bld.op("Slice", [yt, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
+                                          bld.const("axis", [0], np.int64)])  # (N, M)
+                y = shapes.transpose(yt, [1, N])  # (M, N)
+            y = _finish(bld, y, True, alpha, C, dtype)
+            y = shapes.unflat(y)
+            bld.insert_after(node)
+            redirect(model.graph, node.outputs[0], y)
+            choices[name] = {"target": "ort-block", "layout": layout, "block": b, "blocks_per_column": r, "k_blocks": Kb,
+                             "n_blocks": Nb, "density": r * b / K, "weight_density": float(np.count_nonzero(W)) / W.size,
+                             "shape": [K, N], "node": node.name}
+        if choices:
+            cleanup(model)
+            _record(model, choices)
+        return ir.passes.PassResult(model, bool(choices))
+
+
+class SparseToDenseMatMulPass(ir.passes.InPlacePass):
+    """ort-sparse: MatMul/Gemm with a constant weight of density <= `max_density` -> com.microsoft
+    SparseToDenseMatMul with W^T as a sparse-tensor graph input (its default value is the weight)."""
+
+    def __init__(self, max_density: float | None = None):
+        super().__init__()
+        self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        infer_shapes(model)
+        namer = Namer(model.graph)
+        opset = opset_of(model)
+        choices = {}
+        for node, x, W, name, alpha, C in _candidates(model):
+            density = float(np.count_nonzero(W)) / W.size
+            if density > self.max_density or W.dtype != np.float32:
+                continue
+            K, N = W.shape
+            wt = np.ascontiguousarray(W.T)  # (N, K): A of A @ x^T
+            input_name = namer(f"{name}.sparse")
+            a = ir.Value(name=input_name, shape=ir.Shape([N, K]), type=ir.SparseTensorType(ir.DataType.FLOAT),
+                         const_value=ir.tensor(wt, name=input_name))
+            model.graph.inputs.append(a)
+            model.graph.register_initializer(a)
+            bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
+            shapes = _Shapes(bld, x, K, N, opset)
+            xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M): the op's shape inference
+            yt = bld.op("SparseToDenseMatMul", [a, xt], {"alpha": float(alpha)}, domain=MS_DOMAIN)  # ignores transB
+            rows = shapes.rows
+            yt.shape, yt.type = ir.Shape([N, rows if rows is not None else "M"]), ir.TensorType(ir.DataType.FLOAT)
+            y = shapes.transpose(yt, [1, N])  # (M, N)
+            y = _finish(bld, y, True, alpha, C, W.dtype)
+            y = shapes.unflat(y)
+            bld.insert_after(node)
+            redirect(model.graph, node.outputs[0], y)
+            choices[name] = {"target": "ort-sparse", "input": input_name, "density": density, "shape": [K, N],
+                             "node": node.name}
+        if choices:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            cleanup(model)
+            _record(model, choices)
+        return ir.passes.PassResult(model, bool(choices))
+
+
+__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "BLOCK_SIZES"]

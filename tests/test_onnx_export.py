@@ -1,0 +1,218 @@
+"""sg.export_onnx: ONNX Runtime reproduces PyTorch (1e-4 relative, fp32) in every lower mode.
+
+`export_onnx(lower=mode)` is `to_onnx` (masks multiplied out), then `sg.onnx.lower(mode)` (fold,
+then lower), then `sg.onnx.save`. Each variant is exported once with lower="dense" and the other
+modes are produced from that file with `sg.onnx.lower`, the same passes; the Sparse Wide variants
+are also exported with `export_onnx(lower=mode)` directly. The reference is always the PyTorch
+model itself (eval mode).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import sparsegraph as sg
+from sparsegraph.cli import main
+from sparsegraph.models import builtin
+from sparsegraph.plan import attach_plan
+
+from .conftest import hf_model
+from .onnx_checks import check_written, randomize_batch_norms, rel_err
+
+MODES = ("dense", "ort-block", "ort-sparse")
+FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+OPTIONS = {"gpt-mini": {"mask": "balanced_block:16"},  # d 128 -> 256: whole 16-blocks
+           "resnet-mini": {"mask": "balanced_block:8", "include_head": True}}  # the Gemm head is sparse too
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, kw in (("gpt-mini", {"n_layer": 2}), ("resnet-mini", {})):
+        spec = builtin(name, **kw)
+        randomize_batch_norms(spec.model)
+        out[name] = (spec, sg.capture(spec.model, spec.example_inputs))
+    return out
+
+
+def _variant(models, model: str, family: str) -> tuple[torch.nn.Module, tuple]:
+    spec, graph = models[model]
+    if family == "dense":
+        return spec.model.eval(), spec.example_inputs
+    m = sg.sparsify(spec.model, spec.example_inputs, family, 0.75, seed=0, graph=graph, **OPTIONS[model])
+    randomize_batch_norms(m)  # per-branch BatchNorms with statistics worth folding
+    return m.eval(), spec.example_inputs
+
+
+def dense_original(models, model: str, tmp_path) -> str:
+    path = tmp_path / "original.onnx"
+    if not path.exists():
+        spec = models[model][0]
+        sg.export_onnx(spec.model.eval(), spec.example_inputs, path)
+    return str(path)
+
+
+def _ort(path_or_model, inputs) -> np.ndarray:
+    out = sg.onnx.Session(path_or_model)(*[x.numpy() for x in inputs])
+    return out[0] if isinstance(out, list) else out  # Hugging Face models: logits first
+
+
+def _logits(model, inputs) -> np.ndarray:
+    with torch.no_grad():
+        out = model(*inputs)
+    out = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
+    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+@pytest.mark.parametrize("model", ["gpt-mini", "resnet-mini"])
+@pytest.mark.parametrize("family", ("dense",) + FAMILIES)
+def test_export_parity(models, tmp_path, model, family):
+    m, inputs = _variant(models, model, family)
+    with torch.no_grad():
+        expected = m(*inputs).numpy()
+    dense = sg.export_onnx(m, inputs, tmp_path / "dense.onnx")
+    dense_flops = sg.analyze(models[model][0].model, inputs).dense_flops
+    for mode in MODES:
+        path = dense if mode == "dense" else str(tmp_path / f"{mode}.onnx")
+        if mode != "dense":
+            sg.onnx.lower(dense, mode, output=path)
+        check_written(path)
+        assert rel_err(_ort(path, inputs), expected) <= 1e-4, (mode, rel_err(_ort(path, inputs), expected))
+        lowered = sg.onnx.read_lowering(path)
+        ops = {n.op_type for n in onnx.load(path).graph.node}
+        if family == "sparse_wide" and mode != "dense":  # every sparse MatMul/Gemm weight is lowered
+            sparse = {w.name for w in sg.plan_of(m).sparse_weights if w.kind == "linear"}
+            assert sparse and sparse <= set(lowered), sorted(sparse - set(lowered))
+            assert ("SparseToDenseMatMul" in ops) == (mode == "ort-sparse")
+            assert all(c["block"] in (8, 16) for c in lowered.values() if c["target"] == "ort-block")
+        if family in ("sparse_parallel", "sparse_factorized", "sparse_doped") and mode != "dense":
+            assert "BatchNormalization" not in ops
+    if family in ("sparse_parallel", "sparse_factorized", "sparse_doped"):
+        # folded back to single layers of the original shapes: exactly the dense original's FLOPs
+        # (a folded product may itself be block-sparse, which ort-block then lowers)
+        folded = sg.onnx.fold(dense)
+        assert sg.analyze(folded).dense_flops == dense_flops
+        assert sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in folded.graph) == \
+            sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in sg.onnx.load(dense_original(models, model, tmp_path)).graph)
+    if family == "sparse_wide":  # export_onnx(lower=mode) directly: the same model as lowering the dense file
+        for mode in MODES[1:]:
+            direct = sg.export_onnx(m, inputs, tmp_path / f"direct_{mode}.onnx", lower=mode)
+            assert sg.onnx.read_lowering(direct).keys() == sg.onnx.read_lowering(tmp_path / f"{mode}.onnx").keys()
+            assert rel_err(_ort(direct, inputs), expected) <= 1e-4
+
+
+def test_hf_gpt2_parity(tmp_path):
+    """Hugging Face GPT-2 (Conv1D weights (in, out): Gemm without transB; 50257-token head)."""
+    model = hf_model("gpt2", n_layer=2)
+    x = (torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    path = sg.export_onnx(model, x, tmp_path / "gpt2.onnx")
+    assert rel_err(_ort(path, x), _logits(model, x)) <= 1e-4
+    wide = sg.sparsify(model, x, "sparse_wide", 0.75, mask="balanced_block:16", width=1.25).eval()
+    expected = _logits(wide, x)
+    dense = sg.export_onnx(wide, x, tmp_path / "gpt2_wide.onnx")
+    assert rel_err(_ort(dense, x), expected) <= 1e-4
+    sparse = {w.name for w in sg.plan_of(wide).sparse_weights}
+    for mode in MODES[1:]:  # lowered in memory (the 200 MB files are slow to write here)
+        lowered = sg.onnx.lower(dense, mode)
+        assert sparse <= set(sg.onnx.read_lowering(lowered))  # every c_attn/c_proj/c_fc Gemm lowered
+        assert rel_err(_ort(lowered, x), expected) <= 1e-4, mode
+
+
+# ---------------------------------------------------------------------------------------------
+# plan metadata, sparse initializers, atomic writes
+# ---------------------------------------------------------------------------------------------
+def test_plan_metadata_round_trip(models, tmp_path):
+    m, inputs = _variant(models, "gpt-mini", "sparse_wide")
+    m = copy.deepcopy(m)
+    plan = copy.deepcopy(sg.plan_of(m))
+    plan.supar = {"parameterization": "supar", "base_lr": 3e-3, "base_width": 128}
+    for w in plan.weights:  # SμPar multipliers, as the SμPar pass records them
+        w.supar = {"m_d": w.fan_in / max(w.orig_fan_in, 1), "m_rho": w.density, "init_std": 0.02}
+    attach_plan(m, plan)
+    dense = sg.export_onnx(m, inputs, tmp_path / "dense.onnx")
+    for mode in MODES:
+        path = dense if mode == "dense" else str(tmp_path / f"{mode}.onnx")
+        if mode != "dense":
+            sg.onnx.lower(dense, mode, output=path)
+        assert sg.onnx.read_plan(path) == plan
+        meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+        assert sg.SparsityPlan.from_json(meta["sparsegraph.plan"]) == plan
+        assert sg.analyze(path).plan == plan.to_dict()
+
+
+def test_sparse_initializers_shrink_the_file(models, tmp_path):
+    m, inputs = _variant(models, "gpt-mini", "sparse_wide")
+    small = sg.export_onnx(m, inputs, tmp_path / "sparse.onnx")
+    big = sg.export_onnx(m, inputs, tmp_path / "dense.onnx", sparse_initializers=False)
+    proto = onnx.load(small)
+    names = {sp.values.name for sp in proto.graph.sparse_initializer}
+    assert {w.name for w in sg.plan_of(m).sparse_weights} <= names  # density 0.25: 12 bytes per nonzero < 4 per entry
+    assert os.path.getsize(small) < 0.8 * os.path.getsize(big)
+    onnx.checker.check_model(big, full_check=True)  # without sparse initializers: the literal full check
+    # plain ONNX Runtime loads both (densifying the sparse initializers) and computes the same
+    x = {"idx": inputs[0].numpy()}
+    a = ort.InferenceSession(small, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    b = ort.InferenceSession(big, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        assert rel_err(a, m(*inputs).numpy()) <= 1e-4
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 0:
+            raise RuntimeError("this model cannot be exported")
+        return x
+
+
+def test_no_half_written_output(models, tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous contents")
+    with pytest.raises(sg.SparsegraphError, match="torch.onnx.export failed") as info:
+        sg.export_onnx(_Broken(), (torch.ones(2, 3),), target)
+    assert "\n" not in str(info.value)
+    assert target.read_bytes() == b"previous contents"
+    m, inputs = _variant(models, "gpt-mini", "dense")
+    import sparsegraph.onnx_api as api
+
+    def failing_check(proto, label, data=None):
+        raise sg.SparsegraphError(f"{label}: the written model fails onnx.checker: simulated")
+    monkeypatch.setattr(api, "_check", failing_check)
+    with pytest.raises(sg.SparsegraphError, match="simulated"):
+        sg.export_onnx(m, inputs, tmp_path / "new.onnx")
+    assert not (tmp_path / "new.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files left
+    with pytest.raises(sg.SparsegraphError, match="unknown lower mode"):
+        sg.export_onnx(m, inputs, tmp_path / "x.onnx", lower="tensorrt")
+
+
+def test_cli_export(models, tmp_path, capsys):
+    """A saved sparsegraph model exported from the shell, and a rewrite-then-export in one command."""
+    m, inputs = _variant(models, "gpt-mini", "sparse_wide")
+    sg.save(m, tmp_path / "wide.sgm")
+    out = tmp_path / "wide.onnx"
+    assert main(["export", str(tmp_path / "wide.sgm"), "--lower", "ort-block", "-o", str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    check_written(out)
+    assert sg.onnx.read_lowering(out) and sg.onnx.read_plan(out) == sg.plan_of(m)
+    with torch.no_grad():
+        assert rel_err(_ort(out, inputs), m(*inputs).numpy()) <= 1e-4
+    res = tmp_path / "resnet_par.onnx"
+    assert main(["export", "resnet-mini", "--transform", "sparse_parallel", "--sparsity", "0.5", "-o", str(res)]) == 0
+    assert sg.onnx.read_plan(res).transform == "sparse_parallel"
+    assert main(["export", "gpt-mini", "-o", str(tmp_path / "x.txt")]) == 2
+    assert main(["export", str(out), "-o", str(tmp_path / "y.onnx")]) == 2
+    assert "already ONNX" in capsys.readouterr().err
+
+
+def test_export_onnx_is_the_function_whatever_was_imported_first():
+    import sparsegraph.onnx_export  # noqa: F401 - binds the submodule on the package
+
+    assert callable(sg.export_onnx) and sg.export_onnx.__name__ == "export_onnx"
+    assert sg.onnx.read_plan.__module__ == "sparsegraph.onnx_api"
