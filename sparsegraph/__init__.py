@@ -14,7 +14,25 @@ from .graph import CaptureError, ModelGraph, SparsegraphError
 from .io import load, save
 from .plan import SparsityPlan, plan_of
 from .sparsify import sparsify
+from . import supar
+from .train import dst
+from .train.sparseopt import SparseOpt
+from .passes.fold import fold
+from .passes.lower import lower
 
 __all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan", "plan_of",
-           "ModelGraph", "SparsegraphError", "CaptureError"]
+           "ModelGraph", "SparsegraphError", "CaptureError", "dst", "SparseOpt", "supar",
+           "export_onnx", "onnx", "fold", "lower"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`sg.onnx` (sparsify, fold, lower, save, load, read_plan, Session) and `sg.export_onnx` import
+    onnx_ir on first use, not with the package."""
+    if name == "onnx":
+        from . import onnx_api
+        return onnx_api
+    if name == "export_onnx":
+        from .onnx_export import export_onnx
+        return export_onnx
+    raise AttributeError(f"module 'sparsegraph' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:  # MODEL / --data as package.module:callable, like python -m
+        sys.path.insert(0, os.getcwd())
     warnings.formatwarning = lambda msg, cat, *a, **k: f"sparsegraph: warning: {msg}\n"
     try:
         with warnings.catch_warnings():

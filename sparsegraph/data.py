@@ -88,8 +88,13 @@ class ImageData:
         return len(self.labels)
 
 
-def digits(split: str = "train", size: int = 16, val_fraction: float = 0.2) -> ImageData:
-    """scikit-learn's digits, upsampled (bilinear) to size x size, mean 0 / std 1."""
+def digits(split: str = "train", size: int = 16, val_fraction: float = 0.2, hard: bool = False) -> ImageData:
+    """scikit-learn's digits, upsampled (bilinear) to size x size, mean 0 / std 1.
+
+    `hard=True` makes them harder than the near-perfectly separable original: every image shifted
+    by up to 2 pixels each way and covered in Gaussian noise (sigma 1, the data's own spread),
+    four such copies of each training image and one of each validation image (fixed seeds).
+    """
     from sklearn.datasets import load_digits
 
     if split not in ("train", "val"):
@@ -103,4 +108,12 @@ def digits(split: str = "train", size: int = 16, val_fraction: float = 0.2) -> I
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_val = int(len(y) * val_fraction)
     idx = order[:n_val] if split == "val" else order[n_val:]
-    return ImageData(x[idx].contiguous(), y[idx].contiguous())
+    x, y = x[idx], y[idx]
+    if hard:
+        copies = 4 if split == "train" else 1
+        g = torch.Generator().manual_seed(1 if split == "train" else 2)
+        x, y = x.repeat(copies, 1, 1, 1), y.repeat(copies)  # (copies * N, 1, size, size)
+        shifts = torch.randint(-2, 3, (len(y), 2), generator=g)
+        x = torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
+        x = x + torch.randn(x.shape, generator=g)
+    return ImageData(x.contiguous(), y.contiguous())

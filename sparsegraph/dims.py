@@ -298,7 +298,6 @@ def _permute(b: _Builder, op: Op) -> None:
 
 def _cat(b: _Builder, op: Op) -> None:
     y = _out(op)
-    d = int(op.args.get("dim", 0)) % len(b.g.shape(y))
     for t in op.args.get("tensors", []):
         if isinstance(t, Ref) and len(b.g.shape(t)) == len(b.g.shape(y)):
             b.tie_same(str(t), y)  # along `dim` the parts scale with the whole

@@ -6,6 +6,7 @@ half-written model behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any
@@ -28,6 +29,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -35,19 +39,38 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Save a sparsegraph model (an fx.GraphModule with `.plan`)."""
+def save(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save a sparsegraph model (an fx.GraphModule with `.plan`); `extra` holds e.g. training state."""
     plan = plan_of(model)
     payload: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "module": model,
         "plan": plan.to_json() if plan is not None else None,
         "example_inputs": getattr(model, "example_inputs", ()),
+        "extra": extra or {},
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    with _without_hooks(model):
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load(path: str | os.PathLike, map_location: Any = None) -> torch.nn.Module:
-    """Load a model written by `save`; `.plan` and `.example_inputs` are restored."""
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _without_hooks(model: torch.nn.Module):
+    """Runtime hooks (a DST schedule's, a profiler's) belong to the session, not to the saved model."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _HOOKS if hasattr(m, name)]
+    try:
+        for m, name, hooks in saved:
+            setattr(m, name, type(hooks)())
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
+def load(path: str | os.PathLike, map_location: Any = None, with_extra: bool = False) -> torch.nn.Module:
+    """Load a model written by `save`; `.plan` and `.example_inputs` are restored (and `.extra`)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SparsegraphError(f"saved model not found: {path}")
@@ -64,4 +87,6 @@ def load(path: str | os.PathLike, map_location: Any = None) -> torch.nn.Module:
     if payload.get("plan"):
         attach_plan(model, SparsityPlan.from_json(payload["plan"]))
     model.example_inputs = payload.get("example_inputs", ())
+    if with_extra:
+        model.extra = payload.get("extra", {})
     return model

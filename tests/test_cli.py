@@ -43,6 +43,18 @@ def test_user_callable(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["dense_flops"] == 2 * 2 * (8 * 16 + 16 * 2)
 
 
+def test_user_callable_from_the_working_directory(tmp_path):
+    """`sparsegraph analyze mymodels:make` finds a module in the current directory, like `python -m`."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Linear(8, 16), torch.randn(2, 8)\n")
+    out = subprocess.run([sys.executable, "-m", "sparsegraph.cli", "analyze", "mymodels:make", "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["dense_flops"] == 2 * 2 * 8 * 16
+
+
 @pytest.mark.parametrize("args, message", [
     (["analyze", "no-such-model"], "unknown model 'no-such-model'"),
     (["analyze", "missing.onnx"], "ONNX file not found: missing.onnx"),

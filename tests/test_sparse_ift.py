@@ -1,6 +1,8 @@
 """Sparse-IFT rewrites: iso-FLOP totals, exactness, real models, plans, save/load, bad input."""
 import copy
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -211,6 +213,12 @@ def test_parallel_branches_have_their_own_batchnorm(resnet):
     assert sorted(bns) == ["layers.0.0.bn1", "layers.0.0.bn1_branch1", "layers.0.0.bn1_branch2",
                            "layers.0.0.bn1_branch3"]
     assert not any("sum to one sparse matrix" in n for n in model.plan.notes)  # every conv has its BN
+    # the copies are in the plan like every other parameter (SμPar gives each its multipliers)
+    names = {w.name for w in model.plan.weights}
+    assert {n for n, _ in model.named_parameters()} == names
+    assert model.plan.totals["params"] == sum(p.numel() for p in model.parameters())
+    bn = model.plan.weight("layers.0.0.bn1_branch3.weight")
+    assert (bn.role, bn.source, bn.shape) == ("norm", "layers.0.0.bn1.weight", [16])
     one = builtin("gpt-mini", n_layer=1)
     lin = sg.sparsify(one.model, one.example_inputs, "sparse_parallel", 0.5)
     assert any("sum to one sparse matrix" in n for n in lin.plan.notes)  # linear layers: said, not hidden
@@ -252,6 +260,9 @@ def test_save_load_round_trip(tmp_path, resnet):
     model.eval(), back.eval()
     torch.testing.assert_close(back(*spec.example_inputs), model(*spec.example_inputs))
     assert [p.name for p in tmp_path.iterdir()] == ["m.sgm"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
     (tmp_path / "junk.sgm").write_bytes(b"not a model")
     with pytest.raises(sg.SparsegraphError, match="junk.sgm is not a readable sparsegraph model"):
         sg.load(tmp_path / "junk.sgm")
@@ -317,3 +328,15 @@ def test_width_and_sparsity_as_independent_knobs(gpt):
     wide_dense = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.0, width=2.0, graph=g)
     assert wide_dense.plan.weight("h.0.mlp.c_fc.weight").shape == [1024, 256]
     assert not wide_dense.plan.sparse_weights
+
+
+def test_fresh_initialisation_follows_pytorch_defaults(resnet):
+    spec, g = resnet
+    for family in ("sparse_wide", "sparse_doped"):
+        model = sg.sparsify(spec.model, spec.example_inputs, family, 0.75, graph=g)
+        fc_w, fc_b = model.get_parameter("fc.weight"), model.get_parameter("fc.bias")
+        bound = 1 / math.sqrt(fc_w.shape[1])  # nn.Linear: weight and bias U(+-1/sqrt(fan_in))
+        assert fc_b.abs().max() <= bound and fc_b.abs().max() > bound / 2
+        assert fc_w.abs().max() <= bound
+        conv = model.get_parameter("layers.0.0.conv1.weight")
+        assert conv.abs().max() <= 1 / math.sqrt(conv[0].numel())

@@ -35,12 +35,15 @@ def run(args: argparse.Namespace) -> int:
     from ..sparsify import check_runs
 
     spec = resolve(args)
-    if spec.kind == "onnx":
-        raise SparsegraphError(f"{spec.name}: rewriting .onnx files is not supported; rewrite the PyTorch model")
-    g = capture_spec(spec)
     opts = Options(args.include_stem, args.include_head, budget_ratio=args.budget_ratio,
                    factorized_bn=args.factorized_bn, width=args.width)
-    plan = make_plan(g, args.transform, args.sparsity, args.mask, args.seed, opts)
+    plan_for = lambda g: make_plan(g, args.transform, args.sparsity, args.mask, args.seed, opts)  # noqa: E731
+    if spec.kind == "onnx":
+        from ..onnx_api import rewrite_file
+        plan = rewrite_file(spec, plan_for, None if args.plan_only else args.output)
+        return _report(plan, args)
+    g = capture_spec(spec)
+    plan = plan_for(g)
     if not args.plan_only:
         if any(getattr(x, "is_meta", False) for x in spec.example_inputs):
             raise SparsegraphError(f"{spec.name} is too large to allocate here (built on the meta device); "
@@ -50,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         check_runs(model, plan)
         if args.output:
             save(model, args.output)
+    return _report(plan, args)
+
+
+def _report(plan, args: argparse.Namespace) -> int:
     if args.json:
         print(plan.to_json())
         return 0

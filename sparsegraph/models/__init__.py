@@ -65,11 +65,21 @@ def builtin(name: str, **overrides) -> ModelSpec:
     if name not in BUILTINS:
         raise SparsegraphError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
     spec = BUILTINS[name]()
-    if overrides:
-        if name != "gpt-mini":
-            raise SparsegraphError(f"built-in {name!r} takes no options")
+    if overrides and name == "gpt-mini":
         spec.model = GPT(GPTConfig(**overrides))
+    elif overrides:  # the ResNets: stage widths and blocks per stage, e.g. widths=(8, 16, 32) or "8,16,32"
+        unknown = sorted(set(overrides) - {"widths", "blocks"})
+        if unknown:
+            raise SparsegraphError(f"built-in {name!r} takes the options widths and blocks, not {', '.join(unknown)}")
+        base = spec.model
+        widths = _ints(overrides.get("widths", [layer[0].conv1.out_channels for layer in base.layers]))
+        blocks = _ints(overrides.get("blocks", [len(layer) for layer in base.layers]))
+        spec.model = ResNet(widths, blocks, base.fc.out_features, base.conv1.in_channels)
     return spec
+
+
+def _ints(value) -> tuple[int, ...]:
+    return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
 
 
 def _torchvision(name: str) -> ModelSpec:

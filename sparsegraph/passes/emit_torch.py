@@ -122,18 +122,19 @@ class _Emitter:
         self.by_source: dict[str, list[WeightPlan]] = {}
         for w in plan.weights:
             self.by_source.setdefault(w.source, []).append(w)
-        self.layer_fan_in = {w.source: w.fan_in for w in plan.weights if w.part in ("weight", "s", "branch0")}
+        # a bias is initialised from its layer's fan-in (PyTorch: U(+-1/sqrt(fan_in)))
+        self.fan_in_of_op = {w.op: w.fan_in for w in plan.weights
+                             if w.part in ("weight", "s", "branch0") and w.kind in ("linear", "conv")}
 
     def device_dtype(self, fqn: str):
         t = _get_attr(self.gm, fqn)
         return t.device, t.dtype
 
     # -- tensors ------------------------------------------------------------------------------
-    def new_param(self, w: WeightPlan, like: str) -> None:
-        device, dtype = self.device_dtype(like)
-        fan = self.layer_fan_in.get(w.source) if w.part == "bias" else None
-        if w.kind == "bias" and fan is None:
-            fan = w.fan_in
+    def new_param(self, w: WeightPlan) -> None:
+        """A freshly initialised parameter of w's shape, on the device/dtype of what it replaces."""
+        device, dtype = self.device_dtype(w.name if _has_attr(self.gm, w.name) else w.source)
+        fan = self.fan_in_of_op.get(w.op) if w.kind == "bias" else None
         t = init_tensor(w, self.plan, fan, dtype, device)
         if _has_attr(self.gm, w.name):
             _pop_attr(self.gm, w.name)
@@ -165,7 +166,7 @@ class _Emitter:
                 continue
             fresh = self.init == "default" and w.kind in ("linear", "conv", "embedding", "norm", "bias")
             if tuple(w.shape) != tuple(w.orig_shape) or fresh:
-                self.new_param(w, w.name) if fresh else self.embed_other(w)
+                self.new_param(w) if fresh else self.embed_other(w)
         for p in self.plan.patches:
             _set_arg(self.nodes[p["op"]], p["key"], p["index"], p["new"])
 
@@ -211,7 +212,7 @@ class _Emitter:
         family = first.family
         for w in parts:
             if w.name != source or self.init == "default":
-                self.new_param_like(w, source, device, dtype)
+                self.new_param(w)
             if w.sparse:
                 self.add_mask(w)
         by_part = {w.part: w for w in parts}
@@ -251,12 +252,6 @@ class _Emitter:
                 graph.erase_node(old)
             _pop_attr(self.gm, source)
 
-    def new_param_like(self, w: WeightPlan, source: str, device, dtype) -> None:
-        t = init_tensor(w, self.plan, None, dtype, device)
-        if _has_attr(self.gm, w.name):
-            _pop_attr(self.gm, w.name)
-        _set_attr(self.gm, w.name, nn.Parameter(t), is_param=True)
-
     def branch_bn(self, path: str, i: int) -> str:
         if i == 0:
             return path
@@ -282,8 +277,7 @@ class _Emitter:
                         owner = w.name.rsplit(".", 1)[0]
                         if isinstance(_maybe(self.gm, owner), nn.modules.batchnorm._BatchNorm):
                             continue
-                        device, dtype = self.device_dtype(w.name)
-                        self.new_param_like(w, w.name, device, dtype)
+                        self.new_param(w)
         self.gm.graph.eliminate_dead_code()
         for node in list(self.gm.graph.nodes):
             if node.op == "get_attr" and not node.users:

@@ -11,7 +11,7 @@ Planning is pure: it reads the ModelGraph and writes a SparsityPlan; `emit_torch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..dims import DimGroups, analyze_dims, new_unit
@@ -322,6 +322,7 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
         raise PlanError(f"{family} replaces each layer locally at density rho; ERK applies to sparse_wide only")
     weights: list[WeightPlan] = []
     notes = []
+    branch_norms: dict[str, int] = {}  # BatchNorm parameter -> branches (each branch gets its own copy)
     original = _original_flops(g)
     for l in chosen:
         v = g.params[l.weight]
@@ -338,7 +339,10 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
                 d = dens(shape, l.out_axis, l.in_axes)
                 weights.append(_weight(name, l.weight, l, family, f"branch{i}", l.role, l.kind, shape, shape,
                                        d, mask, seed, F))
-            if not _has_branch_norm(g, op) and n > 1:
+            if _has_branch_norm(g, op):
+                bn = g.consumers(op.outputs[0])[0]
+                branch_norms.update({fqn: n for fqn, v in g.params.items() if v in bn.inputs})
+            elif n > 1:
                 notes.append(f"{l.name}: no per-branch normalisation after it, so its {n} branches sum to one "
                              "sparse matrix of the same shape")
         else:
@@ -363,6 +367,8 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
                                        out_axis=v_out, in_axes=in_axes))
     replaced = {w.source for w in weights}
     weights += _dense_params(g, layers, replaced, g.shape, family, seed)
+    weights += [replace(w, name=f"{w.name.rsplit('.', 1)[0]}_branch{i}.{w.name.rsplit('.', 1)[1]}")
+                for w in weights if w.name in branch_norms for i in range(1, branch_norms[w.name])]
     shape_of = g.shape
     plan = SparsityPlan(g.name, family, sparsity, sparsity, mask, seed, opts.public(), [], weights, [],
                         _totals(g, weights, _other_flops(g, layers, shape_of), original))

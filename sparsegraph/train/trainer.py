@@ -1,0 +1,340 @@
+"""The whole stack in one loop: rewrite, SμPar, dynamic sparsity, SparseOpt, checkpoints, metrics.
+
+`train(TrainConfig(...))` is what `sparsegraph train` runs. A run directory holds
+  checkpoint.sgm   the model (sg.load-able) with optimizer, sparsity-schedule and RNG state
+  metrics.jsonl    one JSON object per logged step (train loss, val loss/accuracy, density, lr)
+  curves.png       the curves drawn from metrics.jsonl
+Checkpoints are written atomically; an interrupted run (Ctrl-C, SIGINT) keeps the last one, and
+`--resume` continues to the same loss curve as an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..graph import SparsegraphError
+
+CHECKPOINT = "checkpoint.sgm"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt-mini"
+    transform: str | None = "sparse_wide"  # None: train the dense original
+    sparsity: float = 0.75
+    mask: str = "uniform"
+    dst: str = "static"  # static | rigl | set | gmp
+    parameterization: str = "sp"  # sp | mup | supar
+    sparseopt: bool = False
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"  # cosine (linear warm-up, then cosine decay to lr/10) | constant
+    warmup_steps: int | None = None  # default: a tenth of the steps, at most 100
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    momentum: float = 0.9  # sgd only
+    data: str | None = None  # chars | digits | digits-hard | pkg.module:callable (default: by model)
+    block_size: int = 64  # character corpus context
+    update_interval: int = 50  # DST
+    drop_fraction: float = 0.3
+    eval_interval: int = 50
+    eval_batches: int = 8
+    checkpoint_interval: int = 100
+    seed: int = 0
+    model_options: dict = field(default_factory=dict)  # e.g. {"n_layer": 2} for gpt-mini
+
+    def fingerprint(self) -> str:
+        """What identifies the run's model: a checkpoint from another model is refused."""
+        key = {k: getattr(self, k) for k in ("model", "transform", "sparsity", "mask", "parameterization",
+                                              "model_options")}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# data: a task is (sample_train(batch, gen) -> (x, y), val_batches() -> iterable, loss, metrics)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    train_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    val_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+    kind: str  # "lm" (next-token cross-entropy) | "classify"
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def task_loss(task: Task, out: Any, y: torch.Tensor) -> torch.Tensor:
+    logits = _logits(out)
+    if task.kind == "lm":
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    return F.cross_entropy(logits, y)
+
+
+def make_task(cfg: TrainConfig, default: str) -> Task:
+    from .. import data
+
+    name = cfg.data or default
+    if name == "chars":
+        train, val = data.char_corpus("train", cfg.block_size), data.char_corpus("val", cfg.block_size)
+        vg = torch.Generator().manual_seed(1234)
+        fixed = [val.batch(cfg.batch_size, vg) for _ in range(cfg.eval_batches)]
+        return Task(train.batch, lambda: fixed, "lm")
+    if name in ("digits", "digits-hard"):
+        hard = name == "digits-hard"
+        train, val = data.digits("train", hard=hard), data.digits("val", hard=hard)
+
+        def sample(batch: int, gen: torch.Generator):
+            idx = torch.randint(0, len(train), (batch,), generator=gen)
+            return train.images[idx], train.labels[idx]
+
+        fixed = list(val.batches(256, torch.Generator(), shuffle=False))
+        return Task(sample, lambda: fixed, "classify")
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        try:
+            made = getattr(importlib.import_module(mod), attr)()
+        except (ImportError, AttributeError) as e:
+            raise SparsegraphError(f"cannot import data {name!r}: {e}") from e
+        if not isinstance(made, Task):
+            raise SparsegraphError(f"{name} must return a sparsegraph.train.trainer.Task, got {type(made).__name__}")
+        return made
+    raise SparsegraphError(f"unknown data {name!r}: expected chars, digits, digits-hard or package.module:callable")
+
+
+# ---------------------------------------------------------------------------------------------
+# building the model and its optimizer
+# ---------------------------------------------------------------------------------------------
+def build(cfg: TrainConfig):
+    """(model, optimizer, schedule, task) for a config: rewrite, SμPar, DST, SparseOpt."""
+    import sparsegraph as sg
+    from ..models import builtin, load_model
+
+    torch.manual_seed(cfg.seed)
+    spec = builtin(cfg.model, **cfg.model_options) if cfg.model_options else load_model(cfg.model)
+    if spec.kind != "torch":
+        raise SparsegraphError(f"{spec.name}: training needs a PyTorch model")
+    default_data = "chars" if "gpt" in spec.name else "digits"
+    task = make_task(cfg, default_data)
+    x, _ = task.train_batch(2, torch.Generator().manual_seed(0))
+    if cfg.transform:
+        model = sg.sparsify(spec.model, (x,), cfg.transform, cfg.sparsity, mask=cfg.mask, seed=cfg.seed)
+    else:  # the dense original, captured like the others so every run trains the same kind of module
+        model = sg.sparsify(spec.model, (x,), "sparse_wide", 0.0, seed=cfg.seed)
+    sg.supar.annotate(model, parameterization=cfg.parameterization)
+    sg.supar.init_(model)
+    groups = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
+    if cfg.sparseopt:
+        optimizer = sg.SparseOpt(optimizer, model)
+    schedule = None
+    if sg.plan_of(model).sparse_weights:
+        kinds = {"static": sg.dst.Static, "rigl": sg.dst.RigL, "set": sg.dst.SET, "gmp": sg.dst.GMP}
+        if cfg.dst not in kinds:
+            raise SparsegraphError(f"unknown --dst {cfg.dst!r}; choose from {', '.join(kinds)}")
+        schedule = kinds[cfg.dst](model, optimizer, cfg.steps, update_interval=cfg.update_interval,
+                                  **({} if cfg.dst in ("static", "gmp") else {"drop_fraction": cfg.drop_fraction}))
+    return model, optimizer, schedule, task
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning-rate multiplier at `step` (0-based): a pure function of the step, so a resumed
+    run continues the schedule exactly."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, cfg.steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(cfg.steps - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def evaluate(model, task: Task) -> dict:
+    training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in task.val_batches():
+            out = model(x)
+            total += task_loss(task, out, y).item() * len(y)
+            if task.kind == "classify":
+                correct += (_logits(out).argmax(-1) == y).sum().item()
+            count += len(y)
+    model.train(training)
+    metrics = {"val_loss": total / count}
+    if task.kind == "classify":
+        metrics["val_acc"] = correct / count
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def _state(obj) -> Any:
+    return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
+
+
+def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, step: int, gen: torch.Generator):
+    from ..io import save
+
+    save(model, path, extra={"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "step": step,
+                             "optimizer": optimizer.state_dict(), "schedule": _state(schedule),
+                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+
+
+def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
+    from ..io import load
+
+    saved = load(path, with_extra=True)
+    extra = saved.extra
+    if extra.get("fingerprint") != cfg.fingerprint():
+        theirs = extra.get("config", {})
+        raise SparsegraphError(
+            f"{path} is a checkpoint of a different model ({theirs.get('model')}, {theirs.get('transform')}, "
+            f"s={theirs.get('sparsity')}, {theirs.get('parameterization')}); this run trains "
+            f"{cfg.model}, {cfg.transform}, s={cfg.sparsity}, {cfg.parameterization}")
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(extra["optimizer"])
+    if schedule is not None and extra.get("schedule") is not None:
+        schedule.load_state_dict(extra["schedule"])
+    gen.set_state(extra["generator"])
+    torch.set_rng_state(extra["torch_rng"])
+    return int(extra["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> list[dict]:
+    """Train as configured; returns the logged metrics. `stop_after` ends early (tests, budgets)."""
+    if cfg.steps <= 0:
+        raise SparsegraphError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise SparsegraphError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose cosine or constant")
+    os.makedirs(out_dir, exist_ok=True)
+    model, optimizer, schedule, task = build(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt, log_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, METRICS)
+    start = 0
+    if resume:
+        if not os.path.exists(ckpt):
+            raise SparsegraphError(f"--resume: no checkpoint in {out_dir}")
+        start = load_checkpoint(ckpt, cfg, model, optimizer, schedule, gen)
+        _truncate_log(log_path, start)
+    elif os.path.exists(log_path):
+        os.unlink(log_path)
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = _progress(progress, cfg, start, end)
+    step = start
+    try:
+        for step in range(start, end):
+            x, y = task.train_batch(cfg.batch_size, gen)
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(cfg, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = task_loss(task, model(x), y)
+            if not math.isfinite(loss.item()):
+                raise SparsegraphError(f"loss is {loss.item()} at step {step}; lower --lr")
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                      "time": time.time()}
+            if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+                record.update(evaluate(model, task))
+            _append(log_path, record)
+            if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == end:
+                save_checkpoint(ckpt, cfg, model, optimizer, schedule, step + 1, gen)
+            bar(step + 1, record)
+        step = end
+    finally:
+        bar(None, None)
+    metrics = read_metrics(log_path)
+    plot_curves(metrics, os.path.join(out_dir, "curves.png"), title=_title(cfg))
+    return metrics
+
+
+def _title(cfg: TrainConfig) -> str:
+    what = cfg.transform or "dense"
+    return f"{cfg.model} {what} s={cfg.sparsity:g} {cfg.dst} {cfg.parameterization}" + (" +SparseOpt" if cfg.sparseopt else "")
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log lines past the checkpoint: they are trained again after a resume."""
+    if os.path.exists(path):
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _progress(enabled: bool, cfg: TrainConfig, start: int, end: int):
+    if not enabled:
+        return lambda *a: None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    p.start()
+    tid = p.add_task(_title(cfg), total=end, completed=start, info="")
+
+    def update(step, record):
+        if step is None:
+            p.stop()
+            return
+        info = f"loss {record['loss']:.4f}" + (f" val {record['val_loss']:.4f}" if "val_loss" in record else "")
+        p.update(tid, completed=step, info=info)
+    return update
+
+
+def plot_curves(metrics: list[dict], path: str, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return
+    has_acc = any("val_acc" in m for m in metrics)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train", alpha=0.6)
+    val = [m for m in metrics if "val_loss" in m]
+    ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title(title)
+    if has_acc:
+        acc = [m for m in metrics if "val_acc" in m]
+        axes[0][1].plot([m["step"] for m in acc], [m["val_acc"] for m in acc], "o-")
+        axes[0][1].set_xlabel("step"), axes[0][1].set_ylabel("validation accuracy")
+    fig.tight_layout()
+    from ..io import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

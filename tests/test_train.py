@@ -1,0 +1,110 @@
+"""`sparsegraph train`: the whole stack, resumable, interrupt-safe."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sparsegraph as sg
+from sparsegraph.graph import SparsegraphError
+from sparsegraph.train.trainer import CHECKPOINT, TrainConfig, read_metrics, train
+
+TINY_GPT = {"n_layer": 1, "n_embd": 64, "n_head": 2}
+
+
+def config(**kw):
+    base = dict(model="gpt-mini", model_options=TINY_GPT, transform="sparse_wide", sparsity=0.75, dst="rigl",
+                parameterization="supar", steps=12, batch_size=4, block_size=32, update_interval=3,
+                eval_interval=6, checkpoint_interval=4, eval_batches=2)
+    return TrainConfig(**(base | kw))
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    whole = train(config(), str(tmp_path / "a"), progress=False)
+    train(config(), str(tmp_path / "b"), progress=False, stop_after=8)  # "interrupted" after a checkpoint
+    resumed = train(config(), str(tmp_path / "b"), resume=True, progress=False)
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
+    assert [m.get("val_loss") for m in resumed] == [m.get("val_loss") for m in whole]
+    plan = sg.plan_of(sg.load(tmp_path / "b" / CHECKPOINT))
+    assert plan.history and plan.history == sg.plan_of(sg.load(tmp_path / "a" / CHECKPOINT)).history
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 1000
+
+
+def test_refuses_a_checkpoint_of_another_model(tmp_path):
+    train(config(steps=4), str(tmp_path), progress=False)
+    with pytest.raises(SparsegraphError, match=r"checkpoint of a different model \(gpt-mini, sparse_wide, s=0.75"):
+        train(config(steps=4, sparsity=0.5), str(tmp_path), resume=True, progress=False)
+
+
+def test_digits_resnet_with_sparseopt_learns(tmp_path):
+    metrics = train(TrainConfig(model="resnet-mini", transform="sparse_wide", sparsity=0.9, dst="rigl",
+                                sparseopt=True, steps=40, batch_size=32, lr=3e-3, update_interval=10,
+                                eval_interval=20, checkpoint_interval=40), str(tmp_path), progress=False)
+    assert metrics[-1]["val_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_sigint_leaves_the_last_checkpoint_intact(tmp_path):
+    cmd = [sys.executable, "-m", "sparsegraph.cli", "train", "gpt-mini", "--model-option", "n_layer=1",
+           "--model-option", "n_embd=64", "--model-option", "n_head=2", "--steps", "100000", "--batch-size", "4",
+           "--block-size", "32", "--checkpoint-interval", "2", "--eval-interval", "1000", "--no-progress",
+           "-o", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / CHECKPOINT
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    time.sleep(1.0)  # let it write a few more, so the signal lands mid-run
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    model = sg.load(ckpt, with_extra=True)
+    step = model.extra["step"]
+    assert step >= 2 and step % 2 == 0
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    logged = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert len(logged) >= step
+    x = torch.randint(0, 256, (1, 16))
+    assert torch.isfinite(model(x)).all()
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    from sparsegraph.train.trainer import lr_factor
+
+    cfg = TrainConfig(steps=1000)  # warm-up: min(100, 1000 // 10) = 100 steps
+    assert lr_factor(cfg, 0) == pytest.approx(0.01)
+    assert lr_factor(cfg, 99) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 550) == pytest.approx(0.55)  # half-way through the decay: 0.1 + 0.9 / 2
+    assert lr_factor(cfg, 1000) == pytest.approx(0.1)
+    assert lr_factor(TrainConfig(steps=1000, lr_schedule="constant"), 5) == 1.0
+
+
+def test_resnet_builtins_take_widths_and_blocks():
+    from sparsegraph.models import builtin
+
+    spec = builtin("resnet-mini", widths="8,16,32")
+    assert [stage[0].conv1.out_channels for stage in spec.model.layers] == [8, 16, 32]
+    assert [len(stage) for stage in spec.model.layers] == [1, 1, 1]  # resnet-mini's own blocks kept
+    assert spec.model(spec.example_inputs[0]).shape == (2, 10)
+    assert [len(s) for s in builtin("resnet18", blocks=(1, 1, 1, 1)).model.layers] == [1, 1, 1, 1]
+    with pytest.raises(SparsegraphError, match="takes the options widths and blocks, not depth"):
+        builtin("resnet-mini", depth=3)
+
+
+def test_hard_digits_are_shifted_noisy_copies():
+    from sparsegraph.data import digits
+
+    plain, hard = digits("train"), digits("train", hard=True)
+    assert len(hard) == 4 * len(plain) and hard.images.shape[1:] == plain.images.shape[1:]
+    assert torch.equal(hard.labels[:len(plain)], plain.labels)
+    noise = hard.images[:len(plain)] - plain.images
+    assert 0.9 < noise.std() < 1.3  # unit Gaussian noise (plus the shifts)
+    assert torch.equal(digits("val", hard=True).images, digits("val", hard=True).images)  # fixed seed
+    assert len(digits("val", hard=True)) == len(digits("val"))
