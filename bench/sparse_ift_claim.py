@@ -37,7 +37,7 @@ GRID = [("dense", 0.0)] + [(f, s) for f in ("sparse_wide", "sparse_parallel", "s
                            for s in (0.5, 0.75)] + [("sparse_wide", 0.9)]
 
 # One learning rate per task, the best of a one-seed sweep of the *dense* model (GPT: 1e-3, 3e-3, 1e-2,
-# 2e-2, 4e-2; ResNet: 3e-3, 1e-2, 3e-2); SμPar carries it over to the sparse models unchanged.
+# 2e-2, 4e-2; ResNet: 3e-3, 1e-2, 3e-2, at 300 steps); SμPar carries it over to the sparse models unchanged.
 TASKS = {
     "gpt": dict(model="gpt-mini", model_options={"n_layer": 2, "n_embd": 64, "n_head": 4}, block_size=64,
                 batch_size=32, lr=2e-2, steps=600, eval_interval=600, eval_batches=32),
