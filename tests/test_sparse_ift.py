@@ -268,6 +268,21 @@ def test_save_load_round_trip(tmp_path, resnet):
         sg.load(tmp_path / "junk.sgm")
 
 
+def test_saved_masks_take_a_bit_per_element(tmp_path, gpt):
+    spec, g = gpt
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, graph=g)
+    masks = {n: b for n, b in model.named_buffers() if n.endswith("_mask")}
+    tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    mask_bytes = sum(m.numel() * m.element_size() for m in masks.values())
+    sg.save(model, tmp_path / "m.sgm")
+    # the masks' 32 bits an element become 1: the file is the rest plus 1/32 of them (and a little metadata)
+    assert os.path.getsize(tmp_path / "m.sgm") < tensor_bytes - mask_bytes * (1 - 1 / 32) + 200_000
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n in masks)  # the model is untouched
+    loaded = dict(sg.load(tmp_path / "m.sgm").named_buffers())
+    for name, mask in masks.items():
+        assert loaded[name].dtype == mask.dtype and torch.equal(loaded[name], mask)
+
+
 def test_same_seed_same_model(gpt):
     spec, g = gpt
     a = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, seed=3, graph=g)

@@ -5,7 +5,8 @@ Roofline-style, with constants measured on the machine (`calibrate`):
     dense linear    t = c_dense + max(4 n k / bw_dense,  2 M n k / flops_dense)
     sparse linear   t = c_sparse + M 4 nnzb b^2 / bw_sparse (bw_csr for b < 16)   (M < cpu.SMALL_M: dot products)
                     t = c_sparse + 2 (M + m0) nnzb b^2 / flops_sparse[b]            (otherwise: register tiles)
-                        (+ 8 M (n + k) / bw_copy for the transposes when b < cpu.TRANSPOSE_BELOW_BLOCK)
+                        (+ 8 M (n + k) / bw_copy for the transposes when b < cpu.TRANSPOSE_BELOW_BLOCK,
+                         and x (1 + 1.4 M / (M + 4096)) for the cache misses of that path)
     dense conv      t = c_dense + 2 N L n k / flops_conv
     sparse conv     t = c_sparse + 2 N L nnzb b^2 / flops_cols[b]            (direct kernel, copies included)
 
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 MARGIN = 0.9  # sparse must be predicted at least 10% faster than dense
+CSR_ROWS_SLOWDOWN, CSR_ROWS_HALF = 1.4, 4096  # CSR's slowdown with many rows (see CostModel.linear_sparse)
 
 
 @dataclass
@@ -83,6 +85,10 @@ class CostModel:
         t = self.c_sparse + 2 * (M + self.m0_sparse) * stored / self._by_block(self.flops_sparse, block)
         if block < cpu.TRANSPOSE_BELOW_BLOCK:
             t += 8 * M * (n + k) / self.bw_copy
+            # the x^T lanes path gathers from x rows that stop fitting in cache from a few thousand rows
+            # on: measured 1.3x / 1.7x / 2.2x / 2.3x slower than the rate above at 1k / 4k / 16k / 64k
+            # rows (bench/kernels.py, ResNet-18 im2col shapes)
+            t *= 1 + CSR_ROWS_SLOWDOWN * M / (M + CSR_ROWS_HALF)
         return t
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:
