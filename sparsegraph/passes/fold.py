@@ -89,6 +89,16 @@ class FoldState:
     def source(self, we: WeightExpr) -> str | None:
         return self.origin.get(we.param.target)
 
+    def joinable(self, p: Product, q: Product) -> tuple[WeightExpr, WeightExpr] | None:
+        """The weights of p and q if the plan says they replace the same original weight and both
+        biases are constant tensors (a model's own consecutive layers are never merged)."""
+        a, b = self.weight(p), self.weight(q)
+        if a is None or b is None or self.source(a) is None or self.source(a) != self.source(b):
+            return None
+        if any(x is not None and not self.is_tensor(x) for x in (p.bias, q.bias)):
+            return None
+        return a, b
+
     # -- new parameters -----------------------------------------------------------------------
     def new_param(self, graph: fx.Graph, value: torch.Tensor, like: torch.Tensor, final: str,
                   origin: str | None) -> fx.Node:
@@ -222,11 +232,9 @@ def fold_compose(st: FoldState, node: fx.Node) -> bool:
         return False
     if (p1.kind.out_axis != p2.kind.out_axis) or p1.conv.get("groups", 1) != 1:
         return False
-    u, v = st.weight(p1), st.weight(p2)
-    if u is None or v is None or st.source(u) is None or st.source(u) != st.source(v):
+    if (uv := st.joinable(p1, p2)) is None:
         return False
-    if any(b is not None and not st.is_tensor(b) for b in (p1.bias, p2.bias)):
-        return False
+    u, v = uv
     U, V = st.effective(u), st.effective(v)
     b1 = st.tensor(p1.bias).double() if p1.bias is not None else None
     b2 = st.tensor(p2.bias).double() if p2.bias is not None else None
@@ -264,11 +272,9 @@ def fold_sum(st: FoldState, node: fx.Node) -> bool:
         return False
     if _family(pa) != _family(pb) or pa.conv != pb.conv:
         return False
-    a, b = st.weight(pa), st.weight(pb)
-    if a is None or b is None or st.source(a) is None or st.source(a) != st.source(b):
+    if (ab := st.joinable(pa, pb)) is None:
         return False
-    if any(x is not None and not st.is_tensor(x) for x in (pa.bias, pb.bias)):
-        return False
+    a, b = ab
     W = st.effective(a) + st.effective(b)
     biases = [st.tensor(p.bias).double() for p in (pa, pb) if p.bias is not None]
     source, like = st.source(a), st.tensor(a.param)
