@@ -47,6 +47,9 @@ _MAX_ROUNDS = 12  # shape inference <-> folding rounds
 _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
             "Multinomial", "If", "Loop", "Scan"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# ops of other domains ONNX cannot infer, given to its shape inference as a standard op of the same
+# output shape: com.microsoft SparseToDenseMatMul(A (N, K), B (K, M)) without transposes is a MatMul
+_SHAPE_STANDINS = {("com.microsoft", "SparseToDenseMatMul"): "MatMul"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +228,21 @@ def _is_used(v: ir.Value) -> bool:
     return bool(v.uses()) or v.is_graph_output()
 
 
+def _for_inference(node: ir.Node) -> onnx.NodeProto:
+    proto = ir.serde.serialize_node(node)
+    standin = _SHAPE_STANDINS.get((node.domain, node.op_type))
+    if standin and not any(a.name in ("transA", "transB") and a.i for a in proto.attribute):
+        proto = onnx.helper.make_node(standin, proto.input, proto.output, name=proto.name)
+    return proto
+
+
 class _Inference:
     """Shape inference on a weight-free skeleton, iterated with folding of shape computations."""
 
     def __init__(self, model: ir.Model, label: str):
         self.model, self.label = model, label
         self.nodes = list(model.graph)
-        self.protos = [ir.serde.serialize_node(n) for n in self.nodes]
+        self.protos = [_for_inference(n) for n in self.nodes]
         self.opsets = dict(model.opset_imports) or {"": 17}
         self.small: dict[str, np.ndarray] = {}  # initializers small enough to fold with
         self.init_protos: list[onnx.TensorProto] = []

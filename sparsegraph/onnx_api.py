@@ -354,6 +354,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
+    if max_density is not None and not 0 < max_density <= 1:
+        raise SparsegraphError(f"max_density must be in (0, 1], got {max_density}")
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
     if fold or target == "fold":

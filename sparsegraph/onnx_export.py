@@ -25,7 +25,7 @@ import onnx_ir.passes.common as ir_common
 import torch
 import torch.fx as fx
 
-from .capture import _as_tuple, _get_attr, _pop_attr
+from .capture import _as_tuple, _first_line, _get_attr, _pop_attr
 from .graph import SparsegraphError
 from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
 from .plan import plan_of
@@ -84,11 +84,6 @@ def _optimize(model: ir.Model) -> None:
         ir_common.LiftSubgraphInitializersToMainGraphPass(), ir_common.CommonSubexpressionEliminationPass(),
         ir_common.OutputFixPass(), ir_common.NameFixPass(),
     )(model)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def to_onnx(model: torch.nn.Module, example_inputs: Any, *, optimize: bool = True, dynamic_shapes: Any = None,

@@ -19,7 +19,6 @@ the RMS of every layer's output and its change since step 0:
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +30,8 @@ import torch.nn.functional as F
 
 from .passes.supar import ATTENTION_RULES, HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, _weight_op
 from .plan import plan_of
-from .train.supar import (OPTIMIZERS, annotate, check_graph, init_, multipliers, param_groups, table)
+from .train.supar import (OPTIMIZERS, annotate, check_graph, check_optimizer, init_, make_optimizer, multipliers,
+                          param_groups, table)
 
 __all__ = ["annotate", "init_", "param_groups", "multipliers", "table", "check_graph", "coord_check",
            "CoordCheck", "PARAMETERIZATIONS", "PRESETS", "OPTIMIZERS", "ATTENTION_RULES", "SuparError"]
@@ -222,6 +222,7 @@ def coord_check(model: nn.Module, example_inputs: Any, *, widths=(1, 2, 4), spar
             raise SuparError(f"unknown parameterization {p!r}; choose from {', '.join(PARAMETERIZATIONS)}")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise SuparError(f"lr must be a positive number, got {lr!r}")
+    check_optimizer(optimizer)
     inputs = _as_tuple(example_inputs)
     points = [(w, s) for w in widths for s in sparsities] if grid else list(dict.fromkeys(
         [(w, sparsities[0]) for w in widths] + [(widths[0], s) for s in sparsities]))
@@ -236,8 +237,7 @@ def coord_check(model: nn.Module, example_inputs: Any, *, widths=(1, 2, 4), spar
         for p in parameterizations:
             m = annotate(copy.deepcopy(base), p, example_inputs=inputs, **annotate_kwargs)
             init_(m, seed=seed)
-            opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
-            opt = opt_cls(param_groups(m, lr, optimizer=optimizer))
+            opt = make_optimizer(optimizer, param_groups(m, lr, optimizer=optimizer), lr)
             watch, classes = _watched(m)
             first: dict[str, torch.Tensor] = {}
             for step in range(steps + 1):
@@ -266,9 +266,3 @@ def coord_check(model: nn.Module, example_inputs: Any, *, widths=(1, 2, 4), spar
     if png:
         result.plot(png)
     return result
-
-
-def spread(values) -> float:
-    """max / min of positive values (1.0 = perfectly flat)."""
-    values = [v for v in values if v > 0 and math.isfinite(v)]
-    return max(values) / min(values) if values else float("nan")

@@ -79,6 +79,7 @@ def test_uniform_masks_lower_to_csr_or_stay_dense():
     x = spec.example_inputs[0]
     with torch.no_grad():
         assert torch.allclose(low(x), wide(x), rtol=1e-4, atol=1e-5)
+    assert "csr" in low.plan.lowering["formats"]  # at 90% the cost model takes CSR for some layers
     for rec in low.plan.lowering["layers"].values():
         assert rec["format"] in ("csr", "dense")  # an unstructured mask is never exactly block-structured
         if rec["format"] == "dense":

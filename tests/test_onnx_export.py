@@ -90,7 +90,8 @@ def test_export_parity(models, tmp_path, model, family):
             sparse = {w.name for w in sg.plan_of(m).sparse_weights if w.kind == "linear"}
             assert sparse and sparse <= set(lowered), sorted(sparse - set(lowered))
             assert ("SparseToDenseMatMul" in ops) == (mode == "ort-sparse")
-            assert all(c["block"] in (8, 16) for c in lowered.values() if c["target"] == "ort-block")
+            block = int(OPTIONS[model]["mask"].rsplit(":", 1)[1])  # the plan's block mask is preferred
+            assert all(c["block"] == block for c in lowered.values() if c["target"] == "ort-block")
         if family in ("sparse_parallel", "sparse_factorized", "sparse_doped") and mode != "dense":
             assert "BatchNormalization" not in ops
     if family in ("sparse_parallel", "sparse_factorized", "sparse_doped"):

@@ -170,6 +170,20 @@ def test_fold_keeps_cheaper_chains_and_nonlinear_ones():
     np.testing.assert_allclose(sg.onnx.Session(folded)(x), x @ a + b + x @ c.T, rtol=1e-5, atol=1e-5)
 
 
+def test_fold_keeps_the_output_rank():
+    """A constant with more axes than the input (1, 1, N) is not a per-channel bias: folding it
+    into one MatMul + Add((N,)) would drop the broadcast axis, so that chain stays unfolded."""
+    parallel = _graph([helper.make_node("MatMul", ["x", "a"], ["p"]), helper.make_node("MatMul", ["x", "c"], ["q"]),
+                       helper.make_node("Add", ["p", "q"], ["r"]), helper.make_node("Add", ["r", "k"], ["y"])],
+                      [_w("a", (8, 6)), _w("c", (8, 6), 2), _w("k", (1, 1, 6), 3)], [3, 8])
+    folded = sg.onnx.fold(parallel)  # checked on writing: a rank change fails onnx.checker
+    x = np.random.default_rng(5).standard_normal((3, 8)).astype(np.float32)
+    a, c, k = (numpy_helper.to_array(t) for t in parallel.graph.initializer)
+    y = sg.onnx.Session(folded)(x)
+    assert y.shape == (1, 3, 6)
+    np.testing.assert_allclose(y, x @ a + x @ c + k, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # ort-block lowering against numpy
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +228,24 @@ def test_single_row_needs_no_transpose(target):
     assert "Transpose" not in ops and ops.count("Reshape") >= 2
     x = np.random.default_rng(4).standard_normal((1, 96)).astype(np.float32)
     np.testing.assert_allclose(sg.onnx.Session(lowered)(x), x @ W.T, rtol=1e-4, atol=1e-4)
+
+
+def test_ort_sparse_with_a_symbolic_batch_is_analysed():
+    """SparseToDenseMatMul is outside ONNX's shape inference; capture gives it a MatMul's shapes."""
+    from sparsegraph.masks import make_mask
+
+    W = (np.random.default_rng(3).standard_normal((64, 96)) *
+         make_mask("balanced_block:16", (64, 96), 0.25, seed=0, name="w").numpy()).astype(np.float32)
+    m = _graph([helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
+               [numpy_helper.from_array(W, "w")], ["B", 96])
+    lowered = sg.onnx.lower(m, "ort-sparse")
+    assert "SparseToDenseMatMul" in [n.op_type for n in lowered.graph]
+    report = sg.analyze(lowered)
+    assert report.graph.shape(report.graph.outputs[0])[-1] == 64
+    x = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)
+    np.testing.assert_allclose(sg.onnx.Session(lowered)(x), x @ W.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(sg.SparsegraphError, match=r"max_density must be in \(0, 1\], got 1.5"):
+        sg.onnx.lower(m, "ort-block", max_density=1.5)
 
 
 def test_pack_blocks_layout():

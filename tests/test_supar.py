@@ -455,3 +455,19 @@ def test_coord_check_targets_are_not_the_inputs():
     (x,), targets = _default_data(spec.model, spec.example_inputs, seed=0)(0)
     assert targets.shape == x.shape
     assert (targets == x).float().mean() < 0.05  # 1/256 by chance
+
+
+def test_explicit_multipliers_win_over_a_preset_and_optimizer_names_are_checked():
+    from sparsegraph.models import builtin
+
+    spec = builtin("gpt-mini", n_layer=1)
+    m = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.5)
+    sg.supar.annotate(m, "supar", preset="btlm", alpha_in=1.0, alpha_out=1.0)  # 1.0 asked for, not the preset's
+    assert (m.plan.supar["alpha_in"], m.plan.supar["alpha_out"]) == (1.0, 1.0)
+    sg.supar.annotate(m, "supar", preset="btlm")
+    assert (m.plan.supar["alpha_in"], m.plan.supar["alpha_out"]) == (14.6, 2.22)
+    with pytest.raises(sg.supar.SuparError, match="unknown optimizer 'lamb'"):
+        sg.supar.coord_check(spec.model, spec.example_inputs, widths=(1,), sparsities=(0.0,), optimizer="lamb")
+    cc = sg.supar.coord_check(spec.model, spec.example_inputs, widths=(1,), sparsities=(0.0,),
+                              parameterizations=("sp",), steps=1, optimizer="AdamW")
+    assert cc.rows

@@ -108,3 +108,17 @@ def test_hard_digits_are_shifted_noisy_copies():
     assert 0.9 < noise.std() < 1.3  # unit Gaussian noise (plus the shifts)
     assert torch.equal(digits("val", hard=True).images, digits("val", hard=True).images)  # fixed seed
     assert len(digits("val", hard=True)) == len(digits("val"))
+
+
+def test_build_wires_the_parameterization_optimizer_and_schedule():
+    from sparsegraph.train.trainer import build
+
+    cfg = config(optimizer="sgd", momentum=0.8, weight_decay=0.1, sparseopt=True)
+    model, optimizer, schedule, _ = build(cfg)
+    assert isinstance(optimizer, sg.SparseOpt) and isinstance(optimizer.optimizer, torch.optim.SGD)
+    assert isinstance(schedule, sg.dst.RigL)
+    expected = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer="sgd")  # SμPar's per-weight lr / wd
+    got = {(g["lr"], g["weight_decay"], g["momentum"]) for g in optimizer.param_groups}
+    assert got == {(g["lr"], g["weight_decay"], 0.8) for g in expected} and len(got) > 1
+    sp = build(config(parameterization="sp"))[1]
+    assert {(g["lr"], g["weight_decay"]) for g in sp.param_groups} == {(3e-3, 0.0)}  # SP: the base values

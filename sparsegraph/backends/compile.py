@@ -40,18 +40,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..capture import _dynamo_state
+from ..capture import _dynamo_state, _first_line
 from ..passes.lower import InputResolver, LayerChoice, lower_graph, rewrite_inputs, summary
 from . import cost_model as cm
 
 # the last compilations (for inspection and tests): {"lowered": aten GraphModule handed on,
 # "lowering": plan-style summary, "compiled": the graphs Inductor compiled (AOT forward/backward)}
 LOG: collections.deque = collections.deque(maxlen=16)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _fakes(gm: fx.GraphModule, example_inputs: list) -> list:
@@ -71,9 +66,11 @@ def _to_aten(gm: fx.GraphModule, fakes: list) -> fx.GraphModule:
 
 
 def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: list, target: str = "auto",
-                       fakes: list | None = None) -> tuple[fx.GraphModule, list[LayerChoice], list[int]]:
-    """(lowered aten graph, choices, placeholder indices of the masks it lowered)."""
-    state = _dynamo_state(gm)
+                       fakes: list | None = None, state: dict | None = None
+                       ) -> tuple[fx.GraphModule, list[LayerChoice], list[int]]:
+    """(lowered aten graph, choices, placeholder indices of the masks it lowered). `state` is
+    `_dynamo_state(gm)`: read it while Dynamo's placeholder metadata is there (it is dropped later)."""
+    state = state if state is not None else _dynamo_state(gm)
     fakes = fakes if fakes is not None else _fakes(gm, example_inputs)
     aten_gm = _to_aten(gm, fakes)
     res = InputResolver(aten_gm, state, list(example_inputs))
@@ -89,8 +86,8 @@ class _Compiled:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, target: str, compiler: Callable):
         self.gm, self.target = gm, target
-        self.fakes = _fakes(gm, example_inputs)
-        lowered, choices, masks = lower_dynamo_graph(gm, example_inputs, target, self.fakes)
+        self.fakes, self.state = _fakes(gm, example_inputs), _dynamo_state(gm)
+        lowered, choices, masks = lower_dynamo_graph(gm, example_inputs, target, self.fakes, self.state)
         entry = {"lowered": lowered, "lowering": summary(choices, target, cm.load()), "compiled": []}
         LOG.append(entry)
         self.mask_idx = masks
@@ -120,21 +117,14 @@ class _Compiled:
                               RuntimeWarning, stacklevel=3)
                 self.warned = True
             try:
-                lowered, choices, masks = lower_dynamo_graph(self.gm, list(args), self.target, self.fakes)
+                lowered, choices, masks = lower_dynamo_graph(self.gm, list(args), self.target, self.fakes, self.state)
                 LOG.append({"lowered": lowered, "lowering": summary(choices, self.target, cm.load()),
                             "compiled": []})
-                self.fn, self.mask_idx = _eager(lowered), masks
+                self.fn, self.mask_idx = lowered, masks
             except Exception:  # noqa: BLE001 - cannot re-lower: the masked-dense graph is always right
-                self.fn, self.mask_idx = _eager(self.gm), []
+                self.fn, self.mask_idx = self.gm, []
             self.masks = {i: (args[i] != 0).clone() for i in self.mask_idx}
         self.seen = {i: self._key(args[i]) for i in self.mask_idx}
-
-
-def _eager(gm: fx.GraphModule) -> Callable:
-    def run(*args):
-        out = gm(*args)
-        return out
-    return run
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: list, record: list | None = None) -> Callable:

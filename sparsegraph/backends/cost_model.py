@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import cpu
+
 MARGIN = 0.9  # sparse must be predicted at least 10% faster than dense
 CSR_ROWS_SLOWDOWN, CSR_ROWS_HALF = 1.4, 4096  # CSR's slowdown with many rows (see CostModel.linear_sparse)
 
@@ -66,19 +68,15 @@ class CostModel:
             return table[str(keys[0])] * (block / keys[0] if block < keys[0] else 1.0)
         if block >= keys[-1]:
             return table[str(keys[-1])]
-        for lo, hi in zip(keys, keys[1:]):
-            if lo <= block <= hi:
-                f = (math.log2(block) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-                return table[str(lo)] * (1 - f) + table[str(hi)] * f
-        return table[str(keys[-1])]
+        lo, hi = next((lo, hi) for lo, hi in zip(keys, keys[1:]) if lo <= block <= hi)
+        f = (math.log2(block) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+        return table[str(lo)] * (1 - f) + table[str(hi)] * f
 
     # -- predictions ---------------------------------------------------------------------------
     def linear_dense(self, M: int, n: int, k: int) -> float:
         return self.c_dense + max(4 * n * k / self.bw_dense, 2 * M * n * k / self.flops_dense)
 
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
-        from . import cpu
-
         stored = nnzb * block * block
         if M < cpu.SMALL_M:  # the shuffle-reduced dot path needs blocks of at least 16 (a vector of lanes)
             return self.c_sparse + M * 4 * stored / (self.bw_sparse if block >= 16 else self.bw_csr)
@@ -105,8 +103,6 @@ class CostModel:
 # calibration
 # ---------------------------------------------------------------------------------------------
 def _path(threads: int | None = None) -> str:
-    from . import cpu
-
     return os.path.join(cpu.cache_dir(), f"cost_model-t{threads or torch.get_num_threads()}.json")
 
 

@@ -165,11 +165,12 @@ _layouts: dict = {}
 
 
 def _triton_layout(crow, col, crow_t, col_t, perm_t, n, k, block):
-    """The Triton engineer's BlockSparseLayout for these index tensors (cached by identity)."""
+    """The Triton kernels' BlockSparseLayout for these index tensors, cached by storage and version
+    (an in-place update, e.g. `load_state_dict` into the same buffers, makes a new entry)."""
     from . import triton_kernels as tk
 
-    key = (crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(), col_t.data_ptr(), perm_t.data_ptr(), n, k, block,
-           crow.device)
+    idx = (crow, col, crow_t, col_t, perm_t)
+    key = (*(t.data_ptr() for t in idx), *(t._version for t in idx), n, k, block, crow.device)
     lay = _layouts.get(key)
     if lay is None:
         per_row = torch.diff(crow.long())

@@ -44,8 +44,6 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
 
     if args.output and not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: give -o a path ending in .onnx")
-    if args.max_density is not None and not 0 < args.max_density <= 1:
-        raise SparsegraphError(f"--max-density must be in (0, 1], got {args.max_density}")
     from ..onnx_api import load
 
     before = _layer_ops(load(spec.model))

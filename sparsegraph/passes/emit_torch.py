@@ -18,7 +18,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..capture import BatchNorm, _get_attr, _has_attr, _pop_attr, _set_attr, aten_name
 from ..masks import layer_seed, make_mask, parse_mask
-from ..plan import SparsityPlan, WeightPlan, attach_plan
+from ..plan import SparsityPlan, WeightPlan, attach_plan, branch_norm_path
 from .manager import PassResult, graph_pass
 
 aten = torch.ops.aten
@@ -256,7 +256,7 @@ class _Emitter:
         if i == 0:
             return path
         old = _get_attr(self.gm, path)
-        new_path = f"{path}_branch{i}"
+        new_path = branch_norm_path(path, i)
         _set_attr(self.gm, new_path, BatchNorm(old.num_features, eps=old.eps, momentum=old.momentum,
                                                affine=old.affine, device=old.running_mean.device,
                                                dtype=old.running_mean.dtype))

@@ -364,13 +364,4 @@ def fold(model: nn.Module, example_inputs: Any = None, max_rounds: int = 20) -> 
     return gm.eval()
 
 
-def fold_pass() -> Pass:
-    """`fold` as a single Pass for a PassManager (functional: works on a copy)."""
-    def run(gm: fx.GraphModule) -> PassResult:
-        out = fold(gm)
-        return PassResult(out, bool(out.plan.lowering.get("fold", {}).get("folds")) if getattr(out, "plan", None)
-                          else True)
-    return Pass("fold", run, in_place=False)
-
-
-__all__ = ["fold", "fold_pass", "RULES", "FoldState", "FoldError", "make_passes"]
+__all__ = ["fold", "RULES", "FoldState", "FoldError", "make_passes"]

@@ -44,22 +44,12 @@ from ..backends.sparse_linear import block_mask_of, layout_tensors
 from ..capture import _get_attr, _has_attr, _pop_attr, _set_attr
 from ..graph import SparsegraphError
 from ..plan import attach_plan, plan_of
-from .manager import Pass, PassResult
 from .products import Product, WeightExpr, as_product, captured_copy, matrix_view, weight_expr
 
 TARGETS = ("auto", "cpu", "triton", "dense")
 BLOCKS = (8, 16, 32, 64)  # BSR block sizes considered (besides CSR)
 TRITON_BLOCKS = (64, 32, 16)  # largest first
 DEFAULT_ROWS = 64  # rows assumed when no example input says how many a layer sees
-_OP = None
-
-
-def _sparse_linear_op():
-    global _OP
-    if _OP is None:
-        from ..backends import sparse_linear as _  # noqa: F401 - registers the op
-        _OP = torch.ops.sparsegraph.sparse_linear.default
-    return _OP
 
 
 class LoweringError(SparsegraphError):
@@ -332,7 +322,7 @@ def _emit(graph: fx.Graph, c: Candidate, choice: LayerChoice, values: fx.Node, i
         return graph.call_function(torch.ops.sparsegraph.sparse_conv2d.default,
                                    (p.x, values, *idx, p.bias, n, [kh, kw], list(p.conv["stride"]),
                                     list(p.conv["padding"]), list(p.conv["dilation"]), choice.block, impl))
-    return graph.call_function(_sparse_linear_op(), (p.x, values, *idx, p.bias, n, k, choice.block, -1, impl))
+    return graph.call_function(torch.ops.sparsegraph.sparse_linear.default, (p.x, values, *idx, p.bias, n, k, choice.block, -1, impl))
 
 
 def _impl(target: str, fmt: str) -> str:
@@ -465,14 +455,5 @@ def _prune(gm: fx.GraphModule) -> None:
             _pop_attr(gm, name)
 
 
-def lower_pass(target: str = "auto") -> Pass:
-    """`lower` as a Pass for a PassManager (functional: works on a copy)."""
-    def run(gm: fx.GraphModule) -> PassResult:
-        out = lower(gm, target)
-        lowering = out.plan.lowering if getattr(out, "plan", None) is not None else out.lowering
-        return PassResult(out, any(c["format"] != "dense" or target == "dense" for c in lowering["layers"].values()))
-    return Pass(f"lower_{target}", run, in_place=False)
-
-
-__all__ = ["lower", "lower_pass", "lower_graph", "decide", "LayerChoice", "LoweringError", "TARGETS", "BLOCKS",
+__all__ = ["lower", "lower_graph", "decide", "LayerChoice", "LoweringError", "TARGETS", "BLOCKS",
            "Resolver", "InputResolver", "pack_weight", "rewrite_module", "rewrite_inputs", "summary"]

@@ -283,6 +283,9 @@ def _is_channel_vector(const: np.ndarray, n: int, f: _Form) -> bool:
     if const.size != n:
         return False
     k = 0 if f.kind == "matmul" else len(f.attrs["kernel"])
+    rank = len(f.src.shape) if f.src.shape is not None else None
+    if rank is None or const.ndim > rank:  # broadcasting would add axes to the output
+        return False
     return const.ndim > k and const.shape[const.ndim - 1 - k] == n
 
 

@@ -114,9 +114,7 @@ class _Shapes:
         return b.op("Reshape", [y2, shape])
 
 
-def _finish(b: Builder, y: ir.Value, alpha_done: bool, alpha: float, C: np.ndarray | None, dtype) -> ir.Value:
-    if not alpha_done and alpha != 1.0:
-        y = b.op("Mul", [y, b.const("alpha", np.array(alpha, dtype))])
+def _add_bias(b: Builder, y: ir.Value, C: np.ndarray | None, dtype) -> ir.Value:
     if C is not None:
         y = b.op("Add", [y, b.const("bias", C.astype(dtype))])
     return y
@@ -258,7 +256,7 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
                     yt = bld.op("Slice", [yt, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
                                           bld.const("axis", [0], np.int64)])  # (N, M)
                 y = shapes.transpose(yt, [1, N])  # (M, N)
-            y = _finish(bld, y, True, alpha, C, dtype)
+            y = _add_bias(bld, y, C, dtype)
             y = shapes.unflat(y)
             bld.insert_after(node)
             redirect(model.graph, node.outputs[0], y)
@@ -302,7 +300,7 @@ class SparseToDenseMatMulPass(ir.passes.InPlacePass):
             rows = shapes.rows
             yt.shape, yt.type = ir.Shape([N, rows if rows is not None else "M"]), ir.TensorType(ir.DataType.FLOAT)
             y = shapes.transpose(yt, [1, N])  # (M, N)
-            y = _finish(bld, y, True, alpha, C, W.dtype)
+            y = _add_bias(bld, y, C, W.dtype)
             y = shapes.unflat(y)
             bld.insert_after(node)
             redirect(model.graph, node.outputs[0], y)

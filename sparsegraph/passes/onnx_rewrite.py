@@ -33,7 +33,7 @@ import onnx_ir.passes.common as ir_common
 from ..dims import analyze_dims
 from ..graph import ModelGraph, SparsegraphError
 from ..masks import make_mask, parse_mask
-from ..plan import ONNX_PLAN_KEY, SparsityPlan, WeightPlan
+from ..plan import ONNX_PLAN_KEY, SparsityPlan, WeightPlan, branch_norm_path
 from .emit_torch import init_tensor
 
 PLAN_KEY = ONNX_PLAN_KEY  # metadata_props key holding the plan's JSON
@@ -186,11 +186,6 @@ class Builder:
     def insert_after(self, node: ir.Node) -> None:
         if self.nodes:
             self.graph.insert_after(node, self.nodes)
-        self.nodes = []
-
-    def insert_before(self, node: ir.Node) -> None:
-        if self.nodes:
-            self.graph.insert_before(node, self.nodes)
         self.nodes = []
 
 
@@ -439,7 +434,7 @@ class _Emitter:
         scale = bn.inputs[1]
         prefix = scale.name[:-len(".weight")] if scale.name.endswith(".weight") else scale.name
         channels = scale.const_value.shape[0]
-        return self.new_norm(b, f"{prefix}_branch{i}", out, channels, numpy_dtype(scale),
+        return self.new_norm(b, branch_norm_path(prefix, i), out, channels, numpy_dtype(scale),
                              attributes=_attrs(bn))
 
     def new_norm(self, b: Builder, prefix: str, x: ir.Value, channels: int, dtype, *, eps: float = 1e-5,

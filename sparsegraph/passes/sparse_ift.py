@@ -19,7 +19,7 @@ from ..flops import op_flops
 from ..graph import Layer, ModelGraph, SparsegraphError
 from ..layers import find_layers, param_roles
 from ..masks import erk_densities, parse_mask, planned_density
-from ..plan import FAMILIES, GroupPlan, SparsityPlan, WeightPlan
+from ..plan import FAMILIES, GroupPlan, SparsityPlan, WeightPlan, branch_norm_path
 
 
 class PlanError(SparsegraphError):
@@ -341,7 +341,7 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
                                        d, mask, seed, F))
             if _has_branch_norm(g, op):
                 bn = g.consumers(op.outputs[0])[0]
-                branch_norms.update({fqn: n for fqn, v in g.params.items() if v in bn.inputs})
+                branch_norms.update({fqn: n for fqn, value in g.params.items() if value in bn.inputs})
             elif n > 1:
                 notes.append(f"{l.name}: no per-branch normalisation after it, so its {n} branches sum to one "
                              "sparse matrix of the same shape")
@@ -367,8 +367,9 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
                                        out_axis=v_out, in_axes=in_axes))
     replaced = {w.source for w in weights}
     weights += _dense_params(g, layers, replaced, g.shape, family, seed)
-    weights += [replace(w, name=f"{w.name.rsplit('.', 1)[0]}_branch{i}.{w.name.rsplit('.', 1)[1]}")
-                for w in weights if w.name in branch_norms for i in range(1, branch_norms[w.name])]
+    for w in [w for w in weights if w.name in branch_norms]:  # the branches' own BatchNorm parameters
+        path, leaf = w.name.rsplit(".", 1)
+        weights += [replace(w, name=f"{branch_norm_path(path, i)}.{leaf}") for i in range(1, branch_norms[w.name])]
     shape_of = g.shape
     plan = SparsityPlan(g.name, family, sparsity, sparsity, mask, seed, opts.public(), [], weights, [],
                         _totals(g, weights, _other_flops(g, layers, shape_of), original))

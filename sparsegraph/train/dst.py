@@ -44,6 +44,7 @@ they are captured) and seeds derived from (seed, layer name, step). Ties go to t
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -105,7 +106,12 @@ class Layer:
     param: nn.Parameter
     mask: torch.Tensor  # the `<name>_mask` buffer, updated in place (DDP and state_dict hold it)
     plan: WeightPlan
-    units: Units
+
+    @functools.cached_property
+    def units(self) -> Units:
+        """What is dropped and grown (elements, blocks, N:M groups), built on first use: for N:M masks it
+        holds a pool index per element, which SparseOpt, sharing these layers, never needs."""
+        return Units(self.param.shape, self.plan.out_axis, self.plan.in_axes, self.plan.mask)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,7 +144,7 @@ def sparse_layers(model: nn.Module, who: str, *, exc=DSTError) -> tuple[Sparsity
                       f"{w.name!r} with a buffer {w.name + '_mask'!r}") from None
         if mask.shape != param.shape:
             raise exc(f"{who}: mask of {w.name!r} has shape {tuple(mask.shape)}, the weight {tuple(param.shape)}")
-        layers.append(Layer(w.name, param, mask, w, Units(param.shape, w.out_axis, w.in_axes, w.mask)))
+        layers.append(Layer(w.name, param, mask, w))
     if not layers:
         raise exc(f"{who}: the model {plan.model!r} has no sparse weights (every weight is dense); "
                   "sparsify it with a sparsity > 0 first")

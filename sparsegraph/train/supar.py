@@ -29,6 +29,20 @@ from ..passes.supar import HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, annot
 from ..plan import SparsityPlan, plan_of
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """The torch optimizer `name` (one of OPTIMIZERS, any case) over `param_groups(...)`'s groups."""
+    name = check_optimizer(name)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr)
+
+
+def check_optimizer(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+        raise SuparError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return name.lower()
 _WRAPPERS = ("module.", "_orig_mod.")
 
 
@@ -55,7 +69,7 @@ def _plan(model: nn.Module, annotated: bool = True) -> SparsityPlan:
 
 
 def annotate(model: nn.Module, parameterization: str | None = "supar", *, sigma_base: float | None = None,
-             alpha_in: float = 1.0, alpha_out: float = 1.0, alpha_attn: float = 1.0,
+             alpha_in: float | None = None, alpha_out: float | None = None, alpha_attn: float | None = None,
              eta_base: float | None = None, preset: str | None = None, example_inputs=None) -> nn.Module:
     """Annotate `model` (in place) for "supar", "mup" or "sp" and rewrite its graph; returns it.
 
@@ -85,14 +99,13 @@ def annotate(model: nn.Module, parameterization: str | None = "supar", *, sigma_
         p = PRESETS[preset]
         sigma_base = p["sigma_base"] if sigma_base is None else sigma_base
         eta_base = p["eta_base"] if eta_base is None else eta_base
-        alpha_in = p["alpha_in"] if alpha_in == 1.0 else alpha_in
-        alpha_out = p["alpha_out"] if alpha_out == 1.0 else alpha_out
+        alpha_in = p["alpha_in"] if alpha_in is None else alpha_in
+        alpha_out = p["alpha_out"] if alpha_out is None else alpha_out
     if parameterization is None:
         hp = plan.supar
         parameterization, sigma_base, eta_base = hp["parameterization"], hp["sigma_base"], hp["eta_base"]
         alpha_in, alpha_out, alpha_attn = hp["alpha_in"], hp["alpha_out"], hp["alpha_attn"]
-    if not isinstance(parameterization, str) or parameterization not in PARAMETERIZATIONS:
-        raise SuparError(f"unknown parameterization {parameterization!r}; choose from {', '.join(PARAMETERIZATIONS)}")
+    alpha_in, alpha_out, alpha_attn = (1.0 if a is None else a for a in (alpha_in, alpha_out, alpha_attn))
     annotate_plan(plan, parameterization, sigma_base, alpha_in, alpha_out, alpha_attn, eta_base)
     if plan.history and parameterization == "supar":  # known limit (DESIGN.md section 4)
         note = (f"{len(plan.history)} dynamic-sparsity mask update(s) in the plan: SμPar assumes random static "
@@ -178,9 +191,7 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
     >>> sorted({g["lr"] for g in groups})   # hidden: 1e-3 / (2 * 0.5); everything else 1e-3
     [0.001]
     """
-    if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
-        raise SuparError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    optimizer = optimizer.lower()
+    optimizer = check_optimizer(optimizer)
     plan = _plan(_inner(model))
     check_graph(model)
     if lr is None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..graph import SparsegraphError
+from .supar import make_optimizer
 
 CHECKPOINT = "checkpoint.sgm"
 METRICS = "metrics.jsonl"
@@ -135,10 +136,7 @@ def build(cfg: TrainConfig):
     sg.supar.annotate(model, parameterization=cfg.parameterization)
     sg.supar.init_(model)
     groups = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum)
     if cfg.sparseopt:
         optimizer = sg.SparseOpt(optimizer, model)
     schedule = None
@@ -242,7 +240,6 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = _progress(progress, cfg, start, end)
-    step = start
     try:
         for step in range(start, end):
             x, y = task.train_batch(cfg.batch_size, gen)
@@ -250,13 +247,14 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
                 g["lr"] = lr * lr_factor(cfg, step)
             optimizer.zero_grad(set_to_none=True)
             loss = task_loss(task, model(x), y)
-            if not math.isfinite(loss.item()):
-                raise SparsegraphError(f"loss is {loss.item()} at step {step}; lower --lr")
+            value = loss.item()
+            if not math.isfinite(value):
+                raise SparsegraphError(f"loss is {value} at step {step}; lower --lr")
             loss.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
-            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"],
                       "time": time.time()}
             if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
                 record.update(evaluate(model, task))
@@ -264,7 +262,6 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == end:
                 save_checkpoint(ckpt, cfg, model, optimizer, schedule, step + 1, gen)
             bar(step + 1, record)
-        step = end
     finally:
         bar(None, None)
     metrics = read_metrics(log_path)
