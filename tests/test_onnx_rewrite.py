@@ -170,6 +170,31 @@ def test_fold_keeps_cheaper_chains_and_nonlinear_ones():
     np.testing.assert_allclose(sg.onnx.Session(folded)(x), x @ a + b + x @ c.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["fold", "ort-block"])
+def test_gemm_alpha_beta_and_transposes(target):
+    """Gemm(x, B, C, transB=1, alpha, beta) = alpha x B^T + beta C, read the same way by fold and lower."""
+    from sparsegraph.masks import make_mask
+
+    B = (np.random.default_rng(3).standard_normal((64, 96)) *
+         make_mask("balanced_block:16", (64, 96), 0.25, seed=0, name="b").numpy()).astype(np.float32)
+    C = np.random.default_rng(4).standard_normal(64).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "b", "c"], ["g"], transB=1, alpha=0.5, beta=2.0)]
+    inits = [numpy_helper.from_array(B, "b"), numpy_helper.from_array(C, "c")]
+    if target == "fold":  # a second, parallel Gemm on the same input: folds into one
+        nodes += [helper.make_node("Gemm", ["x", "b2"], ["h"], transB=1, alpha=3.0),
+                  helper.make_node("Add", ["g", "h"], ["y"])]
+        inits.append(numpy_helper.from_array(B[::-1].copy(), "b2"))
+    else:
+        nodes[0].output[0] = "y"
+    m = _graph(nodes, inits, [5, 96])
+    out = sg.onnx.fold(m) if target == "fold" else sg.onnx.lower(m, "ort-block")
+    ops = [n.op_type for n in out.graph]
+    assert ops.count("Gemm") + ops.count("MatMul") == 1 and ("Gather" in ops) == (target == "ort-block")
+    x = np.random.default_rng(5).standard_normal((5, 96)).astype(np.float32)
+    expected = 0.5 * x @ B.T + 2.0 * C + (3.0 * x @ B[::-1].T if target == "fold" else 0)
+    np.testing.assert_allclose(sg.onnx.Session(out)(x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_fold_keeps_the_output_rank():
     """A constant with more axes than the input (1, 1, N) is not a per-channel bias: folding it
     into one MatMul + Add((N,)) would drop the broadcast axis, so that chain stays unfolded."""

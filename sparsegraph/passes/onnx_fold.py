@@ -31,8 +31,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..plan import plan_of
-from .onnx_rewrite import (Builder, Namer, add_initializer, cleanup, const_array, fold_constants, redirect,
-                           weight_value)
+from .onnx_rewrite import (Builder, Namer, add_initializer, cleanup, const_array, fold_constants, gemm_operands,
+                           redirect, weight_value)
 
 
 @dataclass
@@ -101,25 +101,14 @@ class _Folder:
 
     # -- rules ----------------------------------------------------------------------------------
     def matmul(self, node: ir.Node) -> None:
-        W = weight_value(node.inputs[1])
-        if W is None or W.ndim != 2:
+        operands = gemm_operands(node)
+        if operands is None:
             return
-        if node.op_type == "Gemm":
-            if node.attributes.get_int("transA", 0):
-                return
-            if node.attributes.get_int("transB", 0):
-                W = W.T
-            alpha = node.attributes.get_float("alpha", 1.0)
-            beta = node.attributes.get_float("beta", 1.0)
-            C = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-            if len(node.inputs) > 2 and node.inputs[2] is not None and C is None:
-                return  # a run-time C
-            if C is not None:
-                if C.size not in (1, W.shape[1]) or (C.ndim == 2 and C.shape[0] != 1):
-                    return  # a C with rows: not a bias
-                C = np.broadcast_to(C.reshape(-1).astype(np.float64), (W.shape[1],)) * beta
-        else:
-            alpha, C = 1.0, None
+        W, alpha, C = operands
+        if C is not None:
+            if C.size not in (1, W.shape[1]) or (C.ndim == 2 and C.shape[0] != 1):
+                return  # a C with rows: not a bias
+            C = np.broadcast_to(C.reshape(-1), (W.shape[1],))
         W = W * alpha if alpha != 1.0 else W  # a view of the constant: converted only when combined
         x = node.inputs[0]
         base = self.form(x, "matmul")

@@ -40,8 +40,8 @@ import onnx_ir as ir
 
 from ..masks import parse_mask
 from ..plan import plan_of
-from .onnx_rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, const_array, infer_shapes, opset_of,
-                           redirect, weight_source, weight_value)
+from .onnx_rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_operands, infer_shapes,
+                           opset_of, redirect, weight_source)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
 DEFAULT_MAX_DENSITY = 0.5  # lower a layer only if its padded block density (ort-block) or density is at most this
@@ -53,21 +53,10 @@ def _candidates(model: ir.Model):
     for node in list(model.graph):
         if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
             continue
-        W = weight_value(node.inputs[1])
-        if W is None or W.ndim != 2 or not np.issubdtype(W.dtype, np.floating):
+        operands = gemm_operands(node)
+        if operands is None or not np.issubdtype(operands[0].dtype, np.floating):
             continue
-        alpha, C = 1.0, None
-        if node.op_type == "Gemm":
-            if node.attributes.get_int("transA", 0):
-                continue
-            if node.attributes.get_int("transB", 0):
-                W = W.T
-            alpha = node.attributes.get_float("alpha", 1.0)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                C = const_array(node.inputs[2])
-                if C is None:
-                    continue  # a run-time C: left alone
-                C = C * node.attributes.get_float("beta", 1.0)
+        W, alpha, C = operands
         x = node.inputs[0]
         if x.shape is None or len(x.shape) < 1:
             continue

@@ -108,6 +108,27 @@ def apply_views(arr: np.ndarray, views: list[ir.Node]) -> np.ndarray:
     return arr
 
 
+def gemm_operands(node: ir.Node) -> tuple[np.ndarray, float, np.ndarray | None] | None:
+    """(W as (K, N), alpha, beta * C in float64 or None) of a MatMul/Gemm computing x @ W with a
+    constant 2-D W; None for anything else (a transposed x, a run-time W or C)."""
+    W = weight_value(node.inputs[1])
+    if W is None or W.ndim != 2:
+        return None
+    if node.op_type != "Gemm":
+        return W, 1.0, None
+    if node.attributes.get_int("transA", 0):
+        return None
+    if node.attributes.get_int("transB", 0):
+        W = W.T
+    C = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        C = const_array(node.inputs[2])
+        if C is None:
+            return None  # a run-time C
+        C = C.astype(np.float64) * node.attributes.get_float("beta", 1.0)
+    return W, node.attributes.get_float("alpha", 1.0), C
+
+
 def weight_value(v: ir.Value | None) -> np.ndarray | None:
     """A weight operand's numpy value if it is a constant seen through views, else None."""
     src = weight_source(v)
