@@ -198,24 +198,22 @@ def _skeleton(proto: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
     return out
 
 
+def _metadata(path_or_model: Any) -> dict[str, str]:
+    if isinstance(path_or_model, ir.Model):
+        return dict(path_or_model.metadata_props)
+    proto = path_or_model if isinstance(path_or_model, onnx.ModelProto) else _read_proto(path_or_model)[0]
+    return {p.key: p.value for p in proto.metadata_props}
+
+
 def read_plan(path_or_model: Any) -> SparsityPlan | None:
     """The SparsityPlan stored in an ONNX model's `metadata_props` (None if there is none)."""
-    if isinstance(path_or_model, ir.Model):
-        meta = dict(path_or_model.metadata_props)
-    else:
-        proto = _read_proto(path_or_model)[0] if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
-        meta = {p.key: p.value for p in proto.metadata_props}
+    meta = _metadata(path_or_model)
     return SparsityPlan.from_json(meta[PLAN_KEY]) if PLAN_KEY in meta else None
 
 
 def read_lowering(path_or_model: Any) -> dict:
     """Per-weight lowering choices a lowering pass recorded (`{}` if none)."""
-    if isinstance(path_or_model, ir.Model):
-        meta = dict(path_or_model.metadata_props)
-    else:
-        proto = _read_proto(path_or_model)[0] if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
-        meta = {p.key: p.value for p in proto.metadata_props}
-    return json.loads(meta[LOWERING_KEY]) if LOWERING_KEY in meta else {}
+    return json.loads(_metadata(path_or_model).get(LOWERING_KEY, "{}"))
 
 
 def _label(src: Any) -> str:

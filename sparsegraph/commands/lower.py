@@ -44,10 +44,12 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
 
     if args.output and not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: give -o a path ending in .onnx")
-    from ..onnx_api import load
+    from ..onnx_api import check_opset, load
 
-    before = _layer_ops(load(spec.model))
-    model = lower(spec.model, args.target, fold=not args.no_fold, block=args.block, max_density=args.max_density,
+    source = load(spec.model)  # read once: counted here, lowered on a copy
+    check_opset(source, spec.name)
+    before = _layer_ops(source)
+    model = lower(source, args.target, fold=not args.no_fold, block=args.block, max_density=args.max_density,
                   output=args.output)
     choices = read_lowering(model)
     if args.json:
