@@ -368,11 +368,11 @@ def _bn_to_module(root: nn.Module, graph: fx.Graph, node: fx.Node) -> None:
     path = prefix or "batch_norm"
     if _has_attr(root, path):  # the container still holds other tensors: pick a fresh name
         holder = _get_attr(root, path)
-        if not isinstance(holder, nn.Module) or any(True for _ in holder.children()) or \
-                holder._parameters or holder._buffers:
+        if not isinstance(holder, nn.Module) or holder._parameters or holder._buffers:
             path = _free_path(root, path)
-        else:
-            _pop_attr(root, path)
+        else:  # its submodules (a Sparse Parallel norm's `branch<i>` copies) move into the BatchNorm
+            for name, child in _pop_attr(root, path).named_children():
+                bn.add_module(name, child)
     _set_attr(root, path, bn)
     with graph.inserting_before(node):
         new = graph.create_node("call_module", path, (x,))

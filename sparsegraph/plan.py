@@ -170,7 +170,9 @@ PLAN_MODULE = "sparsegraph_plan"
 
 def branch_norm_path(path: str, branch: int) -> str:
     """Module path of Sparse Parallel branch `branch`'s own copy of the BatchNorm at `path` (branch 0 keeps it)."""
-    return path if branch == 0 else f"{path}_branch{branch}"
+    return path if branch == 0 else f"{path}.branch{branch}"
+
+
 ONNX_PLAN_KEY = "sparsegraph.plan"  # metadata_props key of ONNX models written by sparsegraph
 
 

@@ -4,53 +4,78 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .capture import _as_tuple, capture
 from .graph import ModelGraph, SparsegraphError
+from .passes.emit_module import emit_module, verify
 from .passes.emit_torch import emit
 from .passes.sparse_ift import Options, make_plan
 from .plan import SparsityPlan
 
+OUTPUTS = ("module", "graph")
+
 
 def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wide", sparsity: float = 0.75,
-             mask: str = "uniform", seed: int = 0, *, include_stem: bool = False, include_head: bool = False,
+             mask: str = "uniform", seed: int = 0, *, output: str | None = None, inplace: bool = False,
+             include_stem: bool = False, include_head: bool = False,
              filter: Callable[[Any, str], bool] | None = None, budget: float | None = None,
              budget_ratio: float | None = None, factorized_bn: bool = False, width: float | None = None,
-             init: str = "default",
-             graph: ModelGraph | None = None) -> torch.fx.GraphModule:
+             init: str = "default", verify_module: bool = True, plan: SparsityPlan | None = None,
+             graph: ModelGraph | None = None) -> nn.Module:
     """Rewrite a dense model into a Sparse Iso-FLOP Transformation of itself.
 
-    Returns a trainable `fx.GraphModule` whose `.plan` is the `SparsityPlan`: sparse weights are
-    dense parameters with `<name>_mask` buffers, the graph computes `weight * mask`.
+    Returns your own model, same class, with the plan applied (`output="module"`, the default for
+    an `nn.Module`): widened parameters and sizes (a Hugging Face model is rebuilt from its widened
+    config), sparse weights as dense parameters with a `<name>_mask` buffer beside them, and Sparse
+    Parallel / Factorized / Doped layers swapped for the modules of `sparsegraph.nn`. It is verified
+    against the captured graph: weight shapes, FLOPs and outputs. `sg.plan_of(model)` (or
+    `model.plan`) is the `SparsityPlan`. `output="graph"` returns the captured aten graph as a
+    trainable `fx.GraphModule` instead (the default when `model` is an `fx.GraphModule`).
 
     transform: sparse_wide | sparse_parallel | sparse_factorized | sparse_doped
     mask:      uniform | erk | "nm:2:4" | "block:32" | "balanced_block:32"
-    filter:    (module_or_node, fqn) -> bool, which layers may become sparse
+    inplace:   rewrite `model` itself instead of a copy (module form)
+    filter:    (module, fqn) -> bool, which layers may become sparse
     budget / budget_ratio: Sparse Wide only, target sparse FLOPs instead of the original's
     width:     Sparse Wide only, widen by exactly this factor at density 1 - sparsity (no iso-FLOP
                search): width and sparsity as independent knobs, e.g. for SμPar sweeps
     init:      "default" (fresh PyTorch initialisation) or "keep" (keep weights whose shape is unchanged)
+    plan:      apply this plan (e.g. one read from a file) instead of planning
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini")
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", sparsity=0.75)
-    >>> wide.plan.weight("h.0.mlp.c_fc.weight").shape    # d_model 128 -> 256, FFN 512 -> 1024
+    >>> type(wide).__name__, type(wide.h[0].mlp.c_fc).__name__     # your class; a masked nn.Linear
+    ('GPT', 'MaskedLinear')
+    >>> wide.plan.weight("h.0.mlp.c_fc.weight").shape               # d_model 128 -> 256, FFN 512 -> 1024
     [1024, 256]
-    >>> round(wide.plan.flops_ratio, 3)                 # sparse FLOPs / original dense FLOPs
+    >>> round(wide.plan.flops_ratio, 3)                             # sparse FLOPs / original dense FLOPs
     1.0
     >>> wide(spec.example_inputs[0]).shape
     torch.Size([2, 64, 256])
     """
-    g = graph or capture(model, example_inputs)
-    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width,
-                   resolve_module=modules.get)
-    plan = make_plan(g, transform, sparsity, mask, seed, opts)
-    out = emit(g.source, plan, init)
-    out.example_inputs = _as_tuple(example_inputs)
-    check_runs(out, plan)
+    output = output or ("graph" if isinstance(model, fx.GraphModule) else "module")
+    if output not in OUTPUTS:
+        raise SparsegraphError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    inputs = _as_tuple(example_inputs)
+    g = graph or capture(model, inputs)
+    if plan is None:
+        modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+        opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width,
+                       resolve_module=modules.get)
+        plan = make_plan(g, transform, sparsity, mask, seed, opts)
+    graph_form = emit(g.source, plan, init)
+    graph_form.example_inputs = inputs
+    check_runs(graph_form, plan)
+    if output == "graph":
+        return graph_form
+    out = emit_module(model, g, plan, init, inplace=inplace)
+    if verify_module:
+        verify(out, graph_form, plan, inputs)
+    out.example_inputs = inputs
     return out
 
 
