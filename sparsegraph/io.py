@@ -1,128 +1,255 @@
-"""`sg.save` / `sg.load`: a rewritten model with its weights, masks and plan, in one file.
+"""`sg.save` / `sg.load`: a rewritten model with its weights, masks and plan, as data only.
 
-The file is a torch zip archive holding the GraphModule (its code and tensors), the plan as JSON
-and the example inputs. 0/1 masks are stored one bit per element (a float mask would take as much
-room as its weight). The file is written to a temporary file and renamed, so a failure never leaves
-a half-written model behind.
+One safetensors file: the tensors (weights, bit-packed 0/1 masks, example inputs, tensors of the
+`extra` training state) and, in its metadata, one JSON document: the plan, the recipe of the dense
+original (a built-in, torchvision or Hugging Face model: name, options or config), the form
+(module or graph), the `extra` state's structure, and a SHA-256 checksum of all of it. Loading
+rebuilds the dense original from its recipe, re-applies the plan (`sg.sparsify(..., plan=plan)`),
+and fills in the tensors; it never unpickles anything, and a file whose checksum does not match
+is refused. A model whose recipe is a class of your own is rebuilt from `sg.load(path, model=...)`.
+
+    >>> import torch, sparsegraph as sg
+    >>> from sparsegraph.models import builtin
+    >>> spec = builtin("gpt-mini", n_layer=1)
+    >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75)
+    >>> sg.save(wide, "wide.sgm")
+    >>> back = sg.load("wide.sgm")
+    >>> type(back).__name__, torch.equal(back(spec.example_inputs[0]), wide(spec.example_inputs[0]))
+    ('GPT', True)
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import importlib
+import json
 import os
-import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
+import torch.nn as nn
 
+from .fsutil import atomic_write
 from .graph import SparsegraphError
-from .plan import SparsityPlan, attach_plan, plan_of
+from .plan import PLAN_MODULE, SparsityPlan, attach_plan, plan_of
 
 FORMAT = "sparsegraph-model"
-VERSION = 1
+VERSION = 2
+META_KEY = "sparsegraph"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)`, then move the finished file to `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sparsegraph-", suffix=".tmp")
-    os.close(fd)
+class LoadError(SparsegraphError):
+    """A file that is not a sparsegraph model, is damaged, or cannot be rebuilt."""
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: how to rebuild the dense original
+# ---------------------------------------------------------------------------------------------
+def source_of(model: nn.Module) -> dict:
+    """The recipe of a dense model: what `sparsegraph.models` tagged it with, a Hugging Face
+    class and config, or (rebuilt only from `sg.load(path, model=...)`) its class path."""
+    tagged = getattr(model, "_sparsegraph_source", None)
+    if tagged:
+        return dict(tagged)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and _hf_model_class() is not None \
+            and isinstance(model, _hf_model_class()):
+        cls = type(model)
+        return {"kind": "hf", "class": f"{cls.__module__}.{cls.__qualname__}", "config": config.to_dict()}
+    cls = type(model)
+    return {"kind": "class", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _hf_model_class():
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    return PreTrainedModel
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Save a sparsegraph model (an fx.GraphModule with `.plan`); `extra` holds e.g. training state."""
+def build_source(source: dict) -> nn.Module:
+    """The dense original from its recipe. Only models sparsegraph knows how to build are built:
+    a built-in by name, a torchvision model by name, a Hugging Face model class (which must be a
+    `transformers.PreTrainedModel`) from its config. Nothing named in a file is called otherwise."""
+    kind = source.get("kind")
+    if kind == "builtin":
+        from .models import builtin
+        return builtin(source["name"], **source.get("options", {})).model
+    if kind == "torchvision":
+        import torchvision
+        return torchvision.models.get_model(source["name"], weights=None, **source.get("kwargs", {}))
+    if kind == "hf":
+        base = _hf_model_class()
+        module_name, _, name = source["class"].rpartition(".")
+        if base is None or not module_name.startswith("transformers."):
+            raise LoadError(f"model class {source['class']} is not a Hugging Face transformers model")
+        cls = getattr(importlib.import_module(module_name), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise LoadError(f"{source['class']} is not a transformers.PreTrainedModel")
+        return cls(cls.config_class.from_dict(source["config"]))
+    raise LoadError(f"the file's model is a {source.get('class', 'model')} of your own: rebuild it with "
+                    "sg.load(path, model=<the dense model, freshly constructed>)")
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON + tensors: any nesting of dicts, lists, numbers, strings and tensors
+# ---------------------------------------------------------------------------------------------
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """JSON-able structure of `obj` with every tensor moved into `tensors` (non-string dict keys kept)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}#{len(tensors)}"
+        tensors[key] = obj.detach().cpu().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _split_tensors(v, tensors, prefix) for k, v in obj.items()}}
+        return {"__items__": [[_split_tensors(k, tensors, prefix), _split_tensors(v, tensors, prefix)]
+                              for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__tuple__" if isinstance(obj, tuple) else "__list__": [_split_tensors(v, tensors, prefix) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise SparsegraphError(f"cannot save a {type(obj).__name__} (only tensors, numbers, strings, lists and dicts)")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__dict__" in obj:
+        return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__items__" in obj:
+        return {_join_tensors(k, tensors): _join_tensors(v, tensors) for k, v in obj["__items__"]}
+    items = [_join_tensors(v, tensors) for v in obj.get("__list__", obj.get("__tuple__", []))]
+    return tuple(items) if "__tuple__" in obj else items
+
+
+def _pack_masks(state: dict[str, torch.Tensor]) -> dict[str, list]:
+    """0/1 float `*_mask` tensors -> bits (uint8, 8 per byte) in place; returns {key: [dtype, shape]}."""
+    info = {}
+    for key, t in list(state.items()):
+        if not key.endswith("_mask") or not t.is_floating_point():
+            continue
+        bits = t.cpu().numpy().ravel()
+        if np.isin(bits, (0, 1)).all():
+            state[key] = torch.from_numpy(np.packbits(bits.astype(bool)))
+            info[key] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
+    return info
+
+
+def _unpack_masks(state: dict[str, torch.Tensor], info: dict) -> None:
+    for key, (dtype, shape) in info.items():
+        bits = np.unpackbits(state[key].numpy(), count=int(np.prod(shape, dtype=np.int64)))
+        state[key] = torch.from_numpy(bits).reshape(shape).to(getattr(torch, dtype))
+
+
+def _checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save a model from `sg.sparsify` (either form): weights, masks, plan, example inputs, and
+    `extra` (e.g. optimizer and training state: tensors, numbers, strings, lists, dicts)."""
+    from safetensors.torch import save_file
+
     plan = plan_of(model)
-    payload: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "module": model,
-        "plan": plan.to_json() if plan is not None else None,
-        "example_inputs": getattr(model, "example_inputs", ()),
-        "extra": extra or {},
-    }
-    with _without_hooks(model), _packed_masks(model) as packed:
-        payload["packed_masks"] = packed
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if plan is None:
+        raise SparsegraphError(f"sg.save: {type(model).__name__} has no sparsegraph plan; save models that "
+                               "sg.sparsify returned (torch.save(model.state_dict()) saves any other model)")
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model  # DDP / compile
+    state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()  # clone: tied weights
+             if isinstance(v, torch.Tensor)}
+    meta = {"format": FORMAT, "version": VERSION, "form": "graph" if isinstance(inner, fx.GraphModule) else "module",
+            "class": f"{type(inner).__module__}.{type(inner).__qualname__}", "plan": plan.to_dict(),
+            "masks": _pack_masks(state)}
+    tensors = {f"state/{k}": v for k, v in state.items()}
+    meta["example_inputs"] = _split_tensors(tuple(getattr(inner, "example_inputs", ())), tensors, "inputs")
+    meta["extra"] = _split_tensors(extra or {}, tensors, "extra")
+    meta["checksum"] = _checksum(meta, tensors)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
-@contextlib.contextmanager
-def _packed_masks(model: torch.nn.Module):
-    """Swap every 0/1 float `*_mask` buffer for its bits (uint8, 8 elements a byte) while saving.
-    Yields {buffer fqn: (dtype, shape)}, what `_unpack_masks` needs to restore them."""
-    swapped, info = [], {}
-    for fqn, buf in list(model.named_buffers()):
-        if not fqn.endswith("_mask") or not buf.is_floating_point() or buf.is_meta:
-            continue
-        bits = buf.detach().cpu().numpy().ravel()
-        if not np.isin(bits, (0, 1)).all():
-            continue
-        owner, _, name = fqn.rpartition(".")
-        module = model.get_submodule(owner)
-        swapped.append((module, name, buf))
-        module._buffers[name] = torch.from_numpy(np.packbits(bits.astype(bool))).to(buf.device)
-        info[fqn] = (str(buf.dtype).removeprefix("torch."), tuple(buf.shape))
-    try:
-        yield info
-    finally:
-        for module, name, buf in swapped:
-            module._buffers[name] = buf
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(metadata, model state_dict with masks unpacked, extra) of a saved model, checked, without
+    building the model (resuming training into a model you already have)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-
-def _unpack_masks(model: torch.nn.Module, info: dict) -> None:
-    for fqn, (dtype, shape) in info.items():
-        owner, _, name = fqn.rpartition(".")
-        module = model.get_submodule(owner)
-        packed = module._buffers[name]  # (ceil(numel / 8),) uint8
-        bits = np.unpackbits(packed.cpu().numpy(), count=int(np.prod(shape, dtype=np.int64)))
-        module._buffers[name] = torch.from_numpy(bits).reshape(shape).to(packed.device, getattr(torch, dtype))
-
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def _without_hooks(model: torch.nn.Module):
-    """Runtime hooks (a DST schedule's, a profiler's) belong to the session, not to the saved model."""
-    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _HOOKS if hasattr(m, name)]
-    try:
-        for m, name, hooks in saved:
-            setattr(m, name, type(hooks)())
-        yield
-    finally:
-        for m, name, hooks in saved:
-            setattr(m, name, hooks)
-
-
-def load(path: str | os.PathLike, map_location: Any = None, with_extra: bool = False) -> torch.nn.Module:
-    """Load a model written by `save`; `.plan` and `.example_inputs` are restored (and `.extra`)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise SparsegraphError(f"saved model not found: {path}")
+    if not os.path.isfile(path):
+        raise LoadError(f"saved model not found: {path}")
+    if zipfile.is_zipfile(path):
+        raise LoadError(f"{path} is a pickle-based file from an older sparsegraph; it is not loaded, since "
+                        "unpickling can run code. Re-create it with this version (sg.sparsify, then sg.save)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise SparsegraphError(f"{path} is not a readable sparsegraph model: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SparsegraphError(f"{path} is not a sparsegraph model (no '{FORMAT}' header)")
-    if payload.get("version") != VERSION:
-        raise SparsegraphError(f"{path}: sparsegraph model format version {payload.get('version')} is not supported")
-    model = payload["module"]
-    _unpack_masks(model, payload.get("packed_masks", {}))
-    if payload.get("plan"):
-        attach_plan(model, SparsityPlan.from_json(payload["plan"]))
-    model.example_inputs = payload.get("example_inputs", ())
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            header = (f.metadata() or {}).get(META_KEY)
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"{path} is not a readable sparsegraph model: {str(e).splitlines()[0] if str(e) else e}") \
+            from None
+    try:
+        meta = json.loads(header) if header else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LoadError(f"{path} is not a sparsegraph model (no '{FORMAT}' header)")
+    if meta.get("version") != VERSION:
+        raise LoadError(f"{path}: sparsegraph model format version {meta.get('version')} is not supported "
+                        f"(this version reads {VERSION})")
+    stored = meta.pop("checksum", None)
+    if stored != _checksum(meta, tensors):
+        raise LoadError(f"{path} is damaged: its checksum does not match its contents")
+    state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+    _unpack_masks(state, meta.get("masks", {}))
+    return meta, state, _join_tensors(meta.get("extra", {}), tensors) | {"_inputs": _join_tensors(
+        meta.get("example_inputs", []), tensors)}
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = None,
+         with_extra: bool = False) -> nn.Module:
+    """Load a model written by `save`: the dense original is rebuilt from its recipe (or `model`,
+    a freshly constructed dense model of your own class), the plan re-applied, the tensors loaded.
+    `.plan` and `.example_inputs` are restored (and `.extra` with `with_extra=True`)."""
+    from .sparsify import sparsify
+
+    meta, state, extra = read(path)
+    inputs = tuple(extra.pop("_inputs"))
+    plan = SparsityPlan.from_dict(meta["plan"])
+    dense = model if model is not None else build_source(plan.source)
+    try:
+        out = sparsify(dense, inputs, plan=plan, output=meta["form"], verify_module=False)
+    except SparsegraphError as e:
+        raise LoadError(f"{path}: cannot rebuild the model: {e}") from None
+    plan_key = f"{PLAN_MODULE}._extra_state"
+    missing, unexpected = out.load_state_dict({k: v for k, v in state.items() if k != plan_key}, strict=False)
+    missing = [k for k in missing if k != plan_key]
+    if missing or unexpected:
+        raise LoadError(f"{path}: the rebuilt model does not match the file (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    attach_plan(out, plan)
+    if plan.supar.get("parameterization"):
+        from .train.supar import apply_forward
+        apply_forward(out, inputs)
+    if map_location is not None:
+        out.to(map_location)
+    out.example_inputs = inputs
     if with_extra:
-        model.extra = payload.get("extra", {})
-    return model
+        out.extra = extra
+    return out
+
+
+__all__ = ["save", "load", "read", "atomic_write", "source_of", "build_source", "LoadError"]

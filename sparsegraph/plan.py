@@ -74,6 +74,7 @@ class SparsityPlan:
     supar: dict = field(default_factory=dict)  # base hyperparameters and parameterisation
     history: list[dict] = field(default_factory=list)  # dynamic sparse training mask updates
     lowering: dict = field(default_factory=dict)  # per-layer kernel choices
+    source: dict = field(default_factory=dict)  # recipe of the dense original (sparsegraph.io.source_of)
 
     # -- queries ------------------------------------------------------------------------------
     def weight(self, name: str) -> WeightPlan:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .capture import _as_tuple, capture
 from .graph import ModelGraph, SparsegraphError
+from .io import source_of
 from .passes.emit_module import emit_module, verify
 from .passes.emit_torch import emit
 from .passes.sparse_ift import Options, make_plan
@@ -67,6 +68,7 @@ def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wid
         opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width,
                        resolve_module=modules.get)
         plan = make_plan(g, transform, sparsity, mask, seed, opts)
+        plan.source = source_of(model) if isinstance(model, nn.Module) else {}
     graph_form = emit(g.source, plan, init)
     graph_form.example_inputs = inputs
     check_runs(graph_form, plan)

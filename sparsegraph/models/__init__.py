@@ -65,6 +65,7 @@ def builtin(name: str, **overrides) -> ModelSpec:
     if name not in BUILTINS:
         raise SparsegraphError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
     spec = BUILTINS[name]()
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     if overrides and name == "gpt-mini":
         spec.model = GPT(GPTConfig(**overrides))
     elif overrides:  # the ResNets: stage widths and blocks per stage, e.g. widths=(8, 16, 32) or "8,16,32"
@@ -75,6 +76,7 @@ def builtin(name: str, **overrides) -> ModelSpec:
         widths = _ints(overrides.get("widths", [layer[0].conv1.out_channels for layer in base.layers]))
         blocks = _ints(overrides.get("blocks", [len(layer) for layer in base.layers]))
         spec.model = ResNet(widths, blocks, base.fc.out_features, base.conv1.in_channels)
+    spec.model._sparsegraph_source = {"kind": "builtin", "name": name, "options": options}  # sg.load rebuilds it
     return spec
 
 
@@ -91,6 +93,7 @@ def _torchvision(name: str) -> ModelSpec:
         model = torchvision.models.get_model(name, weights=None)
     except Exception as e:  # noqa: BLE001
         raise SparsegraphError(f"unknown torchvision model {name!r}: {e}") from e
+    model._sparsegraph_source = {"kind": "torchvision", "name": name}
     return ModelSpec(f"torchvision:{name}", model, _floats((2, 3, 224, 224)), _floats)
 
 

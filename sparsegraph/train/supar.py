@@ -21,11 +21,13 @@ import math
 import warnings
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..masks import layer_seed
 from ..passes.manager import PassManager
 from ..passes.supar import HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, annotate_plan, supar_pass
+from ..passes.supar_module import apply_supar_module, forward_sites
 from ..plan import SparsityPlan, plan_of
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -112,11 +114,22 @@ def annotate(model: nn.Module, parameterization: str | None = "supar", *, sigma_
                 "masks; masks chosen by magnitude or gradient (RigL, GMP) are not random and SμPar over-corrects")
         plan.supar["notes"] = [note]
         warnings.warn(note)
-    if example_inputs is not None:
-        from ..capture import _as_tuple
-        example_inputs = _as_tuple(example_inputs)
-    PassManager([supar_pass(plan, example_inputs)])(gm)
+    apply_forward(gm, example_inputs)
     return model
+
+
+def apply_forward(model: nn.Module, example_inputs=None) -> None:
+    """Apply the plan's SμPar forward part: rewrite the graph form, or hook the module form
+    (decided on its graph and verified against it: `passes/supar_module.py`)."""
+    from ..capture import _as_tuple
+
+    gm = _inner(model)
+    plan = _plan(gm)
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else getattr(gm, "example_inputs", None)
+    if isinstance(gm, fx.GraphModule):
+        PassManager([supar_pass(plan, inputs)])(gm)
+    else:
+        apply_supar_module(gm, plan, inputs)
 
 
 def check_graph(model: nn.Module) -> None:
@@ -124,6 +137,15 @@ def check_graph(model: nn.Module) -> None:
     received an annotated plan through load_state_dict(strict=False) but was never annotated)."""
     gm = _inner(model)
     plan = _plan(gm)
+    if not isinstance(gm, fx.GraphModule):
+        have = {(f["site"], f["weight"]): f["value"] for f in forward_sites(gm)}
+        for site in plan.supar.get("forward", []):
+            value = have.get((site["site"], site["weight"]))
+            if value is None or not math.isclose(value, site["value"], rel_tol=1e-6):
+                raise SuparError(f"{plan.model}: the plan asks for a forward multiplier {site['value']:g} at "
+                                 f"{site['weight']} but the model has {'none' if value is None else value}; "
+                                 "call sg.supar.annotate(model, None) to apply the plan's parameterisation")
+        return
     for site in plan.supar.get("forward", []):
         try:
             buf = gm.get_buffer(site["buffer"])
