@@ -234,16 +234,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
         out = sparsify(dense, inputs, plan=plan, output=meta["form"], verify_module=False)
     except SparsegraphError as e:
         raise LoadError(f"{path}: cannot rebuild the model: {e}") from None
+    attach_plan(out, plan)
+    if plan.supar.get("parameterization"):  # the forward multipliers, as the saved model had them
+        from .train.supar import apply_forward
+        apply_forward(out, inputs)
     plan_key = f"{PLAN_MODULE}._extra_state"
     missing, unexpected = out.load_state_dict({k: v for k, v in state.items() if k != plan_key}, strict=False)
     missing = [k for k in missing if k != plan_key]
     if missing or unexpected:
         raise LoadError(f"{path}: the rebuilt model does not match the file (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    attach_plan(out, plan)
-    if plan.supar.get("parameterization"):
-        from .train.supar import apply_forward
-        apply_forward(out, inputs)
     if map_location is not None:
         out.to(map_location)
     out.example_inputs = inputs

@@ -230,7 +230,8 @@ def coord_check(model: nn.Module, example_inputs: Any, *, widths=(1, 2, 4), spar
     rows: list[dict] = []
     total, done = len(points) * len(parameterizations), 0
     for width, sparsity in points:
-        base = sparsify(model, inputs, "sparse_wide", sparsity, mask=mask, seed=seed, width=float(width), graph=g)
+        base = sparsify(model, inputs, "sparse_wide", sparsity, mask=mask, seed=seed, width=float(width), graph=g,
+                        output="graph")  # the check watches graph nodes
         feed = data or _default_data(base, inputs, seed)
         lossf = loss_fn or _default_loss
         density = base.plan.sparse_weights[0].density if base.plan.sparse_weights else 1.0

@@ -120,7 +120,7 @@ def test_torchvision_resnet18_widths_match_reference(sparsity, width):
     assert plan.sparsity_used > sparsity  # the dense stem and head grew too, so hidden layers pay
 
 
-@pytest.mark.parametrize("sparsity, d_model, d_attn", [(0.5, 1086, 1092), (0.75, 1536, 1536)])
+@pytest.mark.parametrize("sparsity, d_model, d_attn", [(0.5, 1092, 1092), (0.75, 1536, 1536)])
 def test_hf_gpt2_widths_heads_kept(sparsity, d_model, d_attn):
     model = hf_model("gpt2")
     g = sg.capture(model, (torch.randint(0, 1000, (2, 32)),))
@@ -128,6 +128,8 @@ def test_hf_gpt2_widths_heads_kept(sparsity, d_model, d_attn):
     c_attn = plan.weight("transformer.h.0.attn.c_attn.weight")  # Conv1D: (in, out)
     assert c_attn.shape == [d_model, 3 * d_attn]
     assert plan.weight("transformer.h.0.mlp.c_fc.weight").shape == [d_model, {0.5: 4344, 0.75: 6144}[sparsity]]
+    # d_model and the attention width are one number in GPT-2's code, so they get one new size:
+    # 12 heads of 91 = 1092, the Sparse-IFT paper's GPT-3 Small width at 50%
     head_dim = [p for p in plan.patches if p["key"] == "size" and p["old"] == 64]
     assert head_dim and {p["new"] for p in head_dim} == {d_attn // 12}  # 12 heads kept, head_dim grows
     scales = [p for p in plan.patches if p["key"] == "scale"]
@@ -139,12 +141,15 @@ def test_hf_gpt2_wide_runs_and_trains():
     model = hf_model("gpt2", n_layer=2, vocab_size=512)  # a small vocabulary: the dense head does not dominate
     ids = torch.randint(0, 512, (2, 16))
     wide = sg.sparsify(model, (ids,), "sparse_wide", 0.5)
+    assert type(wide) is type(model) and wide.config.n_embd == 1092 and wide.config.n_inner == 4344
     assert wide(ids).logits.shape == (2, 16, model.config.vocab_size)
     assert _sgd_lowers_loss(wide, (ids,), lambda y: loss_fn(y.logits, ids))
-    sdpa = [n for n in wide.graph.nodes if "scaled_dot_product" in str(n.target)]
-    q = sdpa[0].args[0]
-    assert wide.plan.weight("transformer.h.0.attn.c_attn.weight").shape == [1086, 3 * 1092]
-    assert len(sdpa) == 2 and q.op == "call_function"
+    assert wide.plan.weight("transformer.h.0.attn.c_attn.weight").shape == [1092, 3 * 1092]
+    attn = wide.transformer.h[0].attn
+    assert (attn.embed_dim, attn.head_dim, attn.num_heads) == (1092, 91, 12)  # 12 heads kept
+    graph = sg.sparsify(model, (ids,), "sparse_wide", 0.5, output="graph")
+    sdpa = [n for n in graph.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert len(sdpa) == 2 and sdpa[0].args[0].op == "call_function"
 
 
 def test_builtin_gpt_wide():
@@ -210,14 +215,15 @@ def test_parallel_branches_have_their_own_batchnorm(resnet):
     spec, g = resnet
     model = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.75, graph=g)
     bns = [n for n, m in model.named_modules() if n.startswith("layers.0.0.bn1")]
-    assert sorted(bns) == ["layers.0.0.bn1", "layers.0.0.bn1_branch1", "layers.0.0.bn1_branch2",
-                           "layers.0.0.bn1_branch3"]
+    assert sorted(bns) == ["layers.0.0.bn1", "layers.0.0.bn1.branch1", "layers.0.0.bn1.branch2",
+                           "layers.0.0.bn1.branch3"]
+    assert all(isinstance(model.get_submodule(n), nn.BatchNorm2d) for n in bns)
     assert not any("sum to one sparse matrix" in n for n in model.plan.notes)  # every conv has its BN
     # the copies are in the plan like every other parameter (SμPar gives each its multipliers)
     names = {w.name for w in model.plan.weights}
     assert {n for n, _ in model.named_parameters()} == names
     assert model.plan.totals["params"] == sum(p.numel() for p in model.parameters())
-    bn = model.plan.weight("layers.0.0.bn1_branch3.weight")
+    bn = model.plan.weight("layers.0.0.bn1.branch3.weight")
     assert (bn.role, bn.source, bn.shape) == ("norm", "layers.0.0.bn1.weight", [16])
     one = builtin("gpt-mini", n_layer=1)
     lin = sg.sparsify(one.model, one.example_inputs, "sparse_parallel", 0.5)

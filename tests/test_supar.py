@@ -13,6 +13,7 @@ import sparsegraph as sg
 from sparsegraph.cli import main
 from sparsegraph.models.gpt import GPT
 from sparsegraph.models.resnet import ResNet
+from sparsegraph.passes.supar_module import ScaledAttention, forward_sites
 
 aten = torch.ops.aten
 
@@ -123,10 +124,9 @@ def test_wide_gpt_forward_multipliers_match_mup_readout():
     state = {k: v for k, v in ours.state_dict().items() if k in theirs.state_dict()}
     theirs.load_state_dict(state, strict=False)
     # mup keeps the 1/sqrt(d_head) attention scale; compare with ours set back to it
-    for n in ours.graph.nodes:
-        if n.target is aten.scaled_dot_product_attention.default:
-            n.update_kwarg("scale", None)
-    ours.recompile()
+    attn = [m for m in ours.modules() if isinstance(m, ScaledAttention)]
+    assert [m.sdpa_scale for m in attn] == [1 / 32]  # SμPar's 1/d_head, passed to the module's SDPA call
+    attn[0].sdpa_scale = None
     x = torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
@@ -195,19 +195,41 @@ def test_sp_and_mup_ignore_density_or_everything():
     assert m.plan.supar["forward"] == [] and not hasattr(m, "sparsegraph_supar")
 
 
-def test_annotating_again_replaces_and_sp_restores_the_graph():
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_annotating_again_replaces_and_sp_restores_the_model(form):
     dense, _, _, xf = CASES["gpt"]
     x = xf()
-    m = sg.sparsify(dense(), (x,), "sparse_wide", 0.5, width=2.0)
+    m = sg.sparsify(dense(), (x,), "sparse_wide", 0.5, width=2.0, output=form)
     before = m(x)
-    code = m.code
+    code = m.code if form == "graph" else None
     sg.supar.annotate(m, "supar", alpha_in=2.0, alpha_out=3.0)
     sg.supar.annotate(m, "mup", alpha_in=4.0)
-    assert len(m.plan.supar["forward"]) == 3 and len(m.get_submodule("sparsegraph_supar")._buffers) == 3
+    assert len(m.plan.supar["forward"]) == 3
+    if form == "graph":
+        assert len(m.get_submodule("sparsegraph_supar")._buffers) == 3
+    else:  # hooks on the embeddings (x 4) and on ln_f, which feeds the tied readout (x 1/m_d)
+        assert [(f["module"], f["value"]) for f in forward_sites(m)] == [("wte", 4.0), ("wpe", 4.0), ("ln_f", 0.5)]
+        assert type(m.h[0].attn).__name__ == "ScaledCausalSelfAttention"
     assert not torch.allclose(m(x), before)
     sg.supar.annotate(m, "sp")
-    assert m.code == code
+    if form == "graph":
+        assert m.code == code
+    else:
+        assert forward_sites(m) == [] and type(m.h[0].attn).__name__ == "CausalSelfAttention"
+        assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
     torch.testing.assert_close(m(x), before, rtol=0, atol=0)
+
+
+def test_module_form_equals_the_annotated_graph():
+    """The module form's hooks and attention scales compute what the graph rewrite computes."""
+    dense, _, _, xf = CASES["gpt"]
+    x, base = xf(), dense()
+    forms = {f: sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0, output=f) for f in ("module", "graph")}
+    for m in forms.values():
+        sg.supar.annotate(m, "supar", alpha_in=2.0, alpha_out=3.0, alpha_attn=1.5)
+        sg.supar.init_(m, seed=1)
+    torch.testing.assert_close(forms["module"](x), forms["graph"](x), rtol=1e-6, atol=1e-6)
+    assert lrs(forms["module"]) == lrs(forms["graph"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +301,14 @@ def reference_gpt(model, idx, alpha_in, alpha_out, m_d, n_head):
     return F.linear(ln(x, "ln_f") * alpha_out / m_d, p["wte.weight"])
 
 
-def test_sdpa_scale_rewritten_to_one_over_d_head():
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_sdpa_scale_rewritten_to_one_over_d_head(form):
     torch.manual_seed(0)
     x = torch.randint(0, 64, (2, 16))
-    m = sg.sparsify(GPT(n_embd=32, **GPT_CFG), (x,), "sparse_wide", 0.5, width=2.0)
+    m = sg.sparsify(GPT(n_embd=32, **GPT_CFG), (x,), "sparse_wide", 0.5, width=2.0, output=form)
     sg.supar.annotate(m, "supar", alpha_in=1.5, alpha_out=4.0)
-    assert m.plan.supar["attention"] == [{"rule": "sdpa", "d_head": 32, "old": None, "new": 1 / 32}]
+    site = {"rule": "sdpa", "d_head": 32, "old": None, "new": 1 / 32}
+    assert m.plan.supar["attention"] == [site | ({"module": "h.0.attn"} if form == "module" else {})]
     torch.testing.assert_close(m(x), reference_gpt(m, x, 1.5, 4.0, 2.0, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -312,8 +336,11 @@ def scale_constants(m):
 def test_explicit_attention_pattern_rewritten(form):
     torch.manual_seed(0)
     x = torch.randn(2, 8, 32)
-    m = sg.sparsify(ExplicitAttention(form=form), (x,), "sparse_wide", 0.0, width=2.0, include_stem=True,
+    with pytest.raises(sg.SparsegraphError, match='output="graph"'):  # C is the input width in its code
+        sg.sparsify(ExplicitAttention(form=form), (x,), "sparse_wide", 0.0, width=2.0, include_stem=True,
                     include_head=True)
+    m = sg.sparsify(ExplicitAttention(form=form), (x,), "sparse_wide", 0.0, width=2.0, include_stem=True,
+                    include_head=True, output="graph")
     original = scale_constants(m)  # 1/sqrt(16) or sqrt(16): the rewrite keeps the base model's constant
     sg.supar.annotate(m, "mup")
     (site,) = m.plan.supar["attention"]
@@ -341,35 +368,38 @@ def lrs(model):
     return {n: (g["lr"], g["weight_decay"]) for g in sg.supar.param_groups(model, 1e-3, 0.1) for n in g["names"]}
 
 
-def test_round_trips_keep_every_multiplier(tmp_path):
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_round_trips_keep_every_multiplier(tmp_path, form):
     dense, _, _, xf = CASES["gpt"]
     x = xf()
     base = dense()
-    m = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0)
+    m = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0, output=form)
     sg.supar.annotate(m, "supar", sigma_base=0.02, alpha_in=2.0, alpha_out=3.0, eta_base=1e-3)
     sg.supar.init_(m)
     sig, ref_lrs, y = signature(m), lrs(m), m(x)
-    # sg.save / sg.load
+    # sg.save / sg.load (a GPT of the test's own: sg.load rebuilds it from a fresh dense model)
     sg.save(m, tmp_path / "m.sgm")
-    loaded = sg.load(tmp_path / "m.sgm")
-    assert signature(loaded) == sig and lrs(loaded) == ref_lrs
+    loaded = sg.load(tmp_path / "m.sgm", model=dense())
+    assert type(loaded).__name__ == type(m).__name__ and signature(loaded) == sig and lrs(loaded) == ref_lrs
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
     # deepcopy
     c = copy.deepcopy(m)
     assert signature(c) == sig and lrs(c) == ref_lrs
     torch.testing.assert_close(c(x), y, rtol=0, atol=0)
     # state_dict into a fresh model annotated differently: the plan (and multipliers) come with it
-    fresh = sg.supar.annotate(sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0), "supar", alpha_in=2.0,
-                              alpha_out=3.0)
+    fresh = sg.supar.annotate(sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0, output=form), "supar",
+                              alpha_in=2.0, alpha_out=3.0)
     fresh.load_state_dict(m.state_dict())
+    if form == "module":  # the module form's hooks follow the plan that came with the state_dict
+        sg.supar.annotate(fresh, None)
     assert signature(fresh) == sig and lrs(fresh) == ref_lrs
     torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
-    # state_dict into a fresh, never-annotated model: strict loading refuses the multiplier buffers ...
-    bare = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0)
-    with pytest.raises(RuntimeError, match="sparsegraph_supar"):
-        bare.load_state_dict(m.state_dict())
-    # ... non-strict loading brings the plan; sg.supar notices the graph lacks the multipliers
-    bare = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0)
+    bare = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0, output=form)
+    if form == "graph":  # state_dict into a never-annotated graph: strict loading refuses the multiplier buffers
+        with pytest.raises(RuntimeError, match="sparsegraph_supar"):
+            bare.load_state_dict(m.state_dict())
+        bare = sg.sparsify(base, (x,), "sparse_wide", 0.75, width=2.0, output=form)
+    # non-strict loading brings the plan; sg.supar notices the model lacks the multipliers
     bare.load_state_dict(m.state_dict(), strict=False)
     assert signature(bare) == sig
     with pytest.raises(sg.SparsegraphError, match="annotate"):

@@ -215,17 +215,39 @@ def _is_hf(model: nn.Module) -> bool:
     return mod is not None and isinstance(model, mod.PreTrainedModel)
 
 
-def widened_config(config: Any, sizes: dict[int, int]) -> Any:
-    """A copy of a Hugging Face config with every size field (by value) widened."""
+def widened_config(cls: type, config: Any, plan: SparsityPlan) -> Any:
+    """A copy of a Hugging Face config whose model `cls` has the plan's shapes: every size field
+    widened by value, then sizes the config leaves to defaults (GPT-2's `n_inner=None`, 4·n_embd)
+    set explicitly where a probe on the meta device shows the plan differs from the default."""
     cfg = copy.deepcopy(config)
+    sizes = new_sizes(plan)
     for sub in [cfg] + [v for v in vars(cfg).values() if type(v).__name__.endswith("Config")]:
         _sync_ints(sub, sizes, set())
+    want = {w.name: tuple(w.shape) for w in plan.weights}
+
+    def wrong(c) -> set[int]:  # the planned sizes the model built from c does not have
+        with torch.device("meta"):
+            shapes = {n: tuple(p.shape) for n, p in cls(c).named_parameters(remove_duplicate=False)}
+        return {b for n, s in want.items() if n in shapes for a, b in zip(shapes[n], s) if a != b}
+
+    bad = wrong(cfg)
+    for name in [n for n, v in vars(cfg).items() if v is None and _is_size_name(n)]:
+        for size in sorted(bad):
+            trial = copy.deepcopy(cfg)
+            setattr(trial, name, size)
+            try:
+                now = wrong(trial)
+            except Exception:  # noqa: BLE001 - a field that does not take a size
+                break
+            if len(now) < len(bad):
+                cfg, bad = trial, now
+                break
     return cfg
 
 
 def _rebuild_hf(model: nn.Module, plan: SparsityPlan, values: _Values) -> nn.Module:
     """The same class built from the widened config; planned values copied in (tied weights stay tied)."""
-    cfg = widened_config(model.config, new_sizes(plan))
+    cfg = widened_config(type(model), model.config, plan)
     p = next(model.parameters())
     with torch.device(p.device):
         new = type(model)(cfg).to(p.dtype)
@@ -273,7 +295,8 @@ def _mask_weights(model: nn.Module, g: ModelGraph, plan: SparsityPlan, values: _
 
 
 def widen(model: nn.Module, g: ModelGraph, plan: SparsityPlan, init: str) -> nn.Module:
-    values = _Values(plan, init, {**dict(model.named_parameters()), **dict(model.named_buffers())})
+    values = _Values(plan, init, {**dict(model.named_parameters(remove_duplicate=False)),
+                                  **dict(model.named_buffers(remove_duplicate=False))})
     if _is_hf(model):
         model = _rebuild_hf(model, plan, values)
     else:
@@ -304,7 +327,7 @@ def _with_mask(module: nn.Module, w: WeightPlan, values: _Values) -> nn.Module:
 
 
 def replace_layers(model: nn.Module, g: ModelGraph, plan: SparsityPlan, init: str) -> nn.Module:
-    values = _Values(plan, init, dict(model.named_parameters()))
+    values = _Values(plan, init, dict(model.named_parameters(remove_duplicate=False)))
     by_source: dict[str, list[WeightPlan]] = {}
     for w in plan.weights:
         if w.family != "dense":
@@ -408,7 +431,10 @@ def verify(module: nn.Module, graph_form: nn.Module, plan: SparsityPlan, example
             t.copy_(state[key])
     if any(isinstance(x, torch.Tensor) and x.is_meta for x in example_inputs):
         return
-    g2 = capture(module, example_inputs)
+    try:
+        g2 = capture(module, example_inputs)
+    except SparsegraphError as e:
+        raise EmitError(f"{plan.model}: the module form does not run as planned ({e})" + _hint(plan)) from None
     planned = {w.name: w for w in plan.weights}
     for fqn, value in g2.params.items():
         w = planned.get(fqn)

@@ -167,6 +167,24 @@ class _Widening:
     def __init__(self, g: ModelGraph, dims: DimGroups, k: float):
         self.g, self.dims, self.k = g, dims, k
         self.units = {grp.id: new_unit(grp, k) for grp in dims.widenable}
+        self._agree()
+
+    def _agree(self) -> None:
+        """Groups that share an old size get one new size, the one the most constrained of them
+        rounds to (the most units in that size: heads x head_dim, say): a model's code usually
+        spells both with one number (GPT-2's attention width is its d_model), so the module form
+        can only follow sizes that agree."""
+        by_size: dict[int, list] = {}
+        for grp in self.dims.widenable:
+            for size in set(grp.sizes.values()):
+                by_size.setdefault(size, []).append(grp)
+        for size, grps in by_size.items():
+            lead = max(grps, key=lambda grp: (size // grp.unit, -grp.id))
+            new = size // lead.unit * self.units[lead.id]
+            for grp in grps:
+                scale = size // grp.unit
+                if grp is not lead and new % scale == 0 and (new // scale) % grp.step == 0:
+                    self.units[grp.id] = new // scale
 
     def size(self, value: str, axis: int) -> int:
         grp = self.dims.groups[self.dims.of[(value, axis)]]
