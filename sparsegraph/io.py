@@ -34,6 +34,7 @@ import torch.nn as nn
 from .fsutil import atomic_write
 from .graph import SparsegraphError
 from .plan import PLAN_MODULE, SparsityPlan, attach_plan, plan_of
+from .unwrap import unwrap
 
 FORMAT = "sparsegraph-model"
 VERSION = 2
@@ -168,7 +169,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -
     if plan is None:
         raise SparsegraphError(f"sg.save: {type(model).__name__} has no sparsegraph plan; save models that "
                                "sg.sparsify returned (torch.save(model.state_dict()) saves any other model)")
-    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model  # DDP / compile
+    inner = unwrap(model)  # DDP / compile
     state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()  # clone: tied weights
              if isinstance(v, torch.Tensor)}
     meta = {"format": FORMAT, "version": VERSION, "form": "graph" if isinstance(inner, fx.GraphModule) else "module",
@@ -213,8 +214,9 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
     stored = meta.pop("checksum", None)
     if stored != _checksum(meta, tensors):
         raise LoadError(f"{path} is damaged: its checksum does not match its contents")
-    state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+    state: dict[str, Any] = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
     _unpack_masks(state, meta.get("masks", {}))
+    state[f"{PLAN_MODULE}._extra_state"] = json.dumps(meta["plan"])  # the plan travels in the state_dict too
     return meta, state, _join_tensors(meta.get("extra", {}), tensors) | {"_inputs": _join_tensors(
         meta.get("example_inputs", []), tensors)}
 
@@ -238,12 +240,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     if plan.supar.get("parameterization"):  # the forward multipliers, as the saved model had them
         from .train.supar import apply_forward
         apply_forward(out, inputs)
-    plan_key = f"{PLAN_MODULE}._extra_state"
-    missing, unexpected = out.load_state_dict({k: v for k, v in state.items() if k != plan_key}, strict=False)
-    missing = [k for k in missing if k != plan_key]
-    if missing or unexpected:
-        raise LoadError(f"{path}: the rebuilt model does not match the file (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+    try:
+        out.load_state_dict(state)
+    except RuntimeError as e:
+        raise LoadError(f"{path}: the rebuilt model does not match the file: {str(e).splitlines()[0]}") from None
     if map_location is not None:
         out.to(map_location)
     out.example_inputs = inputs

@@ -201,8 +201,10 @@ def attach_plan(model, plan: SparsityPlan) -> None:
 
 def plan_of(model) -> SparsityPlan | None:
     """The plan of a sparsegraph model, also through DDP/compile wrappers and after load_state_dict."""
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        holder = getattr(m, PLAN_MODULE, None) if m is not None else None
+    from .unwrap import unwrap
+
+    for m in (model, unwrap(model)) if isinstance(model, nn.Module) else (model,):
+        holder = getattr(m, PLAN_MODULE, None)
         if isinstance(holder, PlanHolder) and holder.plan is not None:
             if getattr(m, "plan", None) is not holder.plan:
                 object.__setattr__(m, "plan", holder.plan)

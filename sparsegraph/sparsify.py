@@ -68,7 +68,8 @@ def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wid
         opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width,
                        resolve_module=modules.get)
         plan = make_plan(g, transform, sparsity, mask, seed, opts)
-        plan.source = source_of(model) if isinstance(model, nn.Module) else {}
+    if not plan.source and isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        plan.source = source_of(model)  # how sg.load rebuilds the dense original
     graph_form = emit(g.source, plan, init)
     graph_form.example_inputs = inputs
     check_runs(graph_form, plan)

@@ -30,9 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import save
-    from ..passes.emit_torch import emit
     from ..passes.sparse_ift import Options, make_plan
-    from ..sparsify import check_runs
+    from ..sparsify import sparsify
 
     spec = resolve(args)
     opts = Options(args.include_stem, args.include_head, budget_ratio=args.budget_ratio,
@@ -48,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if any(getattr(x, "is_meta", False) for x in spec.example_inputs):
             raise SparsegraphError(f"{spec.name} is too large to allocate here (built on the meta device); "
                                    "use --plan-only")
-        model = emit(g.source, plan)
-        model.example_inputs = spec.example_inputs
-        check_runs(model, plan)
+        model = sparsify(spec.model, spec.example_inputs, plan=plan, graph=g)  # the model itself, verified
         if args.output:
             save(model, args.output)
     return _report(plan, args)

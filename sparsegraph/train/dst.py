@@ -56,6 +56,7 @@ import torch.nn as nn
 from ..graph import SparsegraphError
 from ..masks import layer_seed
 from ..plan import SparsityPlan, WeightPlan, plan_of
+from ..unwrap import unwrap
 from .mask_units import Units, top_per_pool
 
 __all__ = ["DSTError", "DynamicSparsity", "RigL", "SET", "GMP", "Static", "drop_fraction_at", "gmp_sparsity",
@@ -112,17 +113,6 @@ class Layer:
         """What is dropped and grown (elements, blocks, N:M groups), built on first use: for N:M masks it
         holds a pool index per element, which SparseOpt, sharing these layers, never needs."""
         return Units(self.param.shape, self.plan.out_axis, self.plan.in_axes, self.plan.mask)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def sparse_layers(model: nn.Module, who: str, *, exc=DSTError) -> tuple[SparsityPlan, list[Layer]]:

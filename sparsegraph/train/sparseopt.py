@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..graph import SparsegraphError
-from .dst import capture_pending, sparse_layers, unwrap
+from ..unwrap import unwrap
+from .dst import capture_pending, sparse_layers
 
 __all__ = ["SparseOpt", "SparseOptError", "neuron_factors"]
 

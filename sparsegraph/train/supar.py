@@ -29,6 +29,7 @@ from ..passes.manager import PassManager
 from ..passes.supar import HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, annotate_plan, supar_pass
 from ..passes.supar_module import apply_supar_module, forward_sites
 from ..plan import SparsityPlan, plan_of
+from ..unwrap import unwrap, unwrapped_name
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -45,18 +46,6 @@ def check_optimizer(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
         raise SuparError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     return name.lower()
-_WRAPPERS = ("module.", "_orig_mod.")
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The sparsegraph GraphModule inside DDP / torch.compile wrappers."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and plan_of(inner) is not None:
-            return _inner(inner)
-    return model
-
-
 def _plan(model: nn.Module, annotated: bool = True) -> SparsityPlan:
     if not isinstance(model, nn.Module):
         raise SuparError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -93,7 +82,7 @@ def annotate(model: nn.Module, parameterization: str | None = "supar", *, sigma_
     >>> [f["value"] for f in m.plan.supar["forward"] if f["site"] == "output"]   # alpha_out / m_d
     [1.0]
     """
-    gm = _inner(model)
+    gm = unwrap(model)
     plan = _plan(gm, annotated=parameterization is None)
     if preset is not None:
         if preset not in PRESETS:
@@ -123,7 +112,7 @@ def apply_forward(model: nn.Module, example_inputs=None) -> None:
     (decided on its graph and verified against it: `passes/supar_module.py`)."""
     from ..capture import _as_tuple
 
-    gm = _inner(model)
+    gm = unwrap(model)
     plan = _plan(gm)
     inputs = _as_tuple(example_inputs) if example_inputs is not None else getattr(gm, "example_inputs", None)
     if isinstance(gm, fx.GraphModule):
@@ -135,7 +124,7 @@ def apply_forward(model: nn.Module, example_inputs=None) -> None:
 def check_graph(model: nn.Module) -> None:
     """Fail loudly if the graph's forward multipliers disagree with the plan (a fresh model that
     received an annotated plan through load_state_dict(strict=False) but was never annotated)."""
-    gm = _inner(model)
+    gm = unwrap(model)
     plan = _plan(gm)
     if not isinstance(gm, fx.GraphModule):
         have = {(f["site"], f["weight"]): f["value"] for f in forward_sites(gm)}
@@ -172,7 +161,7 @@ def init_(model: nn.Module, seed: int | None = None) -> nn.Module:
     >>> round(m.plan.weight("h.0.attn.c_attn.weight").supar["init"]["std"], 4)   # 0.02 / sqrt(0.25)
     0.04
     """
-    gm = _inner(model)
+    gm = unwrap(model)
     plan = _plan(gm)
     check_graph(gm)
     base_seed = plan.seed if seed is None else seed
@@ -214,7 +203,7 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
     [0.001]
     """
     optimizer = check_optimizer(optimizer)
-    plan = _plan(_inner(model))
+    plan = _plan(unwrap(model))
     check_graph(model)
     if lr is None:
         lr = plan.supar.get("eta_base")
@@ -227,9 +216,7 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
     groups: dict[tuple[float, float], dict] = {}
     unplanned = []
     for full, p in model.named_parameters():
-        name = full
-        while name.startswith(_WRAPPERS):
-            name = name.split(".", 1)[1]
+        name = unwrapped_name(full)
         w = by_name.get(name)
         if w is None:
             unplanned.append(name)
@@ -248,7 +235,7 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
 
 def multipliers(model: nn.Module) -> list[dict]:
     """One row per planned parameter: class, m_d, m_ρ, init std, LR factors (for tables and tests)."""
-    plan = _plan(_inner(model))
+    plan = _plan(unwrap(model))
     rows = []
     for w in plan.weights:
         s = w.supar
@@ -264,7 +251,7 @@ def table(model: nn.Module):
     from rich.console import Group
     from rich.table import Table
 
-    plan = _plan(_inner(model))
+    plan = _plan(unwrap(model))
     hp = plan.supar
     t = Table(title=f"{plan.model}: {hp['parameterization']} (σ_base {hp['sigma_base']}, α_in {hp['alpha_in']:g}, "
                     f"α_out {hp['alpha_out']:g})", header_style="bold")

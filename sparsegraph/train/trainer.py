@@ -195,17 +195,16 @@ def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, ste
 
 
 def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
-    from ..io import load
+    from ..io import read
 
-    saved = load(path, with_extra=True)
-    extra = saved.extra
+    _, state, extra = read(path)  # checked, no model built: the run already has its own
     if extra.get("fingerprint") != cfg.fingerprint():
         theirs = extra.get("config", {})
         raise SparsegraphError(
             f"{path} is a checkpoint of a different model ({theirs.get('model')}, {theirs.get('transform')}, "
             f"s={theirs.get('sparsity')}, {theirs.get('parameterization')}); this run trains "
             f"{cfg.model}, {cfg.transform}, s={cfg.sparsity}, {cfg.parameterization}")
-    model.load_state_dict(saved.state_dict())
+    model.load_state_dict(state)
     optimizer.load_state_dict(extra["optimizer"])
     if schedule is not None and extra.get("schedule") is not None:
         schedule.load_state_dict(extra["schedule"])
