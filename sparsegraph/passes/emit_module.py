@@ -143,6 +143,9 @@ COUNT_WORDS = ("num_", "n_head", "n_layer", "heads", "layers", "vocab", "positio
                "kernel", "window", "buckets", "classes", "labels", "n_positions", "type_vocab")
 
 
+SIZE_WORDS = ("size", "dim", "inner", "ff", "hidden", "embd", "embed", "width", "channels", "d_model", "d_kv")
+
+
 def _is_size_name(name: str) -> bool:
     return not name.startswith("_") and not any(w in name.lower() for w in COUNT_WORDS)
 
@@ -231,11 +234,12 @@ def widened_config(cls: type, config: Any, plan: SparsityPlan) -> Any:
         return {b for n, s in want.items() if n in shapes for a, b in zip(shapes[n], s) if a != b}
 
     bad = wrong(cfg)
-    for name in [n for n, v in vars(cfg).items() if v is None and _is_size_name(n)]:
+    for name in [n for n, v in vars(cfg).items() if v is None and _is_size_name(n)
+                 and any(w in n.lower() for w in SIZE_WORDS)]:
         for size in sorted(bad):
             trial = copy.deepcopy(cfg)
-            setattr(trial, name, size)
             try:
+                setattr(trial, name, size)
                 now = wrong(trial)
             except Exception:  # noqa: BLE001 - a field that does not take a size
                 break
