@@ -67,11 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_torch_logs() -> None:
+    """torch.export logs its internal errors and shape specialisations to stderr (dozens of lines
+    before the one-line error the CLI prints); the CLI says what went wrong itself. TORCH_LOGS
+    still turns them on for debugging."""
+    if os.environ.get("TORCH_LOGS"):
+        return
+    import logging
+
+    import torch._logging
+    torch._logging.set_logs(all=logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:  # MODEL / --data as package.module:callable, like python -m
         sys.path.insert(0, os.getcwd())
     warnings.formatwarning = lambda msg, cat, *a, **k: f"sparsegraph: warning: {msg}\n"
+    quiet_torch_logs()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch|transformers|onnxscript|onnx_ir")

@@ -25,7 +25,7 @@ import onnx_ir.passes.common as ir_common
 import torch
 import torch.fx as fx
 
-from .capture import _as_tuple, _first_line, _get_attr, _pop_attr
+from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, root_cause
 from .graph import SparsegraphError
 from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
 from .plan import plan_of
@@ -90,16 +90,19 @@ def to_onnx(model: torch.nn.Module, example_inputs: Any, *, optimize: bool = Tru
             opset: int | None = None) -> ir.Model:
     """Export a PyTorch model (masks multiplied out, eval mode) to an onnx_ir model with its plan."""
     plan = plan_of(model)
+    args = _as_tuple(example_inputs)
+    check_inputs(model, args)
     masked = multiply_masks(model)
     training = masked.training
     masked.eval()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(masked, _as_tuple(example_inputs), dynamo=True, optimize=False, verbose=False,
+            prog = torch.onnx.export(masked, args, dynamo=True, optimize=False, verbose=False,
                                      dynamic_shapes=dynamic_shapes, opset_version=opset)
-    except Exception as e:  # noqa: BLE001 - torch.export / translation errors
-        raise SparsegraphError(f"torch.onnx.export failed for {type(model).__name__}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - torch.export / translation errors: the exporter wraps the cause
+        raise SparsegraphError(f"torch.onnx.export failed for {type(model).__name__}: "
+                               f"{_first_line(root_cause(e))}") from e
     finally:
         masked.train(training)
     onnx_model = prog.model
