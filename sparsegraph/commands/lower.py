@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-density", type=float, default=None,
                    help="lower only layers whose (padded block) density is at most this (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the lowering choices as JSON")
+    p.add_argument("--dense-initializers", action="store_true",
+                   help="every weight a dense initializer, for runtimes without sparse tensors "
+                        "(default: sparse weights as sparse constants where that is smaller)")
     p.add_argument("-o", "--output", help="write the lowered model here")
 
 
@@ -50,7 +53,7 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
     check_opset(source, spec.name)
     before = _layer_ops(source)
     model = lower(source, args.target, fold=not args.no_fold, block=args.block, max_density=args.max_density,
-                  output=args.output)
+                  output=args.output, sparse_initializers=not args.dense_initializers)
     choices = read_lowering(model)
     if args.json:
         import json
