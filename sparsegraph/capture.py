@@ -9,7 +9,9 @@ ONNX files are handled by `capture_onnx.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import operator
 import os
 import re
@@ -142,8 +144,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     errors, ep = [], None
     for dyn in ([True, False] if dynamic else [False]):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet():
                 ep = torch.export.export(model, args, strict=False,
                                          dynamic_shapes=_dynamic_shapes(args) if dyn else None)
             break
@@ -155,8 +156,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     if ep is not None:
         return canonicalize(ep.module(), training=model.training)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             gm = aten_graph(fx.symbolic_trace(model), args)
     except Exception as e:  # noqa: BLE001
         errors.append(f"fx.symbolic_trace: {_first_line(e)}")
@@ -164,6 +164,16 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     warnings.warn(f"torch.export failed on {type(model).__name__} ({errors[-1]}); captured with "
                   "fx.symbolic_trace, specialised to the example input shapes", stacklevel=2)
     return canonicalize(gm, training=model.training)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Tracers' own output off: warnings, and the graphs torch.export prints to stdout/stderr when
+    it fails (the caller reports the failure in one line)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes some libraries put in messages

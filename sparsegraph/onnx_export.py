@@ -13,11 +13,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
-import warnings
 from typing import Any
 
 import onnx_ir as ir
@@ -25,7 +22,7 @@ import onnx_ir.passes.common as ir_common
 import torch
 import torch.fx as fx
 
-from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, root_cause
+from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, quiet, root_cause
 from .graph import SparsegraphError
 from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
 from .plan import plan_of
@@ -96,8 +93,7 @@ def to_onnx(model: torch.nn.Module, example_inputs: Any, *, optimize: bool = Tru
     training = masked.training
     masked.eval()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with quiet():
             prog = torch.onnx.export(masked, args, dynamo=True, optimize=False, verbose=False,
                                      dynamic_shapes=dynamic_shapes, opset_version=opset)
     except Exception as e:  # noqa: BLE001 - torch.export / translation errors: the exporter wraps the cause

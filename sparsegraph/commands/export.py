@@ -11,6 +11,7 @@ import argparse
 import os
 
 from ..cli import add_model_arguments, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 from ..plan import FAMILIES
 
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"-o {args.output}: the output must be a path ending in .onnx")
+    check_writable(args.output)
     spec = resolve(args)
     if spec.kind == "onnx":
         raise SparsegraphError(f"{spec.name} is already ONNX; use `sparsegraph lower {spec.name} --target "

@@ -12,6 +12,7 @@ import argparse
 import os
 
 from ..cli import add_model_arguments, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 
 HELP = "fold and lower a model's sparse layers for a runtime (ONNX Runtime for .onnx files)"
@@ -47,6 +48,8 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
 
     if args.output and not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: give -o a path ending in .onnx")
+    if args.output:
+        check_writable(args.output)
     from ..onnx_api import check_opset, load
 
     source = load(spec.model)  # read once: counted here, lowered on a copy

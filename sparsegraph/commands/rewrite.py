@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import add_model_arguments, capture_spec, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 from ..plan import FAMILIES
 
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from ..passes.sparse_ift import Options, make_plan
     from ..sparsify import check_runs
 
+    if args.output and not args.plan_only:
+        check_writable(args.output)
     spec = resolve(args)
     opts = Options(args.include_stem, args.include_head, budget_ratio=args.budget_ratio,
                    factorized_bn=args.factorized_bn, width=args.width)
