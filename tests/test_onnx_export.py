@@ -9,6 +9,7 @@ model itself (eval mode).
 from __future__ import annotations
 
 import copy
+import errno
 import os
 
 import numpy as np
@@ -205,11 +206,33 @@ def test_no_half_written_output(models, tmp_path, monkeypatch):
 
     def failing_check(proto, label, data=None):
         raise sg.SparsegraphError(f"{label}: the written model fails onnx.checker: simulated")
-    monkeypatch.setattr(api, "_check", failing_check)
-    with pytest.raises(sg.SparsegraphError, match="simulated"):
-        sg.export_onnx(m, inputs, tmp_path / "new.onnx")
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_check", failing_check)
+        with pytest.raises(sg.SparsegraphError, match="simulated"):
+            sg.export_onnx(m, inputs, tmp_path / "new.onnx")
     assert not (tmp_path / "new.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files left
+
+    class DiskFillsUp:  # the disk fills up half-way through writing the temporary file
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "open", DiskFillsUp, raising=False)  # what onnx_api's atomic write callback opens
+        with pytest.raises(sg.SparsegraphError, match=r"cannot write .*model.onnx: No space left on device$"):
+            sg.export_onnx(m, inputs, target)
+    assert target.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     with pytest.raises(sg.SparsegraphError, match="unknown lower mode"):
         sg.export_onnx(m, inputs, tmp_path / "x.onnx", lower="tensorrt")
 
