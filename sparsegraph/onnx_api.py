@@ -255,9 +255,9 @@ def sparsify(path_or_model: Any, transform: str = "sparse_wide", sparsity: float
     >>> import sparsegraph as sg, torch
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=1)
-    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_gpt.onnx")
-    >>> wide = sg.onnx.sparsify(path, "sparse_wide", 0.75, output="/tmp/sg_doc_gpt_wide.onnx")
-    >>> sg.onnx.read_plan("/tmp/sg_doc_gpt_wide.onnx").weight("h.0.mlp.c_fc.weight").shape
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "gpt.onnx")
+    >>> wide = sg.onnx.sparsify(path, "sparse_wide", 0.75, output="gpt_wide.onnx")
+    >>> sg.onnx.read_plan("gpt_wide.onnx").weight("h.0.mlp.c_fc.weight").shape
     [1024, 256]
     """
     g = _capture(path_or_model, name, input_shapes)
@@ -307,7 +307,7 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("resnet-mini")
     >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5)
-    >>> path = sg.export_onnx(par, spec.example_inputs, "/tmp/sg_doc_par.onnx")
+    >>> path = sg.export_onnx(par, spec.example_inputs, "par.onnx")
     >>> folded = sg.onnx.fold(path)
     >>> sum(n.op_type == "BatchNormalization" for n in folded.graph)
     0
@@ -337,7 +337,7 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
-    >>> path = sg.export_onnx(wide, spec.example_inputs, "/tmp/sg_doc_wide.onnx")
+    >>> path = sg.export_onnx(wide, spec.example_inputs, "wide.onnx")
     >>> lowered = sg.onnx.lower(path, "ort-sparse")
     >>> sorted({c["target"] for c in sg.onnx.read_lowering(lowered).values()})
     ['ort-sparse']
@@ -378,7 +378,7 @@ class Session:
     >>> import numpy as np, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=1)
-    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_session.onnx")
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "session.onnx")
     >>> sg.onnx.Session(path)(np.zeros((2, 64), np.int64)).shape
     (2, 64, 256)
     """

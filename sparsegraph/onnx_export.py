@@ -129,7 +129,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
-    >>> path = sg.export_onnx(wide, spec.example_inputs, "/tmp/sg_doc_export.onnx", lower="ort-block")
+    >>> path = sg.export_onnx(wide, spec.example_inputs, "export.onnx", lower="ort-block")
     >>> sg.analyze(path).plan["transform"]
     'sparse_wide'
     >>> sorted({c["block"] for c in sg.onnx.read_lowering(path).values()})
