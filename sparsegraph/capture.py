@@ -223,6 +223,12 @@ def _where(e: BaseException) -> str:
     return f" (at {os.path.basename(last.tb_frame.f_code.co_filename)}:{last.tb_lineno})"
 
 
+def _parameters(sig: inspect.Signature) -> str:
+    """'x, *args, **kwargs': a signature's parameter names, without annotations."""
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return ", ".join(stars.get(p.kind, "") + p.name for p in sig.parameters.values())
+
+
 def _on_meta(model: nn.Module, args: tuple) -> bool:
     tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
     return any(t.is_meta for t in tensors) or any(p.is_meta for p in model.parameters()) \
@@ -244,9 +250,8 @@ def check_inputs(model: nn.Module, args: tuple, label: str | None = None) -> Non
         try:
             sig.bind(*args)
         except TypeError as e:
-            params = ", ".join(("*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else "") + p.name
-                               for p in sig.parameters.values())
-            raise CaptureError(f"{label}.forward({params}) does not take the example inputs ({what}): {e}") from None
+            raise CaptureError(f"{label}.forward({_parameters(sig)}) does not take the example inputs ({what}): "
+                               f"{e}") from None
     if _on_meta(model, args):
         return
     modes = [(m, m.training) for m in model.modules()]
