@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from sparsegraph.fsutil import atomic_write
+
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() in seconds."""
@@ -30,10 +32,14 @@ def machine() -> dict:
 
 def write_json(name: str, rows: list[dict], **extra) -> str:
     folder = os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": name, "machine": machine(), **extra, "rows": rows}, f, indent=1)
+    text = json.dumps({"benchmark": name, "machine": machine(), **extra, "rows": rows}, indent=1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
     return path
 
 

@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import print_table, write_json  # noqa: E402
 
+from sparsegraph.fsutil import atomic_write  # noqa: E402
+
 PARAMS = ("sp", "mup", "supar")
 LABEL = {"sp": "SP", "mup": "μP", "supar": "SμPar"}
 
@@ -200,7 +202,7 @@ def plot(rows: list[dict], path: str) -> None:
             row[0].set_ylim(lo - 0.05, min(max(finite), lo + 1.2))
     fig.suptitle("LR transfer, gpt-mini (2 layers, d=32 base) on the character corpus: dotted = fitted optimum")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

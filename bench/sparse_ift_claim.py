@@ -29,6 +29,7 @@ from dataclasses import asdict
 
 import torch
 
+from sparsegraph.fsutil import atomic_write
 from sparsegraph.train.trainer import TrainConfig, train
 
 from common import print_table, write_json
@@ -108,7 +109,7 @@ def plot(summary: list[dict], path: str) -> None:
         ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.set_title(f"{task}: same steps, same sparse FLOPs (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def main() -> None:

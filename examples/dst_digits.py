@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import sparsegraph as sg
 from sparsegraph.data import digits
+from sparsegraph.fsutil import atomic_write
 from sparsegraph.models import builtin
 
 CONFIGS = {  # name -> (sparsity, dst method, SparseOpt)
@@ -147,7 +148,12 @@ def plot(results: list[dict], path: str) -> None:
     seeds = len({r["seed"] for r in results})
     fig.suptitle(f"resnet-mini on digits 16x16: same steps and batches, {seeds} seed(s), band = min-max")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _init_worker(threads: int) -> None:
@@ -192,9 +198,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "dst_digits.png")
     plot(results, png)
-    with open(os.path.join(args.out, "dst_digits.json"), "w") as fh:
-        json.dump({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "summary": rows, "runs": results}, fh, indent=1)
+    text = json.dumps({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "summary": rows, "runs": results}, indent=1)
+    atomic_write(os.path.join(args.out, "dst_digits.json"), lambda tmp: _write_text(tmp, text))
 
     from rich.console import Console
     from rich.table import Table

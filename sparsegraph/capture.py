@@ -9,8 +9,12 @@ ONNX files are handled by `capture_onnx.py`.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import operator
 import os
+import re
 import warnings
 from typing import Any
 
@@ -117,12 +121,14 @@ def _dynamic_shapes(args: tuple) -> tuple:
     return tuple(spec(a) for a in args)
 
 
-def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> fx.GraphModule:
+def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
+          name: str | None = None) -> fx.GraphModule:
     """Trace `model` to a canonical, trainable, aten-level `fx.GraphModule`.
 
-    >>> import torch, sparsegraph as sg
+    >>> import torch
+    >>> from sparsegraph.capture import trace
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> gm = sg.capture.trace(m, (torch.randn(2, 4),))
+    >>> gm = trace(m, (torch.randn(2, 4),))
     >>> gm(torch.randn(5, 4)).shape  # any batch size
     torch.Size([5, 2])
     """
@@ -134,11 +140,11 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> fx.
     args = _as_tuple(example_inputs)
     if not args:
         raise CaptureError(f"cannot capture {type(model).__name__}: example inputs are required")
+    check_inputs(model, args, name)
     errors, ep = [], None
     for dyn in ([True, False] if dynamic else [False]):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet():
                 ep = torch.export.export(model, args, strict=False,
                                          dynamic_shapes=_dynamic_shapes(args) if dyn else None)
             break
@@ -150,8 +156,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> fx.
     if ep is not None:
         return canonicalize(ep.module(), training=model.training)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             gm = aten_graph(fx.symbolic_trace(model), args)
     except Exception as e:  # noqa: BLE001
         errors.append(f"fx.symbolic_trace: {_first_line(e)}")
@@ -161,9 +166,105 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> fx.
     return canonicalize(gm, training=model.training)
 
 
+@contextlib.contextmanager
+def quiet():
+    """Tracers' own output off: warnings, and the graphs torch.export prints to stdout/stderr when
+    it fails (the caller reports the failure in one line)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes some libraries put in messages
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = _ANSI.sub("", str(e)).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a `raise ... from` chain (what a wrapping library caught)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+# ---------------------------------------------------------------------------------------------
+# example inputs: checked before tracing, so a mistake is reported in terms of the inputs
+# ---------------------------------------------------------------------------------------------
+def describe_inputs(args: tuple) -> str:
+    """'int64[2, 3, 64], float32[3]': each input's dtype and shape (other values by type)."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}"
+        if isinstance(a, (list, tuple)):
+            return "(" + ", ".join(one(x) for x in a) + ")"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {one(v)}" for k, v in a.items()) + "}"
+        return type(a).__name__
+    return ", ".join(one(a) for a in args) or "none"
+
+
+def _where(e: BaseException) -> str:
+    """' (at file.py:LINE)' for the innermost frame of `e`'s traceback outside torch itself."""
+    tb, last = e.__traceback__, None
+    torch_dir = os.path.dirname(torch.__file__)
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith(torch_dir) and filename != __file__:
+            last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    return f" (at {os.path.basename(last.tb_frame.f_code.co_filename)}:{last.tb_lineno})"
+
+
+def _parameters(sig: inspect.Signature) -> str:
+    """'x, *args, **kwargs': a signature's parameter names, without annotations."""
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return ", ".join(stars.get(p.kind, "") + p.name for p in sig.parameters.values())
+
+
+def _on_meta(model: nn.Module, args: tuple) -> bool:
+    tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+    return any(t.is_meta for t in tensors) or any(p.is_meta for p in model.parameters()) \
+        or any(b.is_meta for b in model.buffers())
+
+
+def check_inputs(model: nn.Module, args: tuple, label: str | None = None) -> None:
+    """Raise `CaptureError` unless `model(*args)` takes and runs on these inputs: a wrong count is
+    named against `forward`'s signature, a wrong shape or dtype by the error the model raised and
+    where. The run is in eval mode without gradients (nothing in the model changes), and skipped
+    for models or inputs on the meta device."""
+    label = label or type(model).__name__
+    what = describe_inputs(args)
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to check against
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(*args)
+        except TypeError as e:
+            raise CaptureError(f"{label}.forward({_parameters(sig)}) does not take the example inputs ({what}): "
+                               f"{e}") from None
+    if _on_meta(model, args):
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as e:  # noqa: BLE001 - the model's own error, reported with the inputs
+        raise CaptureError(f"{label} does not run on its example inputs ({what}): {_first_line(e)}{_where(e)}") \
+            from None
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _is_aten(graph: fx.Graph) -> bool:
@@ -680,6 +781,6 @@ def capture(model: Any, example_inputs: Any = None, *, name: str | None = None,
         except Exception as e:  # noqa: BLE001
             raise CaptureError(f"cannot capture FX graph {label}: {_first_line(e)}") from e
     else:
-        gm = trace(model, example_inputs, dynamic=dynamic)
+        gm = trace(model, example_inputs, dynamic=dynamic, name=name)
     return from_fx(gm, name=label)
 

@@ -65,6 +65,8 @@ def _load(src: Any) -> tuple[ir.Model, str]:
             raise CaptureError(f"cannot read ONNX file {path}: it is a directory")
         try:
             model = read_model(path)
+        except CaptureError:
+            raise
         except Exception as e:  # noqa: BLE001 - protobuf DecodeError, OSError, ...
             raise CaptureError(f"cannot read ONNX file {path}: not a valid ONNX model "
                                f"(truncated or corrupt? {_first_line(e)})") from None
@@ -72,7 +74,7 @@ def _load(src: Any) -> tuple[ir.Model, str]:
     if isinstance(src, onnx.ModelProto):
         label = f"ONNX model {src.graph.name or '<unnamed>'}"
         try:
-            if src.graph.sparse_initializer:
+            if has_sparse_tensors(src):
                 src = densify_sparse_initializers(src)
             return ir.serde.deserialize_model(src), label
         except Exception as e:  # noqa: BLE001
@@ -83,23 +85,90 @@ def _load(src: Any) -> tuple[ir.Model, str]:
                        "an onnx.ModelProto or an onnx_ir.Model")
 
 
+def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of an ONNX sparse tensor (COO, linearised or per-axis indices)."""
+    values = onnx.numpy_helper.to_array(sp.values)
+    idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(_numel(sp.dims), dtype=values.dtype)
+    dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))] = values
+    return dense.reshape(tuple(sp.dims))
+
+
+def _sparse_constant(node: onnx.NodeProto) -> onnx.SparseTensorProto | None:
+    """The sparse tensor of a `Constant(sparse_value=...)` node (how sparse weights are stored)."""
+    if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+        for a in node.attribute:
+            if a.name == "sparse_value":
+                return a.sparse_tensor
+    return None
+
+
+def has_sparse_tensors(proto: onnx.ModelProto) -> bool:
+    """Whether the graph holds sparse initializers or sparse `Constant`s (onnx_ir reads neither)."""
+    return bool(proto.graph.sparse_initializer) or any(_sparse_constant(n) is not None for n in proto.graph.node)
+
+
 def densify_sparse_initializers(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
-    """`proto` (a copy unless `inplace`) with its sparse initializers stored dense (onnx_ir does not read them)."""
+    """`proto` (a copy unless `inplace`) with its sparse weights stored as dense initializers:
+    sparse initializers, and `Constant(sparse_value)` nodes (onnx_ir reads neither)."""
     proto = proto if inplace else copy.deepcopy(proto)
     for sp in proto.graph.sparse_initializer:
-        values = onnx.numpy_helper.to_array(sp.values)
-        idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
-        dense = np.zeros(_numel(sp.dims), dtype=values.dtype)
-        dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))] = values
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(tuple(sp.dims)), sp.values.name))
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))
     del proto.graph.sparse_initializer[:]
+    nodes = []
+    for node in proto.graph.node:
+        sp = _sparse_constant(node)
+        if sp is None:
+            nodes.append(node)
+        else:
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(sparse_to_dense(sp), node.output[0]))
+    if len(nodes) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
     return proto
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs: initializers, sparse ones, node attributes."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def check_external_data(proto: onnx.ModelProto, path: str) -> None:
+    """Every tensor stored outside the `.onnx` file is where the file says, and complete: one
+    line naming the missing or short data file otherwise (`proto` loaded without its data)."""
+    base = os.path.dirname(os.path.abspath(path))
+    for t in _tensors(proto.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        data = os.path.join(base, location)
+        if not location or not os.path.isfile(data):
+            raise CaptureError(f"cannot read ONNX file {path}: the external data file {location or '?'} of "
+                               f"tensor {t.name} is missing (looked in {base})")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if os.path.getsize(data) < end:
+            raise CaptureError(f"cannot read ONNX file {path}: the external data file {location} is "
+                               f"truncated ({os.path.getsize(data)} bytes; tensor {t.name} needs {end})")
+
+
 def read_model(path: str) -> ir.Model:
-    """`onnx_ir.load`, also for files with sparse initializers (stored dense in the returned model)."""
+    """`onnx_ir.load`, also for files with sparse weights (stored dense in the returned model);
+    external data is checked, then read when a tensor is used."""
     proto = onnx.load(path, load_external_data=False)
-    if proto.graph.sparse_initializer:
+    check_external_data(proto, path)
+    if has_sparse_tensors(proto):
         proto = densify_sparse_initializers(proto, inplace=True)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, os.path.dirname(path))

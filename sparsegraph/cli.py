@@ -7,6 +7,7 @@ line, `sparsegraph CMD: error: ...`, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -67,13 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """torch.export logs its internal errors and shape specialisations to stderr (dozens of lines
+    before the one-line error the CLI prints); the CLI says what went wrong itself. The torch
+    loggers are raised to CRITICAL for the command (restored after); TORCH_LOGS keeps them."""
+    import logging
+
+    root = logging.getLogger("torch")
+    level = root.level
+    if not os.environ.get("TORCH_LOGS"):
+        root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:  # MODEL / --data as package.module:callable, like python -m
         sys.path.insert(0, os.getcwd())
     warnings.formatwarning = lambda msg, cat, *a, **k: f"sparsegraph: warning: {msg}\n"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_torch_logs():
             warnings.filterwarnings("ignore", module="torch|transformers|onnxscript|onnx_ir")
             return args.run(args)
     except SparsegraphError as e:

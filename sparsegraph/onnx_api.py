@@ -3,13 +3,15 @@
     sg.onnx.sparsify(path_or_model, transform, sparsity, mask, seed)   rewrite an ONNX graph directly
     sg.onnx.fold(path_or_model)                 BN into Conv, parallel branches and U.V products into one layer
     sg.onnx.lower(path_or_model, target)        "ort-block" | "ort-sparse" (after folding)
-    sg.onnx.save(model, path) / sg.onnx.load(path)   sparse initializers where they shrink the file
+    sg.onnx.save(model, path) / sg.onnx.load(path)   sparse weights stored sparse where that shrinks the file
     sg.onnx.read_plan(path_or_model)            the SparsityPlan from metadata_props
     sg.onnx.Session(path_or_model)              ONNX Runtime, feeding ort-sparse weights
 
 Every function takes a path, an `onnx.ModelProto` or an `onnx_ir.Model` and returns a new
 `onnx_ir.Model` (the input is never modified); `output=` writes the result atomically (a
-temporary file renamed into place after `onnx.checker.check_model(full_check=True)` passed).
+temporary file renamed into place after `onnx.checker.check_model(full_check=True)` passed), with
+sparse weights as `Constant(sparse_value)` nodes, or as dense initializers with
+`sparse_initializers=False` for runtimes that read no sparse tensors.
 
 >>> import sparsegraph as sg, numpy as np
 >>> from onnx import helper, numpy_helper
@@ -38,9 +40,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .capture_onnx import capture_onnx, densify_sparse_initializers
+from .capture_onnx import (capture_onnx, check_external_data, densify_sparse_initializers, has_sparse_tensors,
+                           sparse_to_dense)
 from .graph import CaptureError, SparsegraphError
-from .io import atomic_write
+from .fsutil import atomic_write
 from .passes.onnx_rewrite import (LOWERING_KEY, PLAN_KEY, ApplyPlanPass, OnnxPassError, check_opset,
                                   check_weights)
 from .passes.sparse_ift import Options, make_plan
@@ -69,10 +72,12 @@ def _read_proto(src: Any) -> tuple[onnx.ModelProto, str]:
     if not os.path.isfile(path):
         raise SparsegraphError(f"ONNX file not found: {path}")
     try:
-        proto = onnx.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001 - DecodeError, OSError ...
         raise SparsegraphError(f"cannot read ONNX file {path}: not a valid ONNX model (truncated or corrupt? "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    check_external_data(proto, path)
+    onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     if not proto.graph.output:
         raise SparsegraphError(f"cannot read ONNX file {path}: the graph has no outputs "
                                "(empty, truncated or corrupt file?)")
@@ -84,7 +89,7 @@ def load(path_or_model: Any) -> ir.Model:
     if isinstance(path_or_model, ir.Model):
         return path_or_model
     proto, _ = _read_proto(path_or_model)
-    if proto.graph.sparse_initializer:  # a proto read from a file is ours to change
+    if has_sparse_tensors(proto):  # a proto read from a file is ours to change
         proto = densify_sparse_initializers(proto, inplace=isinstance(path_or_model, (str, os.PathLike)))
     return ir.serde.deserialize_model(proto)
 
@@ -104,9 +109,12 @@ def _sparse_tensor(t: onnx.TensorProto) -> onnx.SparseTensorProto:
 
 
 def to_proto(model: ir.Model, sparse_initializers: bool = True) -> onnx.ModelProto:
-    """Serialise; float initializers whose COO form (values + int64 indices) is smaller move to
-    `sparse_initializer` (ONNX Runtime densifies them at load), and so do the default values of
-    sparse-tensor inputs (ort-sparse weights)."""
+    """Serialise. With `sparse_initializers`, every float initializer whose COO form (values +
+    int64 linear indices) is smaller becomes a `Constant` node with a `sparse_value`: ONNX's
+    standard form of a sparse constant, typed as a dense tensor, so the file passes the full
+    checker (a `sparse_initializer` read by a standard op does not) and ONNX Runtime densifies it
+    at load. The default values of sparse-tensor inputs (ort-sparse weights) are always sparse
+    initializers."""
     sparse = set()
     for name, v in model.graph.initializers.items():
         t = v.const_value
@@ -130,19 +138,33 @@ def to_proto(model: ir.Model, sparse_initializers: bool = True) -> onnx.ModelPro
             for d in dims[i.name]:
                 i.type.sparse_tensor_type.shape.dim.add().dim_value = d
     if sparse:
-        keep = []
-        for t in proto.graph.initializer:
-            if t.name in sparse:
-                proto.graph.sparse_initializer.append(_sparse_tensor(t))
-            else:
-                keep.append(t)
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(keep)
+        _store_sparse(proto, sparse, sparse_in)
     return proto
 
 
+def _store_sparse(proto: onnx.ModelProto, sparse: set[str], sparse_in: set[str]) -> None:
+    """Move the initializers named in `sparse` out of `proto.graph.initializer`: sparse-tensor
+    inputs' defaults to `sparse_initializer`, the others to `Constant(sparse_value)` nodes placed
+    before every other node."""
+    keep, constants = [], []
+    for t in proto.graph.initializer:
+        if t.name not in sparse:
+            keep.append(t)
+        elif t.name in sparse_in:
+            proto.graph.sparse_initializer.append(_sparse_tensor(t))
+        else:
+            constants.append(onnx.helper.make_node("Constant", [], [t.name], name=f"{t.name}.sparse",
+                                                   sparse_value=_sparse_tensor(t)))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    nodes = constants + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
 def save(model: Any, path: str | os.PathLike, *, sparse_initializers: bool = True, check: bool = True) -> str:
-    """Write an ONNX model atomically, after `onnx.checker` passed (see `_check`)."""
+    """Write an ONNX model atomically, after `onnx.checker.check_model(full_check=True)` passed.
+    `sparse_initializers=False` stores every weight dense (for runtimes that read no sparse tensors)."""
     proto = to_proto(load(model), sparse_initializers) if not isinstance(model, onnx.ModelProto) else model
     path = os.fspath(path)
     try:
@@ -150,7 +172,7 @@ def save(model: Any, path: str | os.PathLike, *, sparse_initializers: bool = Tru
     except ValueError as e:  # protobuf's 2 GB limit
         raise SparsegraphError(f"cannot write {path}: {e} (models over 2 GB need external data, not supported)")
     if check:
-        _check(proto, path, data)
+        _check(proto, path)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -160,42 +182,13 @@ def save(model: Any, path: str | os.PathLike, *, sparse_initializers: bool = Tru
     return path
 
 
-def _check(proto: onnx.ModelProto, label: str, data: bytes | None = None) -> None:
-    """`onnx.checker` on the file as written, then `full_check=True` (strict shape inference) on a
-    skeleton: large initializers (dense or sparse) become typed graph inputs. ONNX's shape inference
-    does not type a sparse initializer read by a standard op (it fails even on a one-MatMul model
-    that ONNX Runtime runs), so the full check sees the tensors as ONNX Runtime does after
-    densifying them at load; small initializers stay (shape computations read them)."""
+def _check(proto: onnx.ModelProto, label: str) -> None:
+    """`onnx.checker` with `full_check=True`: the structure, and strict shape and type inference."""
     try:
-        onnx.checker.check_model(data if data is not None else proto)
-        onnx.checker.check_model(_skeleton(proto), full_check=True)
+        onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError
         raise SparsegraphError(f"{label}: the written model fails onnx.checker: "
                                f"{str(e).strip().splitlines()[0]}") from None
-
-
-def _skeleton(proto: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
-    """The model with its large initializers replaced by graph inputs of the same type and shape."""
-    graph = onnx.GraphProto(name=proto.graph.name, node=proto.graph.node, output=proto.graph.output,
-                            value_info=proto.graph.value_info)
-    sparse_in = _sparse_inputs(proto.graph)
-    graph.input.extend(proto.graph.input)
-    names = {i.name for i in proto.graph.input}
-    for t in proto.graph.initializer:
-        if int(np.prod(t.dims)) <= limit or t.name in names:
-            graph.initializer.append(t)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    for sp in proto.graph.sparse_initializer:
-        if sp.values.name in sparse_in:
-            graph.sparse_initializer.append(sp)
-        elif int(np.prod(sp.dims)) <= limit:
-            graph.initializer.append(onnx.numpy_helper.from_array(_dense_of(sp), sp.values.name))
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
-    out = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import, graph=graph,
-                          functions=proto.functions)
-    return out
 
 
 def _metadata(path_or_model: Any) -> dict[str, str]:
@@ -234,10 +227,11 @@ def _run(p: ir.passes.PassBase, model: ir.Model) -> ir.Model:
         raise SparsegraphError(f"{type(p).__name__}: {e}") from e
 
 
-def _finish(model: ir.Model, output: str | os.PathLike | None, check: bool) -> ir.Model:
+def _finish(model: ir.Model, output: str | os.PathLike | None, check: bool,
+            sparse_initializers: bool = True) -> ir.Model:
     if output is not None:
-        save(model, output, check=check)
-    elif check:
+        save(model, output, check=check, sparse_initializers=sparse_initializers)
+    elif check:  # nothing written: the dense form is checked (the sparse one differs only in storage)
         _check(to_proto(model, sparse_initializers=False), _label(model))
     return model
 
@@ -250,7 +244,8 @@ def sparsify(path_or_model: Any, transform: str = "sparse_wide", sparsity: float
              filter: Callable[[Any, str], bool] | None = None, budget: float | None = None,
              budget_ratio: float | None = None, factorized_bn: bool = False, width: float | None = None,
              init: str = "default", input_shapes: dict | list | None = None, name: str | None = None,
-             output: str | os.PathLike | None = None, check: bool = True) -> ir.Model:
+             output: str | os.PathLike | None = None, check: bool = True,
+             sparse_initializers: bool = True) -> ir.Model:
     """Rewrite an ONNX model into a Sparse Iso-FLOP Transformation of itself (same planning as
     `sg.sparsify`). Sparse weights are stored multiplied by their masks; the plan is in
     `metadata_props` (`read_plan`). `init="default"` gives every weight PyTorch's default
@@ -260,16 +255,16 @@ def sparsify(path_or_model: Any, transform: str = "sparse_wide", sparsity: float
     >>> import sparsegraph as sg, torch
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=1)
-    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_gpt.onnx")
-    >>> wide = sg.onnx.sparsify(path, "sparse_wide", 0.75, output="/tmp/sg_doc_gpt_wide.onnx")
-    >>> sg.onnx.read_plan("/tmp/sg_doc_gpt_wide.onnx").weight("h.0.mlp.c_fc.weight").shape
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "gpt.onnx")
+    >>> wide = sg.onnx.sparsify(path, "sparse_wide", 0.75, output="gpt_wide.onnx")
+    >>> sg.onnx.read_plan("gpt_wide.onnx").weight("h.0.mlp.c_fc.weight").shape
     [1024, 256]
     """
     g = _capture(path_or_model, name, input_shapes)
     opts = Options(include_stem, include_head, filter, budget, budget_ratio, factorized_bn, width)
     plan = make_plan(g, transform, sparsity, mask, seed, opts)
     out = _run(ApplyPlanPass(plan, g, init), g.source)
-    return _finish(out, output, check)
+    return _finish(out, output, check, sparse_initializers)
 
 
 def _capture(path_or_model: Any, name: str | None, input_shapes: Any):
@@ -286,21 +281,23 @@ def _capture(path_or_model: Any, name: str | None, input_shapes: Any):
     return g
 
 
-def rewrite_file(spec, plan_for: Callable[[Any], SparsityPlan], output: str | None) -> SparsityPlan:
+def rewrite_file(spec, plan_for: Callable[[Any], SparsityPlan], output: str | None,
+                 sparse_initializers: bool = True) -> SparsityPlan:
     """`sparsegraph rewrite model.onnx`: capture, plan with `plan_for(graph)`, write `output` if given."""
     if output and not os.fspath(output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: an ONNX model is rewritten to ONNX; give -o a path ending in .onnx")
     g = _capture(spec.model, os.path.splitext(spec.name)[0], list(spec.example_inputs) or None)
     plan = plan_for(g)
     if output:
-        _finish(_run(ApplyPlanPass(plan, g), g.source), output, check=True)
+        _finish(_run(ApplyPlanPass(plan, g), g.source), output, True, sparse_initializers)
     return plan
 
 
 # ---------------------------------------------------------------------------------------------
 # folding and lowering
 # ---------------------------------------------------------------------------------------------
-def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: bool = True) -> ir.Model:
+def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: bool = True,
+         sparse_initializers: bool = True) -> ir.Model:
     """Fold what the algebra allows back into single layers (DESIGN.md section 6): BatchNormalization
     into the Conv before it, Sparse Parallel branches into one weight, U.V products (Sparse
     Factorized without a nonlinearity, Sparse Doped S + U.V) into one matrix. Exact up to float
@@ -310,7 +307,7 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("resnet-mini")
     >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5)
-    >>> path = sg.export_onnx(par, spec.example_inputs, "/tmp/sg_doc_par.onnx")
+    >>> path = sg.export_onnx(par, spec.example_inputs, "par.onnx")
     >>> folded = sg.onnx.fold(path)
     >>> sum(n.op_type == "BatchNormalization" for n in folded.graph)
     0
@@ -320,12 +317,12 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
     out = _run(FoldPass(), model)
-    return _finish(out, output, check)
+    return _finish(out, output, check, sparse_initializers)
 
 
 def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, block: int | None = None,
           max_density: float | None = None, output: str | os.PathLike | None = None,
-          check: bool = True) -> ir.Model:
+          check: bool = True, sparse_initializers: bool = True) -> ir.Model:
     """Lower an ONNX model for ONNX Runtime (after folding, unless `fold=False`).
 
     target  "fold"        folding only
@@ -340,7 +337,7 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
-    >>> path = sg.export_onnx(wide, spec.example_inputs, "/tmp/sg_doc_wide.onnx")
+    >>> path = sg.export_onnx(wide, spec.example_inputs, "wide.onnx")
     >>> lowered = sg.onnx.lower(path, "ort-sparse")
     >>> sorted({c["target"] for c in sg.onnx.read_lowering(lowered).values()})
     ['ort-sparse']
@@ -354,6 +351,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
     if max_density is not None and not 0 < max_density <= 1:
         raise SparsegraphError(f"max_density must be in (0, 1], got {max_density}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise SparsegraphError(f"block must be a positive integer, got {block!r}")
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
     if fold or target == "fold":
@@ -362,7 +361,7 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
         model = _run(BlockSparseMatMulPass(block=block, max_density=max_density), model)
     elif target == "ort-sparse":
         model = _run(SparseToDenseMatMulPass(max_density=max_density), model)
-    return _finish(model, output, check)
+    return _finish(model, output, check, sparse_initializers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +378,7 @@ class Session:
     >>> import numpy as np, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=1)
-    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "/tmp/sg_doc_session.onnx")
+    >>> path = sg.export_onnx(spec.model, spec.example_inputs, "session.onnx")
     >>> sg.onnx.Session(path)(np.zeros((2, 64), np.int64)).shape
     (2, 64, 256)
     """
@@ -397,7 +396,7 @@ class Session:
         keep = []
         for sp in proto.graph.sparse_initializer:
             if sp.values.name in sparse_in:
-                self._sparse[sp.values.name] = self._csr(ort, _dense_of(sp))
+                self._sparse[sp.values.name] = self._csr(ort, sparse_to_dense(sp))
             else:
                 keep.append(sp)
         del proto.graph.sparse_initializer[:]
@@ -451,11 +450,3 @@ class Session:
     def __call__(self, *inputs: np.ndarray):
         outs = self.run(None, dict(zip(self.input_names, inputs)))
         return outs[0] if len(outs) == 1 else outs
-
-
-def _dense_of(sp: onnx.SparseTensorProto) -> np.ndarray:
-    values = onnx.numpy_helper.to_array(sp.values)
-    idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
-    dense = np.zeros(int(np.prod(sp.dims)), dtype=values.dtype)
-    dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))] = values
-    return dense.reshape(tuple(sp.dims))

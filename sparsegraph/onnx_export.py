@@ -13,11 +13,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
-import warnings
 from typing import Any
 
 import onnx_ir as ir
@@ -25,7 +22,7 @@ import onnx_ir.passes.common as ir_common
 import torch
 import torch.fx as fx
 
-from .capture import _as_tuple, _first_line, _get_attr, _pop_attr
+from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, quiet, root_cause
 from .graph import SparsegraphError
 from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
 from .plan import plan_of
@@ -90,16 +87,18 @@ def to_onnx(model: torch.nn.Module, example_inputs: Any, *, optimize: bool = Tru
             opset: int | None = None) -> ir.Model:
     """Export a PyTorch model (masks multiplied out, eval mode) to an onnx_ir model with its plan."""
     plan = plan_of(model)
+    args = _as_tuple(example_inputs)
+    check_inputs(model, args)
     masked = multiply_masks(model)
     training = masked.training
     masked.eval()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(masked, _as_tuple(example_inputs), dynamo=True, optimize=False, verbose=False,
+        with quiet():
+            prog = torch.onnx.export(masked, args, dynamo=True, optimize=False, verbose=False,
                                      dynamic_shapes=dynamic_shapes, opset_version=opset)
-    except Exception as e:  # noqa: BLE001 - torch.export / translation errors
-        raise SparsegraphError(f"torch.onnx.export failed for {type(model).__name__}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - torch.export / translation errors: the exporter wraps the cause
+        raise SparsegraphError(f"torch.onnx.export failed for {type(model).__name__}: "
+                               f"{_first_line(root_cause(e))}") from e
     finally:
         masked.train(training)
     onnx_model = prog.model
@@ -130,7 +129,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
-    >>> path = sg.export_onnx(wide, spec.example_inputs, "/tmp/sg_doc_export.onnx", lower="ort-block")
+    >>> path = sg.export_onnx(wide, spec.example_inputs, "export.onnx", lower="ort-block")
     >>> sg.analyze(path).plan["transform"]
     'sparse_wide'
     >>> sorted({c["block"] for c in sg.onnx.read_lowering(path).values()})

@@ -152,7 +152,7 @@ class CoordCheck:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from .io import atomic_write
+        from .fsutil import atomic_write
 
         params = list(dict.fromkeys(r["parameterization"] for r in self.rows))
         widths = sorted({r["width"] for r in self.rows})

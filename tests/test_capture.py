@@ -96,6 +96,40 @@ def test_capture_without_inputs_is_an_error():
         sg.capture(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("make_inputs, message", [
+    (lambda: (torch.randn(2, 1, 16, 16), torch.randn(3)),
+     r"^ResNet.forward\(x\) does not take the example inputs \(float32\[2, 1, 16, 16\], float32\[3\]\): "
+     r"too many positional arguments$"),
+    (lambda: (torch.randn(2, 3, 16, 16),),
+     r"^ResNet does not run on its example inputs \(float32\[2, 3, 16, 16\]\): RuntimeError: Given groups=1, "
+     r"weight of size \[16, 1, 3, 3\], expected input\[2, 3, 16, 16\] to have 1 channels.* \(at resnet.py:\d+\)$"),
+])
+def test_wrong_example_inputs_are_named_before_tracing(make_inputs, message):
+    """What is wrong is said in terms of the inputs (count against forward's signature, shapes and
+    dtypes with the model's own error and where), not in torch.export's words; the model is unchanged."""
+    spec = builtin("resnet-mini")
+    spec.model.train()
+    spec.model.layers[0].eval()  # a mixed train/eval state survives the check
+    before = {k: v.clone() for k, v in spec.model.state_dict().items()}
+    with pytest.raises(sg.CaptureError, match=message):
+        sg.capture(spec.model, make_inputs())
+    assert spec.model.training and not spec.model.layers[0].training and spec.model.layers[1].training
+    assert all(torch.equal(v, spec.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 3, 64), r"ValueError: expected token ids of shape \(batch, sequence\), got shape \(2, 3, 64\)"),
+    ((1, 500), r"ValueError: sequence length 500 is longer than the context of 128 tokens"),
+])
+def test_gpt_inputs_it_cannot_run_are_refused(shape, message):
+    spec = builtin("gpt-mini", n_layer=1)
+    with pytest.raises(sg.CaptureError, match=rf"^gpt-mini does not run on its example inputs "
+                                              rf"\(int64\[{', '.join(map(str, shape))}\]\): {message}"):
+        sg.capture(spec.model, (torch.zeros(shape, dtype=torch.long),), name="gpt-mini")
+    with pytest.raises(sg.SparsegraphError, match="does not run on its example inputs"):
+        sg.sparsify(spec.model, (torch.zeros(shape, dtype=torch.long),), "sparse_wide", 0.5)
+
+
 def test_getitem_of_multi_output_ops_become_aliases():
     spec = builtin("gpt-mini", n_layer=1)
     g = sg.capture(spec.model, spec.example_inputs)

@@ -277,6 +277,28 @@ def test_missing_file(tmp_path):
     assert str(path) in _one_line_error(str(path), match="not found")
 
 
+def test_missing_or_short_external_data(tmp_path):
+    """A model whose weights live in a separate data file: read when it is complete, one clear line
+    naming the data file when it is missing or cut short (sg.analyze and sg.onnx both)."""
+    import onnx
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(_mlp(), str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    assert sg.analyze(str(path), {"x": (2, 8)}).dense_flops == 2 * 2 * (8 * 16 + 16 * 4)
+    data = tmp_path / "ext.data"
+    full = data.read_bytes()
+    data.write_bytes(full[:100])
+    _one_line_error(str(path), match=r"external data file ext.data is truncated \(100 bytes; tensor .* needs \d+\)")
+    data.unlink()
+    message = _one_line_error(str(path), match=r"the external data file ext.data of tensor fc1.weight is missing")
+    assert str(path) in message and str(tmp_path) in message
+    with pytest.raises(sg.SparsegraphError, match="ext.data of tensor fc1.weight is missing"):
+        sg.onnx.load(str(path))
+    with pytest.raises(sg.SparsegraphError, match="ext.data of tensor fc1.weight is missing"):
+        sg.analyze(str(path))
+
+
 def test_random_bytes(tmp_path):
     path = tmp_path / "random.onnx"
     path.write_bytes(np.random.default_rng(0).bytes(4096))

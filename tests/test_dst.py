@@ -352,9 +352,52 @@ def test_block_rigl_keeps_whole_blocks_and_balance(kind):
             assert grid.sum(1).tolist() == [2.0] * 4
         assert torch.all(model.weight[m == 0] == 0)
     assert not torch.equal(model.weight_mask, start)
-    # the first update grows the blocks with the largest mean |G| outside the kept set
+    # the first update grew as many blocks as it dropped (which ones: the reference test below)
     first = sg.plan_of(model).history[0]
     assert first["layers"]["weight"]["dropped"] == first["layers"]["weight"]["grown"] > 0
+
+
+@pytest.mark.parametrize("kind", ["block:4", "balanced_block:4"])
+def test_block_rigl_grows_the_blocks_an_independent_reference_picks(kind):
+    """The first update, recomputed with plain Python over the 4x8 grid of 4x4 blocks: drop the k
+    active blocks of smallest mean |w|, grow the k blocks of largest mean |dense gradient| outside
+    the kept set (balanced: in the block-row each dropped block came from). Which blocks, not counts."""
+    shape, b = (16, 32), 4
+    G = distinct(shape, 8).float()
+    model = LinearProbe(distinct(shape, 7).float(), make_mask(kind, shape, 0.25, seed=0, name="probe"), G, kind=kind)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rigl = sg.dst.RigL(model, opt, total_steps=100, update_interval=10, drop_fraction=0.5)
+    for _ in range(10):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        w, old = model.weight.detach().clone(), model.weight_mask.clone()
+        rigl.step()
+    blocks = [(r, c) for r in range(shape[0] // b) for c in range(shape[1] // b)]
+
+    def mean_abs(t, blk):
+        r, c = blk
+        return sum(abs(float(v)) for v in t[r * b:(r + 1) * b, c * b:(c + 1) * b].flatten()) / (b * b)
+
+    active = [blk for blk in blocks if mean_abs(old, blk) > 0]
+    alpha = 0.5 / 2 * (1 + math.cos(math.pi * 10 / 75))  # cosine schedule at t = 10, T_end = 0.75 * 100
+    k = int(alpha * len(active))
+    assert (len(active), k) == (8, 3)
+    dropped = sorted(active, key=lambda blk: mean_abs(w, blk))[:k]
+    kept = [blk for blk in active if blk not in dropped]
+    candidates = sorted((blk for blk in blocks if blk not in kept), key=lambda blk: -mean_abs(G, blk))
+    if kind.startswith("balanced"):  # as many grown in each block-row as were dropped from it
+        grown = []
+        for row in sorted({r for r, _ in dropped}):
+            n = sum(r == row for r, _ in dropped)
+            grown += [blk for blk in candidates if blk[0] == row][:n]
+    else:
+        grown = candidates[:k]
+    new_grid = model.weight_mask.reshape(4, b, 8, b).amax(dim=(1, 3))
+    assert sorted((r, c) for r, c in blocks if new_grid[r, c] == 1) == sorted(kept + grown)
+    assert set(grown) - set(dropped)  # the update really moved blocks
+    for r, c in set(grown) - set(kept):  # regrown blocks start at zero
+        assert torch.all(model.weight[r * b:(r + 1) * b, c * b:(c + 1) * b] == 0)
 
 
 def test_nm_rigl_keeps_n_of_m():

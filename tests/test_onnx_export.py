@@ -9,6 +9,7 @@ model itself (eval mode).
 from __future__ import annotations
 
 import copy
+import errno
 import os
 
 import numpy as np
@@ -147,16 +148,26 @@ def test_plan_metadata_round_trip(models, tmp_path):
         assert sg.analyze(path).plan == plan.to_dict()
 
 
-def test_sparse_initializers_shrink_the_file(models, tmp_path):
+def test_sparse_weights_shrink_the_file_and_pass_the_full_check(models, tmp_path):
+    """Sparse weights are stored as Constant(sparse_value) nodes: the file shrinks, passes
+    `check_model(path, full_check=True)` as written, and plain ONNX Runtime runs it; with
+    `sparse_initializers=False` every weight is a dense initializer (for other runtimes)."""
     m, inputs = _variant(models, "gpt-mini", "sparse_wide")
     small = sg.export_onnx(m, inputs, tmp_path / "sparse.onnx")
     big = sg.export_onnx(m, inputs, tmp_path / "dense.onnx", sparse_initializers=False)
     proto = onnx.load(small)
-    names = {sp.values.name for sp in proto.graph.sparse_initializer}
+    names = {n.output[0] for n in proto.graph.node if n.op_type == "Constant"
+             and any(a.name == "sparse_value" for a in n.attribute)}
     assert {w.name for w in sg.plan_of(m).sparse_weights} <= names  # density 0.25: 12 bytes per nonzero < 4 per entry
+    assert not proto.graph.sparse_initializer
+    dense = onnx.load(big)
+    assert not dense.graph.sparse_initializer and not any(n.op_type == "Constant" for n in dense.graph.node)
+    assert {w.name for w in sg.plan_of(m).sparse_weights} <= {t.name for t in dense.graph.initializer}
     assert os.path.getsize(small) < 0.8 * os.path.getsize(big)
-    onnx.checker.check_model(big, full_check=True)  # without sparse initializers: the literal full check
-    # plain ONNX Runtime loads both (densifying the sparse initializers) and computes the same
+    for path in (small, big):
+        onnx.checker.check_model(path, full_check=True)
+        onnx.shape_inference.infer_shapes_path(path, str(tmp_path / "inferred.onnx"), check_type=True,
+                                               strict_mode=True)
     x = {"idx": inputs[0].numpy()}
     a = ort.InferenceSession(small, providers=["CPUExecutionProvider"]).run(None, x)[0]
     b = ort.InferenceSession(big, providers=["CPUExecutionProvider"]).run(None, x)[0]
@@ -168,27 +179,60 @@ def test_sparse_initializers_shrink_the_file(models, tmp_path):
 class _Broken(torch.nn.Module):
     def forward(self, x):
         if x.shape[0] > 0:
-            raise RuntimeError("this model cannot be exported")
+            raise RuntimeError("this model cannot run")
         return x
+
+
+class _DataDependent(torch.nn.Module):
+    """Runs eagerly; torch.export cannot trace its data-dependent branch."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
 
 
 def test_no_half_written_output(models, tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"previous contents")
-    with pytest.raises(sg.SparsegraphError, match="torch.onnx.export failed") as info:
+    with pytest.raises(sg.SparsegraphError, match=r"_Broken does not run on its example inputs \(float32\[2, 3\]\): "
+                                                  r"RuntimeError: this model cannot run \(at test_onnx_export.py:\d+\)"):
         sg.export_onnx(_Broken(), (torch.ones(2, 3),), target)
-    assert "\n" not in str(info.value)
+    with pytest.raises(sg.SparsegraphError, match="torch.onnx.export failed for _DataDependent: "
+                                                  "GuardOnDataDependentSymNode") as info:
+        sg.export_onnx(_DataDependent(), (torch.ones(2, 3),), target)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)  # one line, no terminal colour codes
     assert target.read_bytes() == b"previous contents"
     m, inputs = _variant(models, "gpt-mini", "dense")
     import sparsegraph.onnx_api as api
 
     def failing_check(proto, label, data=None):
         raise sg.SparsegraphError(f"{label}: the written model fails onnx.checker: simulated")
-    monkeypatch.setattr(api, "_check", failing_check)
-    with pytest.raises(sg.SparsegraphError, match="simulated"):
-        sg.export_onnx(m, inputs, tmp_path / "new.onnx")
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_check", failing_check)
+        with pytest.raises(sg.SparsegraphError, match="simulated"):
+            sg.export_onnx(m, inputs, tmp_path / "new.onnx")
     assert not (tmp_path / "new.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files left
+
+    class DiskFillsUp:  # the disk fills up half-way through writing the temporary file
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "open", DiskFillsUp, raising=False)  # what onnx_api's atomic write callback opens
+        with pytest.raises(sg.SparsegraphError, match=r"cannot write .*model.onnx: No space left on device$"):
+            sg.export_onnx(m, inputs, target)
+    assert target.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     with pytest.raises(sg.SparsegraphError, match="unknown lower mode"):
         sg.export_onnx(m, inputs, tmp_path / "x.onnx", lower="tensorrt")
 

@@ -4,10 +4,10 @@ The reference for an ONNX-side rewrite is the PyTorch-side rewrite of the same m
 seed: same weight shapes, FLOPs and dimension-group sizes. With init="keep" both keep the dense
 model's unchanged weights and draw new ones from the same (seed, name) streams, so the two are the
 same function and ONNX Runtime must reproduce the PyTorch output. Every file written is checked
-with `check_written`: `onnx.checker.check_model(path)` as written, and `full_check=True` on its
-dense form (ONNX's shape inference cannot type sparse initializers read by standard ops; files
-written without them pass `check_model(path, full_check=True)` as they are, see
-test_full_check_without_sparse_initializers).
+with `check_written`: `onnx.checker.check_model(path, full_check=True)` as written (sparse
+weights are stored as `Constant(sparse_value)` nodes, which strict shape inference types; a
+`sparse_initializer` read by a standard op it cannot, see
+test_sparse_weights_are_written_so_the_full_check_passes).
 """
 from __future__ import annotations
 
@@ -301,32 +301,50 @@ def test_cli_rewrite_and_lower_onnx(dense_exports, capsys):
     assert main(["lower", str(out), "--target", "ort-block", "-o", str(low)]) == 0
     text = capsys.readouterr().out
     assert "ort-block" in text and "h.0.mlp.c_fc.weight" in text
-    for p in (out, low):
+    dense = folder / "cli_wide_dense.onnx"
+    assert main(["lower", str(out), "--target", "fold", "--dense-initializers", "-o", str(dense)]) == 0
+    for p in (out, low, dense):
         check_written(p)
+    def sparse_constants(p):
+        return {n.output[0] for n in onnx.load(str(p)).graph.node if n.op_type == "Constant"
+                and n.attribute[0].name == "sparse_value"}
+    assert "h.0.mlp.c_fc.weight" in sparse_constants(out)  # 90% sparse: stored sparse
+    assert not sparse_constants(dense)  # every weight a dense initializer
+    assert "h.0.mlp.c_fc.weight" in {t.name for t in onnx.load(str(dense)).graph.initializer}
     x = spec.example_inputs[0].numpy()
     assert rel_err(sg.onnx.Session(low)(x), sg.onnx.Session(out)(x)) <= 1e-4
+    assert rel_err(sg.onnx.Session(dense)(x), sg.onnx.Session(out)(x)) <= 1e-4
     assert sg.analyze(str(low)).plan == sg.onnx.read_plan(out).to_dict()
 
 
-def test_full_check_without_sparse_initializers(tmp_path):
-    """ONNX's full check cannot type a sparse initializer read by MatMul (ONNX Runtime runs the model);
-    written without sparse initializers, files pass `check_model(path, full_check=True)` as they are."""
-    W = np.zeros((8, 6), np.float32)
-    W[0, 1] = 2.0
+def test_sparse_weights_are_written_so_the_full_check_passes(tmp_path):
+    """ONNX's full check cannot type a sparse initializer read by MatMul (ONNX Runtime runs the model).
+    sg.onnx reads such a file and writes the weight as a Constant(sparse_value), which passes
+    `check_model(path, full_check=True)` as written, runs in ONNX Runtime and reads back the same."""
+    W = np.zeros((16, 12), np.float32)
+    W[0, 1], W[5, 7], W[15, 11] = 2.0, -1.0, 0.5
     idx = np.flatnonzero(W).astype(np.int64)
     sp = helper.make_sparse_tensor(numpy_helper.from_array(W.reshape(-1)[idx], "w"),
-                                   numpy_helper.from_array(idx, "w_idx"), [8, 6])
+                                   numpy_helper.from_array(idx, "w_idx"), [16, 12])
     m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+                                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
                                             sparse_initializer=[sp]),
                           opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     with pytest.raises(Exception, match="wrong rank"):
         onnx.checker.check_model(m, full_check=True)
-    x = np.ones((2, 8), np.float32)
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
     np.testing.assert_allclose(sg.onnx.Session(m)(x), x @ W)
-    sg.onnx.save(sg.onnx.load(m), tmp_path / "dense.onnx", sparse_initializers=False)
-    onnx.checker.check_model(str(tmp_path / "dense.onnx"), full_check=True)
+    path = sg.onnx.save(sg.onnx.load(m), tmp_path / "sparse.onnx")
+    check_written(path)
+    written = onnx.load(path)
+    assert [n.op_type for n in written.graph.node] == ["Constant", "MatMul"]
+    assert written.graph.node[0].attribute[0].name == "sparse_value"
+    np.testing.assert_allclose(sg.onnx.Session(path)(x), x @ W)
+    np.testing.assert_array_equal(sg.onnx.load(path).graph.initializers["w"].const_value.numpy(), W)
+    dense = sg.onnx.save(sg.onnx.load(m), tmp_path / "dense.onnx", sparse_initializers=False)
+    onnx.checker.check_model(dense, full_check=True)
+    assert [t.name for t in onnx.load(dense).graph.initializer] == ["w"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +397,9 @@ def test_unknown_target_and_wrong_output(dense_exports, tmp_path, capsys):
     _, _, path, _ = dense_exports["gpt-mini"]
     with pytest.raises(sg.SparsegraphError, match="unknown lowering target"):
         sg.onnx.lower(path, "tensorrt")
+    for block in (0, -8, 2.5, True):
+        with pytest.raises(sg.SparsegraphError, match=f"block must be a positive integer, got {block!r}"):
+            sg.onnx.lower(path, "ort-block", block=block)
     assert main(["rewrite", str(path), "-o", str(tmp_path / "x.sgm")]) == 2
     assert "ending in .onnx" in capsys.readouterr().err
     assert main(["lower", "gpt-mini", "-o", str(tmp_path / "x.onnx")]) == 2

@@ -302,6 +302,9 @@ def test_same_seed_same_model(gpt):
 @pytest.mark.parametrize("kwargs, message", [
     ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
     ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
+    ({"sparsity": False}, r"sparsity must be in \[0, 1\), got False"),  # a bool is not a sparsity of 0
+    ({"sparsity": "0.5"}, r"sparsity must be in \[0, 1\), got '0.5'"),
+    ({"seed": True}, "seed must be an integer, got True"),
     ({"transform": "sparse_tall"}, "unknown transform 'sparse_tall'"),
     ({"filter": lambda m, n: False}, "no layer to sparsify .the filter selects nothing"),
     ({"mask": "nm:2:4", "sparsity": 0.75}, "mask nm:2:4 has density 0.5, but sparsity 0.75"),

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph.graph import SparsegraphError
-from sparsegraph.train.trainer import CHECKPOINT, TrainConfig, read_metrics, train
+from sparsegraph.train.trainer import CHECKPOINT, METRICS, TrainConfig, read_metrics, train
 
 TINY_GPT = {"n_layer": 1, "n_embd": 64, "n_head": 2}
 
@@ -26,7 +27,13 @@ def config(**kw):
 def test_resume_gives_the_same_loss_curve(tmp_path):
     whole = train(config(), str(tmp_path / "a"), progress=False)
     train(config(), str(tmp_path / "b"), progress=False, stop_after=8)  # "interrupted" after a checkpoint
+    with open(tmp_path / "b" / METRICS, "a") as f:  # killed in the middle of writing step 9's line
+        f.write('{"step": 9, "loss": 5.4')
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "b" / f".sparsegraph-{dead.stdout.strip()}@{socket.gethostname()}-x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")  # and a save killed half-way, earlier
     resumed = train(config(), str(tmp_path / "b"), resume=True, progress=False)
+    assert not stale.exists()
     assert [m["step"] for m in resumed] == list(range(1, 13))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
     assert [m.get("val_loss") for m in resumed] == [m.get("val_loss") for m in whole]
@@ -35,10 +42,68 @@ def test_resume_gives_the_same_loss_curve(tmp_path):
     assert (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
-def test_refuses_a_checkpoint_of_another_model(tmp_path):
+def test_refuses_a_checkpoint_of_another_run(tmp_path):
     train(config(steps=4), str(tmp_path), progress=False)
-    with pytest.raises(SparsegraphError, match=r"checkpoint of a different model \(gpt-mini, sparse_wide, s=0.75"):
+    log = (tmp_path / METRICS).read_bytes()
+    with pytest.raises(SparsegraphError, match=r"checkpoint of a different run: sparsity 0.75 there, 0.5 here \("):
         train(config(steps=4, sparsity=0.5), str(tmp_path), resume=True, progress=False)
+    with pytest.raises(SparsegraphError, match=r"different run: seed 0 there, 1 here \(resume with the same"):
+        train(config(steps=4, seed=1), str(tmp_path), resume=True, progress=False)
+    assert (tmp_path / METRICS).read_bytes() == log
+    # the logging and saving cadence may change on a resume; a finished run has nothing left to train
+    with pytest.warns(UserWarning, match=r"already finished \(step 4 of 4\); nothing to train"):
+        metrics = train(config(steps=4, eval_interval=2, checkpoint_interval=1), str(tmp_path), resume=True,
+                        progress=False)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_refuses_a_directory_that_holds_a_run(tmp_path):
+    train(config(steps=4), str(tmp_path), progress=False)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(files) == {CHECKPOINT, METRICS, "curves.png"}
+    with pytest.raises(SparsegraphError, match=r"already holds a run \(checkpoint.sgm, metrics.jsonl, curves.png\): "
+                                               r"--resume continues it, --overwrite replaces it"):
+        train(config(steps=4, seed=1), str(tmp_path), progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing deleted, nothing written
+    with pytest.raises(SparsegraphError, match="choose one"):
+        train(config(steps=4), str(tmp_path), resume=True, overwrite=True, progress=False)
+    with pytest.warns(UserWarning, match="replacing the run in"):
+        metrics = train(config(steps=2, seed=1), str(tmp_path), overwrite=True, progress=False)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert sg.load(tmp_path / CHECKPOINT, with_extra=True).extra["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval_interval", 0, "--eval-interval must be a positive integer, got 0"),
+    ("checkpoint_interval", 0, "--checkpoint-interval must be a positive integer, got 0"),
+    ("update_interval", -5, "--update-interval must be a positive integer, got -5"),
+    ("steps", 0, "--steps must be a positive integer, got 0"),
+    ("batch_size", 2.5, "--batch-size must be a positive integer, got 2.5"),
+    ("lr", 0.0, "--lr must be positive, got 0.0"),
+    ("sparsity", False, "--sparsity must be a number, got False"),
+    ("warmup_steps", -1, "--warmup-steps must be a non-negative integer, got -1"),
+    ("model_options", {"n_layr": 1}, "built-in 'gpt-mini' takes the options .*, not n_layr"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, field, value, message):
+    with pytest.raises(SparsegraphError, match=message):
+        train(config(**{field: value}), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_is_not_a_run_directory(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(SparsegraphError, match=r"cannot use .*run as a run directory: it is a file"):
+        train(config(), str(tmp_path / "run"), progress=False)
+    assert (tmp_path / "run").read_text() == "notes"
+
+
+def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
+    log = tmp_path / METRICS
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(str(log)) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(SparsegraphError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        read_metrics(str(log))
 
 
 def test_digits_resnet_with_sparseopt_learns(tmp_path):
@@ -96,6 +161,26 @@ def test_resnet_builtins_take_widths_and_blocks():
     assert [len(s) for s in builtin("resnet18", blocks=(1, 1, 1, 1)).model.layers] == [1, 1, 1, 1]
     with pytest.raises(SparsegraphError, match="takes the options widths and blocks, not depth"):
         builtin("resnet-mini", depth=3)
+    with pytest.raises(SparsegraphError, match=r"option widths='a,b': expected positive integers"):
+        builtin("resnet-mini", widths="a,b")
+    with pytest.raises(SparsegraphError, match="widths has 2 stages and blocks 3"):
+        builtin("resnet-mini", widths="8,16")
+    with pytest.raises(SparsegraphError, match=r"option blocks=\(1, 0, 1\): expected positive integers"):
+        builtin("resnet-mini", blocks=(1, 0, 1))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_layr": 1}, "takes the options vocab_size, block_size, n_layer, n_head, n_embd, dropout, not n_layr"),
+    ({"n_layer": "two"}, "option n_layer='two': expected a positive integer"),
+    ({"n_head": 0}, "option n_head=0: expected a positive integer"),
+    ({"dropout": 1.5}, r"option dropout=1.5: expected a number in \[0, 1\)"),
+    ({"n_embd": 100, "n_head": 3}, "n_embd=100 is not a multiple of n_head=3"),
+])
+def test_gpt_options_are_checked(options, message):
+    from sparsegraph.models import builtin
+
+    with pytest.raises(SparsegraphError, match=message):
+        builtin("gpt-mini", **options)
 
 
 def test_hard_digits_are_shifted_noisy_copies():

@@ -223,9 +223,13 @@ def calibrate(save: bool = True, repeat: int = 20, verbose: bool = True) -> Cost
     log(f"dense conv: {m.flops_conv / 1e9:.0f} GFLOP/s; sparse conv: " +
         ", ".join(f"b={b} {r / 1e9:.0f}" for b, r in m.flops_cols.items()) + " GFLOP/s")
     if save:
-        os.makedirs(os.path.dirname(_path()), exist_ok=True)
-        with open(_path(), "w") as f:
-            f.write(m.to_json())
+        from ..fsutil import atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(m.to_json())
+
+        atomic_write(_path(), write)
         log(f"wrote {_path()}")
     _cached[torch.get_num_threads()] = m
     return m

@@ -243,13 +243,12 @@ def kernel_source(layout: BlockSparseLayout, op: str = "fwd", dtype: torch.dtype
 def bsr_linear(x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Tensor | None = None) -> Tensor:
     """y = x @ W^T + bias for x (M, k), W given by (values, layout) -> y (M, n).
 
-    Needs CUDA tensors, or CPU float32 tensors with TRITON_INTERPRET=1:
+    Needs CUDA tensors, or CPU float32 tensors with TRITON_INTERPRET=1 set before Triton is imported
+    (so this is not a doctest; tests/test_triton_kernels.py runs the kernels that way):
 
-        >>> L = make_layout(torch.ones(2, 2, dtype=torch.bool), 16, 32, 20)       # doctest: +SKIP
-        >>> w = torch.randn(32, 20)                                                # doctest: +SKIP
-        >>> x = torch.randn(5, 20)                                                 # doctest: +SKIP
-        >>> torch.allclose(bsr_linear(x, pack_values(w, L), L), x @ w.T, atol=1e-5)  # doctest: +SKIP
-        True
+        L = make_layout(torch.ones(2, 2, dtype=torch.bool), 16, 32, 20)
+        w, x = torch.randn(32, 20), torch.randn(5, 20)
+        torch.allclose(bsr_linear(x, pack_values(w, L), L), x @ w.T, atol=1e-5)   # True
     """
     _check_device(layout, x, values, bias)
     M = _check_2d(x, layout.k, "bsr_linear", "x", "k")

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ..cli import add_model_arguments, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 
 HELP = "coordinate check: per-layer activation RMS over a few steps across widths and sparsities (SP, μP, SμPar)"
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                f"module:callable), not a {spec.kind} model")
     if not args.output.lower().endswith(".png"):
         raise SparsegraphError(f"--output must be a .png file, got {args.output!r}")
+    check_writable(args.output)
     for name in ("widths", "sparsities"):
         if not getattr(args, name):
             raise SparsegraphError(f"--{name} needs at least one value")

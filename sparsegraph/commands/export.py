@@ -11,6 +11,7 @@ import argparse
 import os
 
 from ..cli import add_model_arguments, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 from ..plan import FAMILIES
 
@@ -26,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", type=int, default=None, help="ort-block: block size")
     p.add_argument("--max-density", type=float, default=None, help="lower only layers at most this dense")
     p.add_argument("--no-optimize", action="store_true", help="skip the ONNX optimizer after export")
+    p.add_argument("--dense-initializers", action="store_true",
+                   help="every weight a dense initializer, for runtimes without sparse tensors "
+                        "(default: sparse weights as sparse constants where that is smaller)")
     p.add_argument("--transform", choices=FAMILIES, default=None, help="rewrite the model first")
     p.add_argument("--sparsity", type=float, default=0.75, help="with --transform (default 0.75)")
     p.add_argument("--mask", default="uniform", help="with --transform: uniform, erk, nm:2:4, block:32, ...")
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"-o {args.output}: the output must be a path ending in .onnx")
+    check_writable(args.output)
     spec = resolve(args)
     if spec.kind == "onnx":
         raise SparsegraphError(f"{spec.name} is already ONNX; use `sparsegraph lower {spec.name} --target "
@@ -51,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         model = sparsify(model, spec.example_inputs, args.transform, args.sparsity, args.mask, args.seed,
                          width=args.width)
     path = export_onnx(model, spec.example_inputs, args.output, args.lower, fold=args.fold, block=args.block,
-                       max_density=args.max_density, optimize=not args.no_optimize)
+                       max_density=args.max_density, optimize=not args.no_optimize,
+                       sparse_initializers=not args.dense_initializers)
     choices = read_lowering(path)
     con = console()
     if choices:

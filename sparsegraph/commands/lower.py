@@ -12,6 +12,7 @@ import argparse
 import os
 
 from ..cli import add_model_arguments, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 
 HELP = "fold and lower a model's sparse layers for a runtime (ONNX Runtime for .onnx files)"
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-density", type=float, default=None,
                    help="lower only layers whose (padded block) density is at most this (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the lowering choices as JSON")
+    p.add_argument("--dense-initializers", action="store_true",
+                   help="every weight a dense initializer, for runtimes without sparse tensors "
+                        "(default: sparse weights as sparse constants where that is smaller)")
     p.add_argument("-o", "--output", help="write the lowered model here")
 
 
@@ -44,13 +48,15 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
 
     if args.output and not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: give -o a path ending in .onnx")
+    if args.output:
+        check_writable(args.output)
     from ..onnx_api import check_opset, load
 
     source = load(spec.model)  # read once: counted here, lowered on a copy
     check_opset(source, spec.name)
     before = _layer_ops(source)
     model = lower(source, args.target, fold=not args.no_fold, block=args.block, max_density=args.max_density,
-                  output=args.output)
+                  output=args.output, sparse_initializers=not args.dense_initializers)
     choices = read_lowering(model)
     if args.json:
         import json

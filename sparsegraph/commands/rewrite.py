@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import add_model_arguments, capture_spec, console, resolve
+from ..fsutil import check_writable
 from ..graph import SparsegraphError
 from ..plan import FAMILIES
 
@@ -26,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-only", action="store_true", help="print the plan without building the model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", help="write the rewritten model here (load with sg.load)")
+    p.add_argument("--dense-initializers", action="store_true",
+                   help="ONNX output: every weight a dense initializer, for runtimes without sparse tensors "
+                        "(default: sparse weights as sparse constants where that is smaller)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,13 +37,16 @@ def run(args: argparse.Namespace) -> int:
     from ..passes.sparse_ift import Options, make_plan
     from ..sparsify import sparsify
 
+    if args.output and not args.plan_only:
+        check_writable(args.output)
     spec = resolve(args)
     opts = Options(args.include_stem, args.include_head, budget_ratio=args.budget_ratio,
                    factorized_bn=args.factorized_bn, width=args.width)
     plan_for = lambda g: make_plan(g, args.transform, args.sparsity, args.mask, args.seed, opts)  # noqa: E731
     if spec.kind == "onnx":
         from ..onnx_api import rewrite_file
-        plan = rewrite_file(spec, plan_for, None if args.plan_only else args.output)
+        plan = rewrite_file(spec, plan_for, None if args.plan_only else args.output,
+                            sparse_initializers=not args.dense_initializers)
         return _report(plan, args)
     g = capture_spec(spec)
     plan = plan_for(g)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="built-in model option, e.g. n_layer=2 (repeatable)")
     p.add_argument("-o", "--out", default="runs/train", help="run directory (checkpoint, metrics, curves)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run directory (default: refuse to start over it)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                       block_size=args.block_size, update_interval=args.update_interval,
                       eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
                       seed=args.seed, model_options=_options(args.model_option))
-    metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                    overwrite=args.overwrite)
     last = [m for m in metrics if "val_loss" in m]
     summary = f"{len(metrics)} steps logged to {args.out}/metrics.jsonl, curves in {args.out}/curves.png"
     if last:

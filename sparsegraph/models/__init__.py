@@ -11,6 +11,7 @@ MODEL is one of:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -67,21 +68,58 @@ def builtin(name: str, **overrides) -> ModelSpec:
     spec = BUILTINS[name]()
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     if overrides and name == "gpt-mini":
-        spec.model = GPT(GPTConfig(**overrides))
+        spec.model = GPT(_gpt_config(name, overrides))
     elif overrides:  # the ResNets: stage widths and blocks per stage, e.g. widths=(8, 16, 32) or "8,16,32"
         unknown = sorted(set(overrides) - {"widths", "blocks"})
         if unknown:
             raise SparsegraphError(f"built-in {name!r} takes the options widths and blocks, not {', '.join(unknown)}")
         base = spec.model
-        widths = _ints(overrides.get("widths", [layer[0].conv1.out_channels for layer in base.layers]))
-        blocks = _ints(overrides.get("blocks", [len(layer) for layer in base.layers]))
+        widths = _ints(name, "widths", overrides.get("widths", [layer[0].conv1.out_channels for layer in base.layers]))
+        blocks = _ints(name, "blocks", overrides.get("blocks", [len(layer) for layer in base.layers]))
+        if len(widths) != len(blocks):
+            raise SparsegraphError(f"built-in {name!r}: widths has {len(widths)} stages and blocks {len(blocks)}; "
+                                   "give both options with one value per stage")
         spec.model = ResNet(widths, blocks, base.fc.out_features, base.conv1.in_channels)
     spec.model._sparsegraph_source = {"kind": "builtin", "name": name, "options": options}  # sg.load rebuilds it
     return spec
 
 
-def _ints(value) -> tuple[int, ...]:
-    return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
+def _gpt_config(name: str, overrides: dict) -> GPTConfig:
+    """A GPTConfig from user options, every key and value checked: one line naming the bad one."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise SparsegraphError(f"built-in {name!r} takes the options {', '.join(defaults)}, not {', '.join(unknown)}")
+    for key, value in overrides.items():
+        if isinstance(defaults[key], float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise SparsegraphError(f"built-in {name!r} option {key}={value!r}: expected a number in [0, 1)")
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SparsegraphError(f"built-in {name!r} option {key}={value!r}: expected a positive integer")
+    cfg = GPTConfig(**overrides)
+    if cfg.n_embd % cfg.n_head:
+        raise SparsegraphError(f"built-in {name!r}: n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}")
+    return cfg
+
+
+def _ints(name: str, key: str, value) -> tuple[int, ...]:
+    """'8,16,32' or (8, 16, 32) -> (8, 16, 32); one line naming the option otherwise."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    out = tuple(_positive_int(v) for v in items)
+    if not out or None in out:
+        raise SparsegraphError(f"built-in {name!r} option {key}={value!r}: expected positive integers, "
+                               "e.g. 8,16,32")
+    return out
+
+
+def _positive_int(v) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def _torchvision(name: str) -> ModelSpec:

@@ -80,7 +80,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"expected token ids of shape (batch, sequence), got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} is longer than the context of {self.cfg.block_size} tokens")
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for block in self.h:

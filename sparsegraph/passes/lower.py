@@ -20,7 +20,7 @@ buffers; the dense weight and its mask are dropped. Convolutions lower through a
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
-    >>> spec = builtin("gpt-mini")
+    >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32")
     >>> low = sg.lower(wide)
     >>> low.plan.lowering["layers"]["h.0.mlp.c_fc.weight"]["format"]

@@ -45,7 +45,7 @@ class Options:
 
 
 def _check_sparsity(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise PlanError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
@@ -422,6 +422,8 @@ def make_plan(g: ModelGraph, transform: str = "sparse_wide", sparsity: float = 0
     if transform not in PLANNERS:
         raise PlanError(f"unknown transform {transform!r}; choose from {', '.join(FAMILIES)}")
     sparsity = _check_sparsity(sparsity)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PlanError(f"seed must be an integer, got {seed!r}")
     try:
         parse_mask(mask)
     except ValueError as e:

@@ -8,15 +8,15 @@ Every method works on a model made by `sg.sparsify` (its sparse weights are dens
     >>> spec = builtin("resnet-mini")
     >>> model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, width=1.0)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    >>> rigl = sg.dst.RigL(model, opt, total_steps=40, update_interval=10)
+    >>> rigl = sg.dst.RigL(model, opt, total_steps=20, update_interval=5)
     >>> x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
-    >>> for _ in range(40):
+    >>> for _ in range(20):
     ...     opt.zero_grad()
     ...     torch.nn.functional.cross_entropy(model(x), y).backward()
     ...     opt.step()
     ...     rigl.step()
     >>> [h["step"] for h in sg.plan_of(model).history]       # updates until 75% of training
-    [10, 20]
+    [5, 10]
 
 What the methods do at an update step t (every `update_interval` steps):
 

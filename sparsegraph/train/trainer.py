@@ -4,8 +4,10 @@
   checkpoint.sgm   the model (sg.load-able) with optimizer, sparsity-schedule and RNG state
   metrics.jsonl    one JSON object per logged step (train loss, val loss/accuracy, density, lr)
   curves.png       the curves drawn from metrics.jsonl
-Checkpoints are written atomically; an interrupted run (Ctrl-C, SIGINT) keeps the last one, and
-`--resume` continues to the same loss curve as an uninterrupted run with the same seed.
+Checkpoints are written atomically; an interrupted run (Ctrl-C, SIGINT, a kill) keeps the last one,
+and `--resume` continues to the same loss curve as an uninterrupted run with the same seed: it
+refuses a checkpoint trained with other settings, and drops a metrics line torn by a kill. A fresh
+run refuses a directory that already holds a run unless asked to replace it (`overwrite`).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..fsutil import OutputError, atomic_write, check_writable
 from ..graph import SparsegraphError
 from .supar import make_optimizer
 
@@ -55,11 +59,38 @@ class TrainConfig:
     seed: int = 0
     model_options: dict = field(default_factory=dict)  # e.g. {"n_layer": 2} for gpt-mini
 
+    def run_settings(self) -> dict:
+        """What a resumed run must share with its checkpoint: everything but the logging and saving
+        cadence (model, rewrite, seed, data, optimizer, schedules, steps), as JSON values."""
+        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in RESUME_FREE}))
+
     def fingerprint(self) -> str:
-        """What identifies the run's model: a checkpoint from another model is refused."""
-        key = {k: getattr(self, k) for k in ("model", "transform", "sparsity", "mask", "parameterization",
-                                              "model_options")}
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of `run_settings()`: a checkpoint of another run is refused."""
+        return hashlib.sha1(json.dumps(self.run_settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        """One clear error for settings that cannot run, named as the CLI option."""
+        for name in POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SparsegraphError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise SparsegraphError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps!r}")
+        for name in ("lr", "momentum", "weight_decay", "drop_fraction", "sparsity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SparsegraphError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+        if self.lr <= 0:
+            raise SparsegraphError(f"--lr must be positive, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise SparsegraphError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or constant")
+        if not isinstance(self.model_options, dict):
+            raise SparsegraphError(f"model_options must be a dict, got {type(self.model_options).__name__}")
+
+
+RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches")  # may change on --resume
+POSITIVE_INTS = ("steps", "batch_size", "block_size", "update_interval", "eval_interval", "eval_batches",
+                 "checkpoint_interval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,9 +151,12 @@ def make_task(cfg: TrainConfig, default: str) -> Task:
 def build(cfg: TrainConfig):
     """(model, optimizer, schedule, task) for a config: rewrite, SμPar, DST, SparseOpt."""
     import sparsegraph as sg
-    from ..models import builtin, load_model
+    from ..models import BUILTINS, builtin, load_model
 
     torch.manual_seed(cfg.seed)
+    if cfg.model_options and cfg.model not in BUILTINS:
+        raise SparsegraphError(f"--model-option applies to the built-in models ({', '.join(BUILTINS)}), "
+                               f"not {cfg.model}")
     spec = builtin(cfg.model, **cfg.model_options) if cfg.model_options else load_model(cfg.model)
     if spec.kind != "torch":
         raise SparsegraphError(f"{spec.name}: training needs a PyTorch model")
@@ -194,9 +228,18 @@ def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, ste
                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
 
 
+def _differences(saved: dict, cfg: TrainConfig) -> str:
+    theirs = json.loads(json.dumps({k: v for k, v in saved.items() if k not in RESUME_FREE}))
+    mine = cfg.run_settings()
+    diffs = [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(theirs) | set(mine))
+             if theirs.get(k) != mine.get(k)]
+    return "; ".join(diffs) or "its settings fingerprint differs"
+
+
 def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
     from ..io import read
 
+<<<<<<< HEAD
     _, state, extra = read(path)  # checked, no model built: the run already has its own
     if extra.get("fingerprint") != cfg.fingerprint():
         theirs = extra.get("config", {})
@@ -205,6 +248,16 @@ def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen
             f"s={theirs.get('sparsity')}, {theirs.get('parameterization')}); this run trains "
             f"{cfg.model}, {cfg.transform}, s={cfg.sparsity}, {cfg.parameterization}")
     model.load_state_dict(state)
+=======
+    saved = load(path, with_extra=True)
+    extra = saved.extra
+    if not isinstance(extra.get("config"), dict) or "step" not in extra:
+        raise SparsegraphError(f"{path} is not a checkpoint of `sparsegraph train` (no training state in it)")
+    if extra.get("fingerprint") != cfg.fingerprint():
+        raise SparsegraphError(f"{path} is a checkpoint of a different run: {_differences(extra['config'], cfg)} "
+                               "(resume with the same settings, or train into another directory)")
+    model.load_state_dict(saved.state_dict())
+>>>>>>> hardening
     optimizer.load_state_dict(extra["optimizer"])
     if schedule is not None and extra.get("schedule") is not None:
         schedule.load_state_dict(extra["schedule"])
@@ -217,24 +270,28 @@ def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen
 # the loop
 # ---------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> list[dict]:
-    """Train as configured; returns the logged metrics. `stop_after` ends early (tests, budgets)."""
-    if cfg.steps <= 0:
-        raise SparsegraphError(f"--steps must be positive, got {cfg.steps}")
-    if cfg.lr_schedule not in ("cosine", "constant"):
-        raise SparsegraphError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose cosine or constant")
-    os.makedirs(out_dir, exist_ok=True)
+          stop_after: int | None = None, overwrite: bool = False) -> list[dict]:
+    """Train as configured; returns the logged metrics. `stop_after` ends early (tests, budgets).
+
+    `resume` continues the run in `out_dir` from its checkpoint; otherwise `out_dir` must not hold
+    a run already, unless `overwrite` (its checkpoint, metrics and curves are then replaced)."""
+    cfg.validate()
+    ckpt, log_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, METRICS)
+    _check_run_dir(out_dir, resume, overwrite)
     model, optimizer, schedule, task = build(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt, log_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, METRICS)
+    os.makedirs(out_dir, exist_ok=True)
     start = 0
     if resume:
-        if not os.path.exists(ckpt):
-            raise SparsegraphError(f"--resume: no checkpoint in {out_dir}")
         start = load_checkpoint(ckpt, cfg, model, optimizer, schedule, gen)
         _truncate_log(log_path, start)
-    elif os.path.exists(log_path):
-        os.unlink(log_path)
+        if start >= cfg.steps:
+            warnings.warn(f"the run in {out_dir} already finished (step {start} of {cfg.steps}); nothing to train",
+                          stacklevel=2)
+    elif _run_files(out_dir):
+        warnings.warn(f"replacing the run in {out_dir} ({', '.join(_run_files(out_dir))})", stacklevel=2)
+        for name in _run_files(out_dir):
+            os.unlink(os.path.join(out_dir, name))
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -268,29 +325,70 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     return metrics
 
 
+RUN_FILES = (CHECKPOINT, METRICS, "curves.png")
+
+
+def _run_files(out_dir: str) -> list[str]:
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+
+
+def _check_run_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """Before any work: the directory can hold a run, and holds the right one."""
+    check_writable(out_dir, directory=True)
+    if resume and overwrite:
+        raise SparsegraphError("--resume continues a run and --overwrite replaces it: choose one")
+    if resume and not os.path.exists(os.path.join(out_dir, CHECKPOINT)):
+        raise SparsegraphError(f"--resume: no checkpoint in {out_dir}")
+    existing = _run_files(out_dir)
+    if not resume and not overwrite and existing:
+        raise SparsegraphError(f"{out_dir} already holds a run ({', '.join(existing)}): --resume continues it, "
+                               "--overwrite replaces it, or choose another directory")
+
+
 def _title(cfg: TrainConfig) -> str:
     what = cfg.transform or "dense"
     return f"{cfg.model} {what} s={cfg.sparsity:g} {cfg.dst} {cfg.parameterization}" + (" +SparseOpt" if cfg.sparseopt else "")
 
 
 def _append(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drop log lines past the checkpoint: they are trained again after a resume."""
+    """Rewrite the log with the steps up to the checkpoint's: later lines are trained again after a
+    resume, and a line torn by a kill is dropped."""
     if os.path.exists(path):
         keep = [r for r in read_metrics(path) if r["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+
+        atomic_write(path, write)
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a kill in the middle of a write) is
+    dropped; a bad line anywhere else is an error naming it."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                break
+            raise SparsegraphError(f"{path}, line {i + 1}: not a JSON record ({line[:40]!r})") from None
+    return records
 
 
 def _progress(enabled: bool, cfg: TrainConfig, start: int, end: int):
@@ -331,6 +429,7 @@ def plot_curves(metrics: list[dict], path: str, title: str = "") -> None:
         axes[0][1].plot([m["step"] for m in acc], [m["val_acc"] for m in acc], "o-")
         axes[0][1].set_xlabel("step"), axes[0][1].set_ylabel("validation accuracy")
     fig.tight_layout()
-    from ..io import atomic_write
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

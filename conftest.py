@@ -1,0 +1,15 @@
+"""Shared by the test suite and the package's doctests (`pytest tests --doctest-modules sparsegraph`).
+
+Doctests run in a fresh temporary directory, so the files their examples write (`wide.onnx`,
+`notes.txt`, ...) land there and nowhere else, with the same seed every time.
+"""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _doctests_in_a_temporary_directory(request):
+    if isinstance(request.node, pytest.DoctestItem):
+        request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
+        torch.manual_seed(0)
+    yield
