@@ -239,25 +239,13 @@ def _differences(saved: dict, cfg: TrainConfig) -> str:
 def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
     from ..io import read
 
-<<<<<<< HEAD
     _, state, extra = read(path)  # checked, no model built: the run already has its own
-    if extra.get("fingerprint") != cfg.fingerprint():
-        theirs = extra.get("config", {})
-        raise SparsegraphError(
-            f"{path} is a checkpoint of a different model ({theirs.get('model')}, {theirs.get('transform')}, "
-            f"s={theirs.get('sparsity')}, {theirs.get('parameterization')}); this run trains "
-            f"{cfg.model}, {cfg.transform}, s={cfg.sparsity}, {cfg.parameterization}")
-    model.load_state_dict(state)
-=======
-    saved = load(path, with_extra=True)
-    extra = saved.extra
     if not isinstance(extra.get("config"), dict) or "step" not in extra:
         raise SparsegraphError(f"{path} is not a checkpoint of `sparsegraph train` (no training state in it)")
     if extra.get("fingerprint") != cfg.fingerprint():
         raise SparsegraphError(f"{path} is a checkpoint of a different run: {_differences(extra['config'], cfg)} "
                                "(resume with the same settings, or train into another directory)")
-    model.load_state_dict(saved.state_dict())
->>>>>>> hardening
+    model.load_state_dict(state)
     optimizer.load_state_dict(extra["optimizer"])
     if schedule is not None and extra.get("schedule") is not None:
         schedule.load_state_dict(extra["schedule"])
