@@ -15,12 +15,13 @@ BatchNorm folds. A masked weight keeps its mask through a BatchNorm fold (the sc
 row); joined weights are stored dense (the union of ceil(1/rho) masks of density rho is nearly dense).
 Folding uses BatchNorm's running statistics: the folded model computes the eval-mode function and
 is returned in eval mode. Folded weights take the original weight's name, so the folded model has
-the dense original's parameters (with every BatchNorm folded into its conv).
+the dense original's parameters (with every BatchNorm folded into its conv). The module form (your
+own model) folds module by module with the same algebra: `fold_module.py`.
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("resnet-mini")
-    >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5).eval()
+    >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5, output="graph").eval()
     >>> folded = sg.fold(par)
     >>> x = spec.example_inputs[0]
     >>> torch.allclose(folded(x), par(x), rtol=1e-4, atol=1e-5)
