@@ -142,6 +142,20 @@ def test_export_of_lowered_convs():
     assert torch.allclose(ep.module()(x), low(x), rtol=1e-5, atol=1e-6)
 
 
+def test_factorized_graph_lowers_u_then_v(monkeypatch):
+    """V reads U's output: both products lower, V's op reading U's op."""
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    spec = builtin("gpt-mini", n_layer=1)
+    fact = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, mask="balanced_block:16",
+                       output="graph")
+    low = sg.lower(fact)
+    ops = _ops(low, SPARSE_OP)
+    assert len(ops) == len(fact.plan.sparse_weights) and any(n.args[0] in ops for n in ops)
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), fact(x), rtol=1e-4, atol=1e-5)
+
+
 def test_decisions_follow_the_cost_model():
     model = cm.load()
     ones = torch.ones(768, 768)
