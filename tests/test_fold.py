@@ -202,6 +202,14 @@ def test_module_form_keeps_factorized_with_nonlinearity():
     assert folded.plan.lowering["fold"]["rules"] == []
 
 
+def test_module_form_folds_before_lowering():
+    spec = builtin("gpt-mini", n_layer=1)
+    par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.75, mask="balanced_block:16")
+    low = sg.lower(par, target="triton")  # every branch lowered (decided without running a kernel)
+    with pytest.raises(sg.SparsegraphError, match="already lowered"):
+        sg.fold(low)
+
+
 @pytest.fixture(scope="module")
 def resnet18():
     torchvision = pytest.importorskip("torchvision")

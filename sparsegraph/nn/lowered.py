@@ -54,7 +54,7 @@ def is_lowered(module: nn.Module) -> bool:
 
 
 def sparse_product(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The lowered weight of `module` applied to x: (..., k) -> (..., n), or a convolution (N, C, H, W) -> (N, n, H', W')."""
+    """`module`'s lowered weight applied to x: (..., k) -> (..., n), or a convolution (N, C, H, W) -> (N, n, H', W')."""
     lay = module.weight_layout
     idx = [module._buffers[f"weight_{key}"] for key in INDEX]
     if lay.kernel is None:
@@ -65,8 +65,8 @@ def sparse_product(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
                                                lay.impl)
 
 
-class LoweredLinear(nn.Module):
-    """y = x W^T + b with W (n, k) block-sparse: `sparsegraph::sparse_linear`."""
+class Lowered(nn.Module):
+    """A layer that is a lowered weight and a bias: its forward is the op."""
 
     def __init__(self, values: nn.Parameter, index: dict[str, torch.Tensor], layout: SparseLayout,
                  bias: nn.Parameter | None = None):
@@ -79,13 +79,17 @@ class LoweredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         lay = self.weight_layout
-        density = self.weight_values.shape[0] * lay.block ** 2 / (lay.n * lay.k)
+        stored = self.weight_values.shape[0] * lay.block ** 2 / (lay.n * lay.k)
         fmt = "csr" if lay.block == 1 else f"bsr b={lay.block}"
         return (f"in={lay.k}, out={lay.n}, bias={self.bias is not None}, {fmt}, "
-                f"stored={min(density, 1.0):.4f}, impl={lay.impl}")
+                f"stored={min(stored, 1.0):.4f}, impl={lay.impl}")
 
 
-class LoweredConv2d(LoweredLinear):
+class LoweredLinear(Lowered):
+    """y = x W^T + b with W (n, k) block-sparse: `sparsegraph::sparse_linear`."""
+
+
+class LoweredConv2d(Lowered):
     """A 2-D convolution whose weight (n, C, kh, kw), viewed as (n, C kh kw), is block-sparse:
     `sparsegraph::sparse_conv2d`."""
 
@@ -95,5 +99,5 @@ class LoweredConv2d(LoweredLinear):
                 f"dilation={lay.dilation}")
 
 
-__all__ = ["INDEX", "SparseLayout", "LoweredLinear", "LoweredConv2d", "lower_weight_", "is_lowered",
+__all__ = ["INDEX", "SparseLayout", "Lowered", "LoweredLinear", "LoweredConv2d", "lower_weight_", "is_lowered",
            "sparse_product"]

@@ -74,7 +74,7 @@ def _set_weight(module: nn.Module, w: torch.Tensor, like: torch.Tensor) -> None:
     module.weight = nn.Parameter(w.to(like), requires_grad=like.requires_grad)
 
 
-def _pointwise_ok(kind: str, u: nn.Module) -> bool:
+def _composable(kind: str, u: nn.Module) -> bool:
     """U then V compose into one layer of U's kind: not for grouped convolutions."""
     return kind != "conv" or u.groups == 1
 
@@ -118,7 +118,7 @@ def fold_parallel(layer: nn.Module, path: str, folds: Folds) -> nn.Module | None
 
 def fold_factorized(module: SparseFactorized, path: str, folds: Folds) -> nn.Module | None:
     """W = V . U: one layer of the original kind, U's geometry, the module's bias."""
-    if hasattr(module, "uv_bn") or not _pointwise_ok(module.kind, module.u):
+    if hasattr(module, "uv_bn") or not _composable(module.kind, module.u):
         return None  # BatchNorm + ReLU between U and V: nothing to compose
     like = module.u.weight
     W, _ = compose(weight_of(module.u).detach().double(), weight_of(module.v).detach().double(), None, None,
@@ -137,7 +137,7 @@ def fold_doped(layer: nn.Module, path: str, folds: Folds) -> nn.Module | None:
         mask = layer._buffers.pop("weight_mask", None)
         layer.__class__ = base
         return mask_(layer, {"weight": mask}) if mask is not None else layer
-    if not _pointwise_ok(kind, layer.u):
+    if not _composable(kind, layer.u):
         return None
     UV, _ = compose(weight_of(layer.u).detach().double(), weight_of(layer.v).detach().double(), None, None,
                     _out_axis(kind))

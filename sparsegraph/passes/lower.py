@@ -47,8 +47,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..backends import cost_model as cm
-from ..nn import (LoweredConv2d, LoweredLinear, SparseDoped, SparseFactorized, SparseLayout, SparseParallel,
-                  bake_masks, lower_weight_)
+from ..nn import (LoweredConv2d, LoweredLinear, Masked, SparseDoped, SparseFactorized, SparseLayout, SparseParallel,
+                  bake_masks, is_lowered, lower_weight_)
 from ..nn.lowered import INDEX
 from ..nn.masked import standard_masked
 from ..backends.sparse_linear import block_mask_of, layout_tensors
@@ -388,13 +388,19 @@ def rewrite_layer(root: nn.Module, gm: fx.GraphModule, c: Candidate, choice: Lay
         return  # target="dense": every mask is multiplied in at the end (bake_masks)
     owner, _, leaf = c.name.rpartition(".")
     holder = root.get_submodule(owner)
+    if is_lowered(holder):
+        return  # an earlier product of the same weight (a layer called twice) lowered it
     parent = root.get_submodule(owner.rpartition(".")[0]) if owner else None
     own = isinstance(holder, (SparseParallel, SparseDoped))
     part = isinstance(parent, (SparseParallel, SparseFactorized, SparseDoped)) and \
         any(m is holder for m in parent.children())
     if leaf != "weight" or not (own or part or standard_masked(holder)):
+        reader = owner
+        while reader and not isinstance(root.get_submodule(reader), Masked):
+            reader = reader.rpartition(".")[0]
         choice.format, choice.block, choice.balanced = "dense", 0, False
-        choice.reason = f"kept masked: {type(holder).__name__}'s own forward reads {leaf}"
+        choice.reason = (f"kept masked: {type(root.get_submodule(reader)).__name__}'s own forward reads it, "
+                         "so no layer can be swapped for a lowered one")
         return
     values, index = packed(c, choice, holder.weight, holder.weight_mask)
     n, k = choice.shape
