@@ -1,6 +1,7 @@
 """`sg.export_onnx`: a (sparsified) PyTorch model -> an ONNX file for ONNX Runtime.
 
-1. The masks are multiplied into the weights (on a copy): `weight * mask` becomes one tensor.
+1. The masks are multiplied into the weights (on a copy): `weight * mask` becomes one tensor, in
+   the graph form and in the module form (your own model, its masked layers plain again).
 2. `torch.onnx.export(dynamo=True)` in eval mode, then the ONNX optimizer's constant folding and
    rewrite rules (BatchNormalization folded into Conv, ...) -- without its initializer
    deduplication, which merges distinct parameters that happen to be equal (every fresh
@@ -24,15 +25,20 @@ import torch.fx as fx
 
 from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, quiet, root_cause
 from .graph import SparsegraphError
+from .nn import bake_masks
 from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
+from .passes.products import module_form
 from .plan import plan_of
 
 LOWER_MODES = ("dense", "ort-block", "ort-sparse")
 
 
 def multiply_masks(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a sparsegraph GraphModule whose `weight * weight_mask` products are single
-    weights (the masks removed); other modules are returned as they are."""
+    """A copy of a sparsegraph model whose `weight * weight_mask` products are single weights (the
+    masks removed): the graph form's products, or the module form's masked modules (`bake_masks`);
+    other modules are returned as they are."""
+    if module_form(model):
+        return bake_masks(copy.deepcopy(model))
     if not isinstance(model, fx.GraphModule):
         return model
     gm = copy.deepcopy(model)

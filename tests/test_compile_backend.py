@@ -11,6 +11,9 @@ from sparsegraph.backends import compile as sgc
 from sparsegraph.models import builtin
 from sparsegraph.models.gpt import loss_fn
 
+from .onnx_checks import randomize_batch_norms
+from .test_lower import _sparse_wins
+
 SPARSE = "sparsegraph.sparse_linear"
 
 
@@ -43,8 +46,9 @@ def test_backend_is_registered_by_entry_point():
 
 
 def test_gpt_sparse_wide_matches_eager_with_gradients():
-    spec = builtin("gpt-mini", n_layer=2)
-    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=2)
+    spec = builtin("gpt-mini", n_layer=2)  # at s = 0.9 attention is wider than the residual stream: graph form only
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=2,
+                       output="graph")
     fast = torch.compile(wide, backend="sparsegraph")
     x = spec.example_inputs[0]
     y = torch.randint(0, 256, x.shape, generator=torch.Generator().manual_seed(0))
@@ -67,6 +71,7 @@ def test_gpt_sparse_wide_matches_eager_with_gradients():
 
 
 def test_resnet_sparse_wide_matches_eager_with_gradients():
+    """The module form (your ResNet, MaskedConv2d layers) through Inductor, in training mode."""
     spec = builtin("resnet-mini")
     wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8", seed=2)
     x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -135,3 +140,67 @@ def test_changed_masks_are_relowered():
     assert len(sgc.LOG) == compiled + 1 and sgc.LOG[-1]["lowering"]["formats"] == {"bsr": 1}  # re-lowered, sparse
     assert torch.allclose(y, model(x), atol=1e-5)
     assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module form, every family: Dynamo hands the backend each layer's weight * mask
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+EAGER = sgc.make_backend("auto", compiler=lambda gm, inputs, record: gm)  # lowered, then run without Inductor
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _check_compiled(model, inputs, backend=EAGER):
+    """torch.compile(model) (eval mode) against a copy run eagerly: outputs, every parameter's
+    gradient, and every sparse weight lowered in the graphs the backend received."""
+    eager = copy.deepcopy(model)
+    fast = torch.compile(model, backend=backend)
+    a, b = _logits(fast(*inputs)), _logits(eager(*inputs))
+    assert torch.allclose(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    compiled, want = _grads(model), _grads(eager)
+    assert compiled.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(compiled[k], want[k], rtol=1e-4, atol=1e-6), k
+    records = [r for e in sgc.LOG for r in e["lowering"]["layers"].values()]  # each compilation's choices
+    assert all(r["format"] != "dense" for r in records), records
+    assert {r["weight"] for r in records} == {w.name for w in sg.plan_of(model).sparse_weights}
+
+
+@pytest.mark.parametrize("name", ["gpt-mini", "resnet-mini"])
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_module_form_families_match_eager(monkeypatch, name, transform):
+    from sparsegraph.backends import cost_model
+
+    monkeypatch.setattr(cost_model, "load", _sparse_wins)
+    spec = builtin("gpt-mini", n_layer=1) if name == "gpt-mini" else builtin("resnet-mini")
+    mask = "balanced_block:16" if name == "gpt-mini" else "balanced_block:8"
+    model = sg.sparsify(spec.model, spec.example_inputs, transform, 0.75, mask=mask, seed=1).eval()
+    randomize_batch_norms(model)
+    _check_compiled(model, spec.example_inputs)
+
+
+def test_module_form_torchvision_resnet18(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    from sparsegraph.backends import cost_model
+
+    monkeypatch.setattr(cost_model, "load", _sparse_wins)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = sg.sparsify(torchvision.models.resnet18(num_classes=10), (x,), "sparse_doped", 0.75,
+                        mask="balanced_block:16").eval()
+    randomize_batch_norms(model)
+    _check_compiled(model, (x,))
+
+
+def test_module_form_hf_gpt2(monkeypatch):
+    from sparsegraph.backends import cost_model
+    from tests.conftest import hf_model
+
+    monkeypatch.setattr(cost_model, "load", _sparse_wins)
+    dense = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
+    x = torch.randint(0, 100, (2, 16))
+    _check_compiled(sg.sparsify(dense, (x,), "sparse_parallel", 0.75, mask="balanced_block:16").eval(), (x,))

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import sparsegraph as sg
 from sparsegraph.models import builtin
+from sparsegraph.nn import SparseFactorized
 
 
 def _spec(name):
@@ -46,9 +47,10 @@ def _shapes(model):
 @pytest.mark.parametrize("transform", ["sparse_parallel", "sparse_factorized", "sparse_doped"])
 def test_fold_matches_and_restores_dense_architecture(name, transform):
     spec, graph, dense_shapes = _captured(name)
-    model = sg.sparsify(spec.model, spec.example_inputs, transform, 0.75, seed=3, graph=graph).eval()
+    model = sg.sparsify(spec.model, spec.example_inputs, transform, 0.75, seed=3, graph=graph, output="graph").eval()
     _randomise_norms(model)
     folded = sg.fold(model)
+    assert isinstance(folded, torch.fx.GraphModule)
     x = spec.example_inputs[0]
     with torch.no_grad():
         assert _rel(folded(x), model(x)) < 1e-5
@@ -65,7 +67,7 @@ def test_fold_matches_and_restores_dense_architecture(name, transform):
 
 def test_sparse_wide_keeps_masks_through_batchnorm():
     spec, graph, _ = _captured("resnet-mini")
-    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, graph=graph).eval()
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, graph=graph, output="graph").eval()
     _randomise_norms(wide)
     folded = sg.fold(wide)
     x = spec.example_inputs[0]
@@ -81,7 +83,7 @@ def test_sparse_wide_keeps_masks_through_batchnorm():
 def test_factorized_with_nonlinearity_is_not_composed():
     spec, graph, _ = _captured("resnet-mini")
     model = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, factorized_bn=True,
-                        graph=graph).eval()
+                        graph=graph, output="graph").eval()
     _randomise_norms(model)
     folded = sg.fold(model)
     x = spec.example_inputs[0]
@@ -136,9 +138,99 @@ def test_hf_gpt2_conv1d_layers_fold(transform):
 
     model = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
     x = torch.randint(0, 100, (2, 16))
-    sparse = sg.sparsify(model, (x,), transform, 0.75).eval()
+    sparse = sg.sparsify(model, (x,), transform, 0.75, output="graph").eval()
     folded = sg.fold(sparse)
     with torch.no_grad():
         a, b = (out.logits if hasattr(out, "logits") else out for out in (folded(x), sparse(x)))
         assert _rel(a, b) < 1e-5
     assert _shapes(folded) == _shapes(sg.fold(model, (x,)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the module form: your own model back, its sparsegraph layers folded into plain layers
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+RULES = {"sparse_wide": set(), "sparse_parallel": {"sum"}, "sparse_factorized": {"compose"},
+         "sparse_doped": {"compose", "sum"}}
+
+
+def _tree(model):
+    """Every module's path and class, and every state tensor's name and shape (the plan holder aside)."""
+    return ({p: type(m) for p, m in model.named_modules() if not p.startswith("sparsegraph_plan")},
+            {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("sparsegraph_plan")})
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _check_module_fold(dense, model, x, transform):
+    """sg.fold on the module form of `dense`: the same function (eval), and the dense original's
+    architecture (every module's class, every parameter and buffer) unless there is nothing to fold."""
+    before = _tree(model)
+    folded = sg.fold(model)
+    with torch.no_grad():
+        assert _rel(_logits(folded(x)), _logits(model(x))) < 1e-5
+    assert type(folded) is type(dense) and not folded.training
+    assert _tree(folded) == (before if transform == "sparse_wide" else _tree(dense))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dense.modules())
+    expected = RULES[transform] | ({"batchnorm"} if transform == "sparse_parallel" and has_bn else set())
+    assert set(folded.plan.lowering["fold"]["rules"]) == expected
+    assert _tree(model) == before and model.plan.lowering == {}  # the input model is untouched
+
+
+@pytest.mark.parametrize("name", ["resnet-mini", "gpt-mini"])
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_module_form_folds_to_the_dense_architecture(name, transform):
+    spec, graph, _ = _captured(name)
+    model = sg.sparsify(spec.model, spec.example_inputs, transform, 0.75, seed=3, graph=graph).eval()
+    _randomise_norms(model)  # per-branch BatchNorms too
+    _check_module_fold(spec.model, model, spec.example_inputs[0], transform)
+
+
+def test_module_form_keeps_factorized_with_nonlinearity():
+    spec, graph, _ = _captured("resnet-mini")
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, factorized_bn=True,
+                        graph=graph).eval()
+    _randomise_norms(model)
+    folded = sg.fold(model)
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert _rel(folded(x), model(x)) < 1e-5
+    assert _tree(folded) == _tree(model)  # BN + ReLU between U and V: every factorized layer kept
+    assert isinstance(folded.layers[0][0].conv1, SparseFactorized)
+    assert folded.plan.lowering["fold"]["rules"] == []
+
+
+def test_module_form_folds_before_lowering():
+    spec = builtin("gpt-mini", n_layer=1)
+    par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.75, mask="balanced_block:16")
+    low = sg.lower(par, target="triton")  # every branch lowered (decided without running a kernel)
+    with pytest.raises(sg.SparsegraphError, match="already lowered"):
+        sg.fold(low)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, x, sg.capture(model, (x,))
+
+
+@pytest.mark.parametrize("transform", FAMILIES[1:])
+def test_module_form_torchvision_resnet18_folds(resnet18, transform):
+    dense, x, graph = resnet18
+    model = sg.sparsify(dense, (x,), transform, 0.75, graph=graph).eval()
+    _randomise_norms(model)
+    _check_module_fold(dense, model, x, transform)
+
+
+@pytest.mark.parametrize("transform", FAMILIES[1:])
+def test_module_form_hf_gpt2_folds(transform):
+    from tests.conftest import hf_model
+
+    dense = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
+    x = torch.randint(0, 100, (2, 16))
+    model = sg.sparsify(dense, (x,), transform, 0.75).eval()
+    _check_module_fold(dense, model, x, transform)

@@ -7,7 +7,10 @@ import sparsegraph as sg
 from sparsegraph.backends import cost_model as cm
 from sparsegraph.models import builtin
 from sparsegraph.models.gpt import loss_fn
+from sparsegraph.nn import LoweredConv2d, LoweredLinear, layer_kind
 from sparsegraph.passes.lower import LoweringError, decide
+
+from .onnx_checks import randomize_batch_norms
 
 SPARSE_OP = torch.ops.sparsegraph.sparse_linear.default
 CONV_OP = torch.ops.sparsegraph.sparse_conv2d.default
@@ -28,7 +31,8 @@ def _ops(gm, target):
 @pytest.fixture(scope="module")
 def gpt_wide():
     spec = builtin("gpt-mini", n_layer=2)
-    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=1)
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32", seed=1,
+                        output="graph")
     return spec, model
 
 
@@ -74,7 +78,7 @@ def test_lowered_gpt_trains_like_the_masked_model(gpt_wide):
 
 def test_uniform_masks_lower_to_csr_or_stay_dense():
     spec = builtin("gpt-mini", n_layer=1)
-    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9)
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, output="graph")
     low = sg.lower(wide)
     x = spec.example_inputs[0]
     with torch.no_grad():
@@ -88,7 +92,8 @@ def test_uniform_masks_lower_to_csr_or_stay_dense():
 
 def test_sparse_wide_resnet_convs_lower():
     spec = builtin("resnet-mini")
-    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8").eval()
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8",
+                       output="graph").eval()
     g = torch.Generator().manual_seed(0)
     for m in wide.modules():  # non-trivial statistics so every conv matters to the output
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -128,12 +133,27 @@ def test_export_of_lowered_model(gpt_wide):
 
 def test_export_of_lowered_convs():
     spec = builtin("resnet-mini")
-    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8").eval()
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:8",
+                       output="graph").eval()
     low = sg.lower(wide, example_inputs=(torch.randn(16, 1, 16, 16),))
     x = spec.example_inputs[0]
     ep = torch.export.export(low, (x,))
     assert any(n.target is CONV_OP for n in ep.graph.nodes)
     assert torch.allclose(ep.module()(x), low(x), rtol=1e-5, atol=1e-6)
+
+
+def test_factorized_graph_lowers_u_then_v(monkeypatch):
+    """V reads U's output: both products lower, V's op reading U's op."""
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    spec = builtin("gpt-mini", n_layer=1)
+    fact = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, mask="balanced_block:16",
+                       output="graph")
+    low = sg.lower(fact)
+    ops = _ops(low, SPARSE_OP)
+    assert len(ops) == len(fact.plan.sparse_weights) and any(n.args[0] in ops for n in ops)
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), fact(x), rtol=1e-4, atol=1e-5)
 
 
 def test_decisions_follow_the_cost_model():
@@ -178,10 +198,163 @@ def test_hf_gpt2_addmm_layers_lower():
 
     model = hf_model("gpt2", n_layer=1, n_embd=256, n_head=4, vocab_size=100, n_positions=64)
     x = torch.randint(0, 100, (4, 32))
-    wide = sg.sparsify(model, (x,), "sparse_wide", 0.75, mask="balanced_block:32")
+    wide = sg.sparsify(model, (x,), "sparse_wide", 0.75, mask="balanced_block:32", output="graph")
     low = sg.lower(wide)
     assert set(low.plan.lowering["formats"]) == {"bsr"}
     with torch.no_grad():
         a, b = low(x), wide(x)
     a, b = (t.logits if hasattr(t, "logits") else t[0] if isinstance(t, (tuple, list)) else t for t in (a, b))
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module form: your own model back, masked layers swapped for sparsegraph.nn.lowered modules
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+
+
+def _sparse_wins():
+    """A cost model under which every sparse format beats dense, so every masked layer is lowered."""
+    fast = 1e18
+    return cm.CostModel(c_sparse=0.0, bw_sparse=fast, bw_csr=fast, bw_copy=fast, flops_sparse={"1": fast},
+                        flops_cols={"1": fast})
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check_lowered(model, low, inputs):
+    """`low` = sg.lower(model) on the module form (eval): your class, every sparse weight lowered (the
+    dense weight and mask gone), the same function, the masked model's gradients on the stored blocks,
+    and after one SGD step on both, still the same function."""
+    from sparsegraph.backends.cpu import pack
+
+    assert type(low) is type(model)
+    layers = low.plan.lowering["layers"]
+    assert set(layers) == {w.name for w in model.plan.sparse_weights}
+    assert all(rec["format"] != "dense" for rec in layers.values()), layers
+    state = low.state_dict()
+    assert not [k for k in state if k.endswith("_mask")]
+    assert all(f"{name}_values" in state and name not in state for name in layers)
+    with torch.no_grad():
+        assert _rel(_logits(low(*inputs)), _logits(model(*inputs))) < 1e-5
+    model.zero_grad()
+    _logits(low(*inputs)).square().mean().backward()
+    _logits(model(*inputs)).square().mean().backward()
+    masked, lowered = dict(model.named_parameters()), dict(low.named_parameters())
+    for name, rec in layers.items():
+        grad = masked[name].grad
+        holder = model.get_submodule(name.rpartition(".")[0])
+        matrix = grad.t() if layer_kind(holder) == "conv1d_hf" else grad.reshape(grad.shape[0], -1)
+        want = pack(matrix, state[f"{name}_crow"], state[f"{name}_col"], rec["block"])
+        assert torch.allclose(lowered[f"{name}_values"].grad, want, rtol=1e-4, atol=1e-6), name
+    for m in (model, low):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        assert _rel(_logits(low(*inputs)), _logits(model(*inputs))) < 1e-5
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("name", ["gpt-mini", "resnet-mini"])
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_module_form_lowers_every_family(monkeypatch, name, transform):
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    spec = builtin("gpt-mini", n_layer=1) if name == "gpt-mini" else builtin("resnet-mini")
+    mask = "balanced_block:16" if name == "gpt-mini" else "balanced_block:8"
+    model = sg.sparsify(spec.model, spec.example_inputs, transform, 0.75, mask=mask, seed=1).eval()
+    randomize_batch_norms(model)
+    low = sg.lower(model)
+    kinds = {type(m) for m in low.modules()}
+    assert (LoweredConv2d if name == "resnet-mini" else LoweredLinear) in kinds or transform == "sparse_doped"
+    _check_lowered(model, low, spec.example_inputs)
+
+
+@pytest.fixture(scope="module")
+def gpt_wide_module():
+    # s = 0.75: d_model 128 -> 256 (at 0.9 the plan widens attention to 408 but the residual stream to
+    # 404, which only the graph form can express)
+    spec = builtin("gpt-mini", n_layer=2)
+    return spec, sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32", seed=1)
+
+
+def test_module_form_lowered_gpt_runs_anywhere(monkeypatch, gpt_wide_module):
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    spec, wide = gpt_wide_module
+    low = sg.lower(wide)
+    assert type(low) is type(wide) and isinstance(low.h[0].mlp.c_fc, LoweredLinear)
+    assert isinstance(wide.h[0].mlp.c_fc, nn.Linear) and wide.plan.lowering == {}  # the input is untouched
+    x = spec.example_inputs[0]
+    for rec in low.plan.lowering["layers"].values():  # judged at the example's B*T rows
+        assert (rec["format"], rec["block"], rec["rows"]) == ("bsr", 32, x.numel())
+    x2 = torch.randint(0, 256, (3, 17))  # any batch size, any sequence length
+    with torch.no_grad():
+        assert torch.allclose(low(x2), wide(x2), rtol=1e-4, atol=1e-5)
+    ep = torch.export.export(low, (x,))
+    assert len(_ops(ep, SPARSE_OP)) == len(low.plan.lowering["layers"])
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), low(x), rtol=1e-5, atol=1e-6)
+
+
+def test_module_form_target_dense_bakes_masks(gpt_wide_module):
+    spec, wide = gpt_wide_module
+    low = sg.lower(wide, target="dense")
+    assert type(low.h[0].mlp.c_fc) is nn.Linear and not [b for b, _ in low.named_buffers() if b.endswith("_mask")]
+    assert all(r["format"] == "dense" for r in low.plan.lowering["layers"].values())
+    x = spec.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(low(x), wide(x), rtol=1e-5, atol=1e-6)
+
+
+def test_module_form_keeps_weights_read_by_another_forward(monkeypatch):
+    """nn.MultiheadAttention reads its own in_proj_weight and out_proj.weight: they stay masked."""
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.fc, self.out = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.attn(h, h, h, need_weights=False)[0]  # (B, T, 64)
+            return self.out(torch.relu(self.fc(h)))
+
+    x = torch.randn(2, 5, 16)
+    model = sg.sparsify(Net(), (x,), "sparse_wide", 0.75, mask="balanced_block:16", width=1.0)
+    low = sg.lower(model)
+    layers = low.plan.lowering["layers"]
+    assert layers["fc.weight"]["format"] == "bsr" and isinstance(low.fc, LoweredLinear)
+    for name in ("attn.in_proj_weight", "attn.out_proj.weight"):
+        assert layers[name]["format"] == "dense", layers[name]
+        assert layers[name]["reason"].startswith("kept masked: MaskedMultiheadAttention's own forward"), layers[name]
+    with torch.no_grad():
+        assert _rel(low(x), model(x)) < 1e-5
+
+
+def test_module_form_torchvision_resnet18_lowers(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = sg.sparsify(torchvision.models.resnet18(num_classes=10), (x,), "sparse_wide", 0.75,
+                        mask="balanced_block:16").eval()
+    randomize_batch_norms(model)
+    low = sg.lower(model)
+    assert isinstance(low.layer1[0].conv1, LoweredConv2d)
+    _check_lowered(model, low, (x,))
+
+
+@pytest.mark.parametrize("transform", FAMILIES[1:])  # Sparse Wide on GPT-2's module form: tests/test_sparse_ift
+def test_module_form_hf_gpt2_lowers(monkeypatch, transform):
+    from tests.conftest import hf_model
+
+    monkeypatch.setattr(cm, "load", _sparse_wins)
+    dense = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
+    x = torch.randint(0, 100, (2, 16))
+    model = sg.sparsify(dense, (x,), transform, 0.75, mask="balanced_block:16").eval()
+    _check_lowered(model, sg.lower(model), (x,))

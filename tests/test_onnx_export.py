@@ -42,11 +42,12 @@ def models():
     return out
 
 
-def _variant(models, model: str, family: str) -> tuple[torch.nn.Module, tuple]:
+def _variant(models, model: str, family: str, output: str = "module") -> tuple[torch.nn.Module, tuple]:
     spec, graph = models[model]
     if family == "dense":
         return spec.model.eval(), spec.example_inputs
-    m = sg.sparsify(spec.model, spec.example_inputs, family, 0.75, seed=0, graph=graph, **OPTIONS[model])
+    m = sg.sparsify(spec.model, spec.example_inputs, family, 0.75, seed=0, graph=graph, output=output,
+                    **OPTIONS[model])
     randomize_batch_norms(m)  # per-branch BatchNorms with statistics worth folding
     return m.eval(), spec.example_inputs
 
@@ -71,13 +72,22 @@ def _logits(model, inputs) -> np.ndarray:
     return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
 
 
+def _no_masks(path) -> bool:
+    proto = onnx.load(str(path))
+    names = [t.name for t in proto.graph.initializer] + [t.values.name for t in proto.graph.sparse_initializer]
+    return not any(n.endswith("_mask") for n in names)
+
+
 @pytest.mark.parametrize("model", ["gpt-mini", "resnet-mini"])
 @pytest.mark.parametrize("family", ("dense",) + FAMILIES)
 def test_export_parity(models, tmp_path, model, family):
+    """The module form (your own class) of every family; graph forms: test_graph_form_export_parity."""
     m, inputs = _variant(models, model, family)
+    assert type(m) is type(models[model][0].model)
     with torch.no_grad():
         expected = m(*inputs).numpy()
     dense = sg.export_onnx(m, inputs, tmp_path / "dense.onnx")
+    assert _no_masks(dense)  # multiplied into the weights
     dense_flops = sg.analyze(models[model][0].model, inputs).dense_flops
     for mode in MODES:
         path = dense if mode == "dense" else str(tmp_path / f"{mode}.onnx")
@@ -109,13 +119,54 @@ def test_export_parity(models, tmp_path, model, family):
             assert rel_err(_ort(direct, inputs), expected) <= 1e-4
 
 
+@pytest.mark.parametrize("model, family", [("gpt-mini", "sparse_wide"), ("resnet-mini", "sparse_parallel")])
+def test_graph_form_export_parity(models, tmp_path, model, family):
+    m, inputs = _variant(models, model, family, output="graph")
+    with torch.no_grad():
+        expected = m(*inputs).numpy()
+    for mode in MODES:
+        path = sg.export_onnx(m, inputs, tmp_path / f"{mode}.onnx", lower=mode)
+        assert _no_masks(path) and sg.onnx.read_plan(path) == sg.plan_of(m)
+        assert rel_err(_ort(path, inputs), expected) <= 1e-4, mode
+
+
+def test_module_form_torchvision_resnet18(tmp_path):
+    """Stacked parallel branches (Concat, Split, a BatchNorm per chunk) fold like the graph form's."""
+    torchvision = pytest.importorskip("torchvision")
+    dense = torchvision.models.resnet18(num_classes=10).eval()
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    par = sg.sparsify(dense, x, "sparse_parallel", 0.75, mask="balanced_block:16")
+    randomize_batch_norms(par)
+    par.eval()
+    path = sg.export_onnx(par, x, tmp_path / "par.onnx", lower="ort-block")
+    check_written(path)
+    assert sg.onnx.read_plan(path) == sg.plan_of(par) and _no_masks(path)
+    with torch.no_grad():
+        assert rel_err(_ort(path, x), par(*x).numpy()) <= 1e-4
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert not ops & {"BatchNormalization", "Concat", "Split"}, ops  # every branch folded into one conv
+    assert sg.analyze(path).dense_flops == sg.analyze(dense, x).dense_flops
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:])  # Sparse Wide: test_hf_gpt2_parity (graph form)
+def test_module_form_hf_gpt2(tmp_path, family):
+    model = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
+    x = (torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    m = sg.sparsify(model, x, family, 0.75, mask="balanced_block:16").eval()
+    assert type(m) is type(model)
+    for mode in MODES:
+        path = sg.export_onnx(m, x, tmp_path / f"{mode}.onnx", lower=mode)
+        assert _no_masks(path) and sg.onnx.read_plan(path) == sg.plan_of(m)
+        assert rel_err(_ort(path, x), _logits(m, x)) <= 1e-4, mode
+
+
 def test_hf_gpt2_parity(tmp_path):
     """Hugging Face GPT-2 (Conv1D weights (in, out): Gemm without transB; 50257-token head)."""
     model = hf_model("gpt2", n_layer=2)
     x = (torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0)),)
     path = sg.export_onnx(model, x, tmp_path / "gpt2.onnx")
     assert rel_err(_ort(path, x), _logits(model, x)) <= 1e-4
-    wide = sg.sparsify(model, x, "sparse_wide", 0.75, mask="balanced_block:16", width=1.25).eval()
+    wide = sg.sparsify(model, x, "sparse_wide", 0.75, mask="balanced_block:16", width=1.25, output="graph").eval()
     expected = _logits(wide, x)
     dense = sg.export_onnx(wide, x, tmp_path / "gpt2_wide.onnx")
     assert rel_err(_ort(dense, x), expected) <= 1e-4
@@ -261,3 +312,31 @@ def test_export_onnx_is_the_function_whatever_was_imported_first():
 
     assert callable(sg.export_onnx) and sg.export_onnx.__name__ == "export_onnx"
     assert sg.onnx.read_plan.__module__ == "sparsegraph.onnx_api"
+
+
+@pytest.mark.parametrize("split, joined", [([2, 2], True), ([1, 3], False), (None, True)])
+def test_split_of_concat_is_its_pieces_only_when_the_sizes_match(split, joined):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsegraph.passes.onnx_fold import split_concat
+
+    inits = [numpy_helper.from_array(np.array(split, dtype=np.int64), "sizes")] if split else []
+    attrs = {"axis": 0} if split else {"axis": 0, "num_outputs": 2}
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["cat"], axis=0),
+         helper.make_node("Split", ["cat", "sizes"] if split else ["cat"], ["p", "q"], **attrs),
+         helper.make_node("ReduceSum", ["p"], ["sp"], keepdims=0),
+         helper.make_node("ReduceSum", ["q"], ["sq"], keepdims=0),
+         helper.make_node("Sub", ["sp", "sq"], ["y"])],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"a": np.random.rand(2, 3).astype(np.float32), "b": np.random.rand(2, 3).astype(np.float32)}
+    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    model = sg.onnx.load(proto)
+    assert split_concat(model) == joined
+    after = ir.serde.serialize_model(model)
+    ops = {n.op_type for n in after.graph.node}
+    assert ("Concat" in ops) != joined and ("Split" in ops) != joined
+    np.testing.assert_allclose(run(after), run(proto), rtol=1e-6)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .product import layer_kind, product, weight_of
+from .product import apply, layer_kind
 
 
 class SparseFactorized(nn.Module):
@@ -23,18 +23,19 @@ class SparseFactorized(nn.Module):
                  uv_bn: nn.Module | None = None):
         super().__init__()
         self.kind, self.u, self.v = kind, u, v
+        self.rank = u.weight.shape[1 if kind == "conv1d_hf" else 0]
         self.bias = bias
         if uv_bn is not None:
             self.uv_bn = uv_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = product(self.kind, self.u, x, weight_of(self.u), None)  # (..., d)
+        h = apply(self.kind, self.u, x, None)  # (..., d)
         if hasattr(self, "uv_bn"):
             h = F.relu(self.uv_bn(h))
-        return product(self.kind, self.v, h, weight_of(self.v), self.bias)
+        return apply(self.kind, self.v, h, self.bias)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, rank={self.u.weight.shape[1 if self.kind == 'conv1d_hf' else 0]}"
+        return f"kind={self.kind}, rank={self.rank}"
 
 
 class SparseDoped:
@@ -42,10 +43,10 @@ class SparseDoped:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = layer_kind(self)
-        y = product(kind, self, x, weight_of(self), self.bias)
+        y = apply(kind, self, x, self.bias)
         if "u" not in self._modules:  # rank 0: S alone
             return y
-        return y + product(kind, self.v, product(kind, self.u, x, weight_of(self.u), None), weight_of(self.v), None)
+        return y + apply(kind, self.v, apply(kind, self.u, x, None), None)
 
 
 @functools.cache

@@ -63,6 +63,11 @@ def _swapped_forward(self, *args, **kwargs):
             mod._parameters[leaf] = p
 
 
+def standard_masked(module: nn.Module) -> bool:
+    """A masked standard layer: its own forward is its product with `weight * weight_mask`."""
+    return isinstance(module, Masked) and type(module).forward is not _swapped_forward
+
+
 class Masked:
     """Mixin of every masked class: `masked_params` are the parameter paths (relative to this
     module) its forward reads as `weight * mask`; each mask is a buffer beside its weight."""
@@ -127,4 +132,17 @@ def unmask(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["Masked", "mask_", "masked_class", "masked_tensor", "unmask"]
+def bake_masks(model: nn.Module) -> nn.Module:
+    """Multiply every mask of `model` into its weight, in place: masked modules become their own
+    class again (`unmask`), and a `<name>_mask` buffer beside a parameter (the parts of Sparse
+    Parallel, Factorized and Doped layers) is multiplied in and dropped. Returns `model`."""
+    for module in list(model.modules()):
+        unmask(module)
+    with torch.no_grad():
+        for module in model.modules():
+            for name in [b for b in module._buffers if b.endswith("_mask") and b[:-5] in module._parameters]:
+                module._parameters[name[:-5]].mul_(module._buffers.pop(name))
+    return model
+
+
+__all__ = ["Masked", "bake_masks", "mask_", "masked_class", "masked_tensor", "standard_masked", "unmask"]

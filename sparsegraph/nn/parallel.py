@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from .product import layer_kind, product, weight_of
+from .product import apply, layer_kind
 
 
 class SparseParallel:
@@ -25,7 +25,7 @@ class SparseParallel:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = layer_kind(self)
-        outs = [product(kind, b, x, weight_of(b), self.bias if b is self else None) for b in self.branches()]
+        outs = [apply(kind, b, x, self.bias if b is self else None) for b in self.branches()]
         return torch.cat(outs, 0) if self.stacked else functools.reduce(torch.add, outs)  # (n·B, ...) or (B, ...)
 
 

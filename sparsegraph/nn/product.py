@@ -4,7 +4,8 @@ Three layer kinds carry a weight matrix that sparsegraph rewrites: `linear` (`nn
 subclasses; W (out, in)), `conv` (`nn.Conv1d/2d/3d`; W (out, in/groups, *kernel)) and `conv1d_hf`
 (Hugging Face's `Conv1D`, GPT-2's linear layer; W (in, out)). Every module in `sparsegraph.nn`
 computes through `product(kind, layer, x, weight, bias)`, so a layer's parameters can live in one
-module while the product is taken in another (parallel branches, U/V factors).
+module while the product is taken in another (parallel branches, U/V factors); `apply` is that
+product with the layer's own weight as its forward uses it, masked or lowered (`lowered.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .lowered import is_lowered, sparse_product
 
 
 def hf_conv1d() -> type | None:
@@ -52,6 +55,14 @@ def weight_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return w if mask is None else w * mask
 
 
+def apply(kind: str, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`layer`'s op on x with its own weight (`weight * weight_mask`, or the sparse kernel of a
+    lowered weight) and `bias`."""
+    if is_lowered(layer):
+        return sparse_product(layer, x, bias)
+    return product(kind, layer, x, weight_of(layer), bias)
+
+
 def plain_like(kind: str, layer: nn.Module, weight: torch.Tensor, pointwise: bool = False) -> nn.Module:
     """A bias-free layer of `layer`'s kind holding `weight` (its shape sets the sizes); `pointwise`
     makes a conv 1x1 with stride 1 (the V factor of a factorized convolution)."""
@@ -72,4 +83,4 @@ def plain_like(kind: str, layer: nn.Module, weight: torch.Tensor, pointwise: boo
     return new
 
 
-__all__ = ["hf_conv1d", "layer_kind", "plain_like", "product", "weight_of"]
+__all__ = ["apply", "hf_conv1d", "layer_kind", "plain_like", "product", "weight_of"]

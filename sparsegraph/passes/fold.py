@@ -15,12 +15,13 @@ BatchNorm folds. A masked weight keeps its mask through a BatchNorm fold (the sc
 row); joined weights are stored dense (the union of ceil(1/rho) masks of density rho is nearly dense).
 Folding uses BatchNorm's running statistics: the folded model computes the eval-mode function and
 is returned in eval mode. Folded weights take the original weight's name, so the folded model has
-the dense original's parameters (with every BatchNorm folded into its conv).
+the dense original's parameters (with every BatchNorm folded into its conv). The module form (your
+own model) folds module by module with the same algebra: `fold_module.py`.
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("resnet-mini")
-    >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5).eval()
+    >>> par = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.5, output="graph").eval()
     >>> folded = sg.fold(par)
     >>> x = spec.example_inputs[0]
     >>> torch.allclose(folded(x), par(x), rtol=1e-4, atol=1e-5)
@@ -42,7 +43,7 @@ from ..capture import _get_attr, _has_attr, _pop_attr, _set_attr
 from ..graph import SparsegraphError
 from ..plan import SparsityPlan, attach_plan, plan_of
 from .manager import Pass, PassManager, PassResult
-from .products import Product, WeightExpr, as_product, captured_copy, rebuild, weight_expr
+from .products import Product, WeightExpr, as_product, captured_copy, module_form, rebuild, weight_expr
 
 aten = torch.ops.aten
 
@@ -169,16 +170,46 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _out_shape(t: torch.Tensor, p: Product) -> list[int]:
-    """Broadcast shape of a per-output vector against the weight."""
-    shape = [1] * t.dim()
-    shape[p.kind.out_axis] = -1
-    return shape
-
-
 def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
     old.replace_all_uses_with(new)
     graph.erase_node(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# the algebra, in float64 (also the module form's, fold_module.py)
+# ---------------------------------------------------------------------------------------------
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with BatchNorm(y) = s y + t per channel in eval mode: s = gamma / sqrt(var + eps), t = beta - mean s."""
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (C,)
+    return scale, beta - mean * scale
+
+
+def scale_out(w: torch.Tensor, s: torch.Tensor, out_axis: int) -> torch.Tensor:
+    """w with every output (row of axis `out_axis`) multiplied by its entry of s."""
+    shape = [1] * w.dim()
+    shape[out_axis] = -1
+    return w * s.view(shape)
+
+
+def compose(U: torch.Tensor, V: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, out_axis: int
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, bias) of the one product equal to V applied after U: V(U x + b1) + b2, V pointwise.
+    Weights as the ops hold them: out_axis 0 (linear, conv) or 1 (addmm/mm, Hugging Face Conv1D)."""
+    if U.dim() > 2:  # conv: U (d, in, *k), V (out, d, 1, ...): W[o] = sum_d V[o, d] U[d]
+        v2 = V.reshape(V.shape[0], V.shape[1])
+        W = torch.einsum("od,d...->o...", v2, U)
+        vb = v2 @ b1 if b1 is not None else None
+    elif out_axis == 0:  # linear: U (d, in), V (out, d)
+        W = V @ U
+        vb = V @ b1 if b1 is not None else None
+    else:  # addmm/mm: U (in, d), V (d, out)
+        W = U @ V
+        vb = b1 @ V if b1 is not None else None
+    parts = [b for b in (vb, b2) if b is not None]
+    return W, (sum(parts) if parts else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,14 +231,11 @@ def fold_batchnorm(st: FoldState, node: fx.Node) -> bool:
         return False
     if not p.is_conv and p.kind.name in ("linear", "matmul") and _rank(src) != 2:
         return False  # BatchNorm1d normalises dim 1, the features only for 2-D outputs
-    mean, var = bn.running_mean.double(), bn.running_var.double()
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(mean)
-    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)  # (C,)
+    scale, shift = bn_affine(bn)  # (C,) each
     w_old = st.tensor(we.param)
-    w_new = w_old.double() * scale.view(_out_shape(w_old, p))
-    b_old = st.tensor(p.bias).double() if p.bias is not None else torch.zeros_like(mean)
-    b_new = (b_old - mean) * scale + beta
+    w_new = scale_out(w_old.double(), scale, p.kind.out_axis)
+    b_old = st.tensor(p.bias).double() if p.bias is not None else torch.zeros_like(scale)
+    b_new = b_old * scale + shift
     graph = st.gm.graph
     with graph.inserting_before(src):
         w_node = st.new_param(graph, w_new, w_old, st.final_name(we.param), st.origin.get(we.param.target))
@@ -235,25 +263,14 @@ def fold_compose(st: FoldState, node: fx.Node) -> bool:
     if (uv := st.joinable(p1, p2)) is None:
         return False
     u, v = uv
-    U, V = st.effective(u), st.effective(v)
-    b1 = st.tensor(p1.bias).double() if p1.bias is not None else None
-    b2 = st.tensor(p2.bias).double() if p2.bias is not None else None
-    if p1.is_conv:  # U (d, in, *k), V (out, d, 1, ...): W[o] = sum_d V[o, d] U[d]
-        v2 = V.reshape(V.shape[0], V.shape[1])
-        W = torch.einsum("od,d...->o...", v2, U)
-        bias = (v2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
-    elif p1.kind.out_axis == 0:  # linear: U (d, in), V (out, d)
-        W = V @ U
-        bias = (V @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
-    else:  # addmm/mm: U (in, d), V (d, out)
-        W = U @ V
-        bias = (b1 @ V if b1 is not None else 0) + (b2 if b2 is not None else 0)
+    b1, b2 = (st.tensor(p.bias).double() if p.bias is not None else None for p in (p1, p2))
+    W, bias = compose(st.effective(u), st.effective(v), b1, b2, p1.kind.out_axis)
     source = st.source(u)
     like = st.tensor(u.param)
     graph = st.gm.graph
     with graph.inserting_before(p1.node):
         w_node = st.new_param(graph, W, like, source, source)
-        b_node = st.new_param(graph, bias, like, _bias_name(source), None) if isinstance(bias, torch.Tensor) else None
+        b_node = st.new_param(graph, bias, like, _bias_name(source), None) if bias is not None else None
         out = rebuild(graph, p1, p1.x, w_node, b_node)
     _replace(graph, node, out)
     graph.erase_node(p1.node)
@@ -338,14 +355,21 @@ def make_passes(st: FoldState) -> list[Pass]:
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
-def fold(model: nn.Module, example_inputs: Any = None, max_rounds: int = 20) -> fx.GraphModule:
+def fold(model: nn.Module, example_inputs: Any = None, max_rounds: int = 20) -> nn.Module:
     """Fold a model back to dense layers of the original size where the algebra allows (see module doc).
 
-    `model` is a sparsegraph model (an `fx.GraphModule` from `sg.sparsify`, with its plan) or any
-    `nn.Module` (captured with `example_inputs`; then only BatchNorm folds). The input is not
-    modified; the result is a new module in eval mode whose plan records the folds in
-    `plan.lowering["fold"]`.
+    `model` is a sparsegraph model or any `nn.Module`. The module form of `sg.sparsify` (your own
+    class, with its plan) gives a copy of itself, same class, its Sparse Parallel, Factorized and
+    Doped layers folded (`fold_module.py`; `example_inputs`, default the model's own, find the norm
+    after each parallel layer). The graph form (an `fx.GraphModule`) gives a GraphModule folded by
+    the rules above; any other module is captured with `example_inputs`, and then only BatchNorm
+    folds. The input is not modified; the result is in eval mode, and its plan records the folds
+    in `plan.lowering["fold"]`.
     """
+    if module_form(model):
+        from .fold_module import fold_module  # it imports this module's algebra
+
+        return fold_module(model, example_inputs)
     plan = plan_of(model)
     gm, inputs = captured_copy(model, example_inputs, "fold", FoldError)
     gm.eval()
@@ -364,4 +388,4 @@ def fold(model: nn.Module, example_inputs: Any = None, max_rounds: int = 20) -> 
     return gm.eval()
 
 
-__all__ = ["fold", "RULES", "FoldState", "FoldError", "make_passes"]
+__all__ = ["fold", "RULES", "FoldState", "FoldError", "make_passes", "bn_affine", "scale_out", "compose"]

@@ -18,10 +18,16 @@ stores its weight as a trainable (nnzb, b, b) `<weight>_values` parameter beside
 buffers; the dense weight and its mask are dropped. Convolutions lower through an im2col view
 (`sparsegraph::sparse_conv2d`: a direct kernel on CPU). Everything else in the graph is untouched.
 
+The module form (your own model, as `sg.sparsify` returns it) is captured to decide, with the same
+candidates and choices, and a copy of it is lowered module by module (`rewrite_layer`): the
+lowered layers are `sparsegraph.nn.lowered` modules calling the same ops, with the same
+`<weight>_values` and index names, and the model keeps its class.
+
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
-    >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32")
+    >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32",
+    ...                    output="graph")
     >>> low = sg.lower(wide)
     >>> low.plan.lowering["layers"]["h.0.mlp.c_fc.weight"]["format"]
     'bsr'
@@ -32,6 +38,7 @@ buffers; the dense weight and its mask are dropped. Convolutions lower through a
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -40,11 +47,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..backends import cost_model as cm
+from ..nn import (LoweredConv2d, LoweredLinear, Masked, SparseDoped, SparseFactorized, SparseLayout, SparseParallel,
+                  bake_masks, is_lowered, lower_weight_)
+from ..nn.lowered import INDEX
+from ..nn.masked import standard_masked
 from ..backends.sparse_linear import block_mask_of, layout_tensors
 from ..capture import _get_attr, _has_attr, _pop_attr, _set_attr
 from ..graph import SparsegraphError
 from ..plan import attach_plan, plan_of
-from .products import Product, WeightExpr, as_product, captured_copy, matrix_view, weight_expr
+from .products import Product, WeightExpr, as_product, captured_copy, matrix_view, module_form, weight_expr
 
 TARGETS = ("auto", "cpu", "triton", "dense")
 BLOCKS = (8, 16, 32, 64)  # BSR block sizes considered (besides CSR)
@@ -341,21 +352,70 @@ def rewrite_module(gm: fx.GraphModule, c: Candidate, choice: LayerChoice, target
             with graph.inserting_before(p.node):
                 p.node.replace_input_with(p.w, graph.get_attr(name))
         return
-    lay = _layout(c.matrix_mask != 0, choice.block, c.W.device)
     base = c.name
     values_name = base + "_values"
     if not _has_attr(gm, values_name):
-        values = pack_weight((c.W * c.mask).detach(), lay.row, lay.col.long(), choice.block,
-                             transpose=p.kind.out_axis == 1).contiguous()
-        _set_attr(gm, values_name, nn.Parameter(values, requires_grad=c.W.requires_grad), is_param=True)
-        for key in ("crow", "col", "crow_t", "col_t", "perm_t"):
-            _set_attr(gm, f"{base}_{key}", getattr(lay, key))
+        values, index = packed(c, choice, c.W, c.mask)
+        _set_attr(gm, values_name, values, is_param=True)
+        for key, t in index.items():
+            _set_attr(gm, f"{base}_{key}", t)
     with graph.inserting_before(p.node):
         vnode = graph.get_attr(values_name)
         idx = [graph.get_attr(f"{base}_{key}") for key in ("crow", "col", "crow_t", "col_t", "perm_t")]
         out = _emit(graph, c, choice, vnode, idx, _impl(target, choice.format))
     p.node.replace_all_uses_with(out)
     graph.erase_node(p.node)
+
+
+def packed(c: Candidate, choice: LayerChoice, W: torch.Tensor, mask: torch.Tensor
+           ) -> tuple[nn.Parameter, dict[str, torch.Tensor]]:
+    """The lowered form of `W * mask` (candidate `c`, as `choice` says): its blocks (nnzb, b, b), a
+    parameter trainable like W, and the op's index tensors by name (crow, col, crow_t, col_t, perm_t)."""
+    lay = _layout(c.matrix_mask != 0, choice.block, W.device)
+    values = pack_weight((W * mask).detach(), lay.row, lay.col.long(), choice.block,
+                         transpose=c.product.kind.out_axis == 1).contiguous()
+    return nn.Parameter(values, requires_grad=W.requires_grad), {key: getattr(lay, key) for key in INDEX}
+
+
+def rewrite_layer(root: nn.Module, gm: fx.GraphModule, c: Candidate, choice: LayerChoice, target: str,
+                  tag: str = "") -> None:
+    """sg.lower on the module form: the module holding the weight gets its lowered form
+    (`sparsegraph.nn.lowered`): a standard masked layer, or a part of a Parallel / Factorized /
+    Doped layer, becomes a LoweredLinear / LoweredConv2d; a Parallel or Doped layer's own weight is
+    lowered in place. A weight another module's own forward reads (e.g. nn.MultiheadAttention's)
+    stays masked, and the choice says so."""
+    if choice.format == "dense":
+        return  # target="dense": every mask is multiplied in at the end (bake_masks)
+    owner, _, leaf = c.name.rpartition(".")
+    holder = root.get_submodule(owner)
+    if is_lowered(holder):
+        return  # an earlier product of the same weight (a layer called twice) lowered it
+    parent = root.get_submodule(owner.rpartition(".")[0]) if owner else None
+    own = isinstance(holder, (SparseParallel, SparseDoped))
+    part = isinstance(parent, (SparseParallel, SparseFactorized, SparseDoped)) and \
+        any(m is holder for m in parent.children())
+    if leaf != "weight" or not (own or part or standard_masked(holder)):
+        reader = owner
+        while reader and not isinstance(root.get_submodule(reader), Masked):
+            reader = reader.rpartition(".")[0]
+        choice.format, choice.block, choice.balanced = "dense", 0, False
+        choice.reason = (f"kept masked: {type(root.get_submodule(reader)).__name__}'s own forward reads it, "
+                         "so no layer can be swapped for a lowered one")
+        return
+    values, index = packed(c, choice, holder.weight, holder.weight_mask)
+    n, k = choice.shape
+    impl = _impl(target, choice.format)
+    if c.kind == "conv":
+        conv = c.product.conv
+        layout = SparseLayout(n, k, choice.block, impl, tuple(holder.weight.shape[2:]), tuple(conv["stride"]),
+                              tuple(conv["padding"]), tuple(conv["dilation"]))
+    else:
+        layout = SparseLayout(n, k, choice.block, impl)
+    if own:
+        lower_weight_(holder, values, index, layout)
+    else:
+        cls = LoweredConv2d if c.kind == "conv" else LoweredLinear
+        root.set_submodule(owner, cls(values, index, layout, None if part else holder.bias))
 
 
 def rewrite_inputs(gm: fx.GraphModule, c: Candidate, choice: LayerChoice, target: str, tag: str) -> None:
@@ -405,6 +465,7 @@ def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callabl
                         c.shape_known)
         choice.mask = res.name(c.weight.mask)
         choices.append(choice)
+        c.product = as_product(c.product.node)  # its input may be an earlier rewrite's output now (U then V)
         rewrite(gm, c, choice, target, str(i))  # tag: a unique suffix for constants it registers
     gm.graph.eliminate_dead_code()
     for node in list(gm.graph.nodes):
@@ -424,28 +485,38 @@ def summary(choices: list[LayerChoice], target: str, model: cm.CostModel) -> dic
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
-def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None) -> fx.GraphModule:
+def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None) -> nn.Module:
     """Lower every masked product of `model` to the format its cost model prefers (see module doc).
 
-    Returns a new `fx.GraphModule` (the input is not modified) whose plan records the choices in
-    `plan.lowering`. `example_inputs` (default: the model's own) tell how many rows each layer
-    sees; the lowered model runs at any batch size.
+    The module form of `sg.sparsify` (your own class, with its plan) gives a copy of itself, same
+    class, whose lowered layers are `sparsegraph.nn.lowered` modules calling the op (`rewrite_layer`;
+    target="dense" multiplies every mask into its weight instead); the graph form, or any other
+    module (captured with `example_inputs`), gives a new `fx.GraphModule`. The input is not
+    modified; the result's plan records the choices in `plan.lowering`. `example_inputs` (default:
+    the model's own) tell how many rows each layer sees; the lowered model runs at any batch size.
     """
     if target not in TARGETS:
         raise LoweringError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
     plan = plan_of(model)
     gm, inputs = captured_copy(model, example_inputs, "lower", LoweringError)
     costs = cm.load()
-    choices = lower_graph(gm, Resolver(gm), target, rewrite_module, costs)
-    _prune(gm)
-    gm.example_inputs = getattr(model, "example_inputs", inputs)
+    if module_form(model):  # decided on the captured graph, applied to a copy of the model's own modules
+        out = copy.deepcopy(model)
+        choices = lower_graph(gm, Resolver(gm), target, functools.partial(rewrite_layer, out), costs)
+        if target == "dense":
+            bake_masks(out)
+    else:
+        out = gm
+        choices = lower_graph(gm, Resolver(gm), target, rewrite_module, costs)
+        _prune(gm)
+        gm.example_inputs = getattr(model, "example_inputs", inputs)
     plan = copy.deepcopy(plan) if plan is not None else None
     if plan is not None:
         plan.lowering.update(summary(choices, target, costs))
-        attach_plan(gm, plan)
+        attach_plan(out, plan)
     else:
-        gm.lowering = summary(choices, target, costs)
-    return gm
+        out.lowering = summary(choices, target, costs)
+    return out
 
 
 def _prune(gm: fx.GraphModule) -> None:
@@ -456,4 +527,5 @@ def _prune(gm: fx.GraphModule) -> None:
 
 
 __all__ = ["lower", "lower_graph", "decide", "LayerChoice", "LoweringError", "TARGETS", "BLOCKS",
-           "Resolver", "InputResolver", "pack_weight", "rewrite_module", "rewrite_inputs", "summary"]
+           "Resolver", "InputResolver", "pack_weight", "packed", "rewrite_module", "rewrite_layer", "rewrite_inputs",
+           "summary"]

@@ -278,13 +278,50 @@ def _is_channel_vector(const: np.ndarray, n: int, f: _Form) -> bool:
     return const.ndim > k and const.shape[const.ndim - 1 - k] == n
 
 
+def _known(d) -> bool:
+    return isinstance(d, int) or (isinstance(d, ir.SymbolicDim) and d.value is not None)
+
+
+def split_concat(model: ir.Model) -> bool:
+    """Split(Concat(a_1 .. a_n, axis), axis) into pieces of a_i's sizes is a_1 .. a_n: the module form's
+    stacked Sparse Parallel branches (joined along the batch axis, one BatchNorm per chunk) become
+    the branches themselves, which the rules above then fold."""
+    changed = False
+    for node in list(model.graph):
+        src = node.inputs[0] if node.op_type == "Split" and node.domain == "" and node.inputs else None
+        cat = src.producer() if src is not None else None
+        if cat is None or cat.op_type != "Concat" or cat.domain != "" or len(cat.inputs) != len(node.outputs):
+            continue
+        shapes = [v.shape for v in cat.inputs]
+        if any(sh is None for sh in shapes) or len({len(sh) for sh in shapes}) != 1:
+            continue
+        rank = len(shapes[0])
+        axis = node.attributes.get_int("axis", 0) % rank
+        if cat.attributes.get_int("axis", 0) % rank != axis or not all(_known(sh[axis]) for sh in shapes):
+            continue
+        sizes = [sh[axis] for sh in shapes]
+        if len(node.inputs) > 1 and node.inputs[1] is not None:  # explicit sizes
+            split = const_array(node.inputs[1])
+            if split is None or [int(v) for v in split.reshape(-1)] != sizes:
+                continue
+        elif any(sz != sizes[0] for sz in sizes):  # num_outputs: equal pieces
+            continue
+        for out, piece in zip(node.outputs, cat.inputs):
+            redirect(model.graph, out, piece)
+        changed = True
+    if changed:
+        cleanup(model)
+    return changed
+
+
 class FoldPass(ir.passes.InPlacePass):
     """Fold BatchNormalization into the Conv before it, Sparse Parallel branches into one weight, and
     U.V products (Sparse Factorized without a nonlinearity, Sparse Doped S + U.V) into one matrix."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fold_constants(model)  # e.g. the Shape/Expand zero biases of unoptimised exports
-        return ir.passes.PassResult(model, _Folder(model).run())
+        joined = split_concat(model)
+        return ir.passes.PassResult(model, _Folder(model).run() or joined)
 
 
-__all__ = ["FoldPass"]
+__all__ = ["FoldPass", "split_concat"]

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..capture import aten_name
+from ..plan import plan_of
 
 aten = torch.ops.aten
 CONVS = ("conv1d", "conv2d", "conv3d", "convolution")
@@ -160,7 +161,13 @@ def matrix_view(weight: torch.Tensor, kind: ProductKind) -> torch.Tensor:
 
 
 __all__ = ["PRODUCTS", "ProductKind", "Product", "as_product", "rebuild", "WeightExpr", "weight_expr",
-           "matrix_view", "CONVS"]
+           "matrix_view", "CONVS", "module_form", "captured_copy"]
+
+
+def module_form(model: Any) -> bool:
+    """Is `model` a sparsegraph model in module form (the user's own class with a plan, as
+    `sg.sparsify` returns it) rather than a captured graph or a plain module?"""
+    return isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule) and plan_of(model) is not None
 
 
 def captured_copy(model: Any, example_inputs: Any, verb: str, error: type[Exception]) -> tuple[fx.GraphModule, Any]:
