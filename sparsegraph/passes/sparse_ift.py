@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import torch
+
 from ..dims import DimGroups, analyze_dims, new_unit
 from ..flops import op_flops
 from ..graph import Layer, ModelGraph, SparsegraphError
@@ -214,7 +216,9 @@ def _allocate(shares: list[_Share], carry: float = 0.0) -> tuple[dict[str, float
 def _share(name: str, mask: str, shape, dense: float, want: float, out_axis, in_axes, batch_axes=()) -> _Share:
     kind = parse_mask(mask)
     steps = density_steps(kind, tuple(shape), out_axis, tuple(in_axes), tuple(batch_axes))
-    return _Share(name, float(dense), want, steps, kind.density_fixed)
+    fixed = None if kind.density_fixed is None else \
+        planned_density(kind, tuple(shape), kind.density_fixed, out_axis, tuple(in_axes), tuple(batch_axes))
+    return _Share(name, float(dense), want, steps, fixed)
 
 
 def _iso_note(plan_total: float, target: float, coarse: list[tuple[str, float]], what: str) -> str | None:
@@ -503,19 +507,25 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             if nm and sparsity > 0:  # density fixed: the rank carries the budget, rounded with diffusion
                 exact = (F + rank_carry) / (rho * step)
                 d = max(1, round(exact))
-                rank_carry += F - d * rho * step
+                u_shape, v_shape, u_in, v_in = _uv_shapes(l, shape, d)
+                rank_carry += F - per_numel * sum(
+                    math.prod(shp) * planned_density(kind, shp, rho, l.out_axis, ins, l.batch_axes)
+                    for shp, ins in ((u_shape, u_in), (v_shape, v_in)))
                 coarse.append((l.name, rho * step))
             else:
                 d = _rank(l, shape, sparsity, family)
+                if kind.block and sparsity > 0:  # U's rows and V's columns in whole blocks: no ragged edge
+                    d = -(-d // kind.block) * kind.block
             u_shape, v_shape, u_in, v_in = _uv_shapes(l, shape, d)
             uv_flops = per_numel * (math.prod(u_shape) + math.prod(v_shape))
             want = 1.0 if sparsity == 0 else min(1.0, F / uv_flops)  # the density after rounding d
             parts = [("u", u_shape, u_in, want), ("v", v_shape, v_in, want)]
         else:
             if nm and sparsity > 0:  # S has the kind's density; the dense rank makes up the rest
-                exact = (sparsity * F + rank_carry) / step
+                s_density = planned_density(kind, shape, rho, l.out_axis, l.in_axes, l.batch_axes)
+                exact = ((1 - s_density) * F + rank_carry) / step
                 d = max(0, round(exact))
-                rank_carry += sparsity * F - d * step
+                rank_carry += (1 - s_density) * F - d * step
                 coarse.append((l.name, step))
             else:
                 d = _rank(l, shape, sparsity, family)
@@ -604,4 +614,32 @@ def make_plan(g: ModelGraph, transform: str = "sparse_wide", sparsity: float = 0
         raise PlanError(str(e)) from None
     dims = analyze_dims(g)
     layers = find_layers(g)
-    return PLANNERS[transform](g, dims, layers, sparsity, mask, seed, opts or Options())
+    plan = PLANNERS[transform](g, dims, layers, sparsity, mask, seed, opts or Options())
+    _record_base_init(g, plan)
+    return plan
+
+
+def measure_init(t) -> dict:
+    """A tensor's initialisation as its values show it: {"dist", "std"} with dist normal | uniform
+    (|w| stays within ~√3 std) | zeros | ones | constant; {} when there are no values (meta device)."""
+    if t is None or not isinstance(t, torch.Tensor) or t.is_meta or t.numel() == 0 or not t.is_floating_point():
+        return {}
+    v = t.detach().double()
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    mean = float(v.mean())
+    if std == 0.0:
+        return {"dist": {0.0: "zeros", 1.0: "ones"}.get(mean, "constant"), "std": 0.0}
+    spread = float((v - mean).abs().max()) / std  # uniform: at most √3 ≈ 1.73; normal: ≈ 2.3 and more (n ≥ 50)
+    return {"dist": "uniform" if spread < 1.9 else "normal", "std": std}
+
+
+def _record_base_init(g: ModelGraph, plan: SparsityPlan) -> None:
+    """Every planned weight's base initialisation, read from the dense original's tensor it replaces or
+    widens (SμPar's σ_base per weight: GPT-2's c_proj carries σ/√(2·n_layer), not the model's σ)."""
+    cache: dict[str, dict] = {}
+    for w in plan.weights:
+        if w.kind == "norm" and w.family != "dense":
+            continue  # a BatchNorm the rewrite adds (factorized_bn): nothing in the original to read
+        if w.source not in cache:
+            cache[w.source] = measure_init(g.tensor(w.source))
+        w.base_init = dict(cache[w.source])
