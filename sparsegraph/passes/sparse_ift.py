@@ -237,9 +237,11 @@ def _iso_note(plan_total: float, target: float, coarse: list[tuple[str, float]],
 class _Widening:
     """New sizes of every (value, axis) for a widening factor k."""
 
-    def __init__(self, g: ModelGraph, dims: DimGroups, k: float, multiples: dict[int, int] | None = None):
+    def __init__(self, g: ModelGraph, dims: DimGroups, k: float, multiples: dict[int, int] | None = None,
+                 units: dict[int, int] | None = None):
         self.g, self.dims, self.k = g, dims, k
         self.units = {grp.id: new_unit(grp, k, (multiples or {}).get(grp.id, 1)) for grp in dims.widenable}
+        self.units.update(units or {})
 
     def size(self, value: str, axis: int) -> int:
         grp = self.dims.groups[self.dims.of[(value, axis)]]
@@ -283,9 +285,9 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
     matmuls = [l for l in layers if l.kind in ("linear", "conv")]
     notes: list[str] = []
 
-    def widen(k: float):
+    def widen(k: float, units: dict[int, int] | None = None):
         """New sizes for widening k: the widening, fixed FLOPs, and FLOPs per sparse layer."""
-        wid = _Widening(g, dims, k, multiples)
+        wid = _Widening(g, dims, k, multiples, units)
         fixed = _other_flops(g, layers, wid.shape)
         sparse_flops = {}
         for l in matmuls:
@@ -322,8 +324,11 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
         density = kind.density_fixed
         if not math.isclose(density, rho, rel_tol=1e-9):
             raise PlanError(f"mask {mask} has density {density:g}, but sparsity {sparsity:g} asks for {rho:g}")
-        k = _bisect(lambda kk: evaluate(widen(kk), density)[1], 1.0, 1 / math.sqrt(rho), target, iters=30)
-        widened = widen(k)
+        total_at = lambda kk: evaluate(widen(kk), density)[1]  # noqa: E731
+        k = _bisect(total_at, 1.0, 1 / math.sqrt(rho), target, iters=30)
+        if total_at(k) > target:  # the largest common widening under the budget ...
+            k = _bisect(lambda kk: total_at(kk) if total_at(kk) <= target else math.inf, 1.0, k, target, iters=30)
+        widened = _fill_widths(widen, k, evaluate, density, target, dims, multiples)  # ... then group by group
         densities = evaluate(widened, density)[0]
     else:  # widen by 1/sqrt(rho), then search the hidden density (reference Sparse-IFT recipe)
         k = 1 / math.sqrt(rho)
@@ -376,6 +381,33 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
             plan.notes.append(note)
     plan.notes += notes
     return plan
+
+
+def _fill_widths(widen, k: float, evaluate, density: float, target: float, dims: DimGroups,
+                 multiples: dict[int, int], rounds: int = 24):
+    """N:M fixes the density, so the widths carry the budget: from the common widening k (under the
+    budget), grow single groups by one step at a time, the largest step that still fits first; then
+    take one more step if that lands closer to the budget. Returns widen(...) of the result."""
+    widened = widen(k)
+    units = dict(widened[0].units)
+    steps = {grp.id: math.lcm(grp.step, multiples.get(grp.id, 1)) for grp in dims.widenable}
+    total = evaluate(widened, density)[1]
+    for _ in range(rounds):
+        best = None
+        over = None
+        for gid, step in steps.items():
+            trial = {**units, gid: units[gid] + step}
+            t = evaluate(widen(k, trial), density)[1]
+            if t <= target and (best is None or t > best[1]):
+                best = (trial, t)
+            elif t > target and (over is None or t < over[1]):
+                over = (trial, t)
+        if best is None:
+            if over is not None and over[1] - target < target - total:
+                units, total = over
+            break
+        units, total = best
+    return widen(k, units)
 
 
 def _layer_densities(g, chosen, wid, mask, density) -> dict[str, float]:
