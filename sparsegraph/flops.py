@@ -188,7 +188,8 @@ def human(n: float) -> str:
 def layer_density(g: ModelGraph, layer: Layer) -> float:
     """Density of a layer's weight: from its mask buffer (weight * mask in the graph), else 1."""
     op = g.ops[layer.op]
-    spec_key = {"linear": "weight", "addmm": "mat2", "convolution": "weight", "matmul": "other"}.get(op.op)
+    spec_key = {"linear": "weight", "addmm": "mat2", "convolution": "weight", "matmul": "other",
+                "grouped_mm": "weight"}.get(op.op)
     ref = op.ref(spec_key) if spec_key else None
     seen = 0
     while ref and seen < 8:
