@@ -514,8 +514,10 @@ def _slice(b: _Builder, op: Op) -> None:
     if m == n:
         b.tie((x, d), (y, d))
     elif (type(start) is int and type(end) is int and step == 1 and 0 <= start < end <= n
-          and n % (end - start) == 0 and start % (end - start) == 0):
-        b.tie((x, d), (y, d))  # an aligned piece (e.g. rotate_half): scales with the whole
+          and start % math.gcd(n, end - start) == 0):
+        # a piece whose bounds are whole units of gcd(whole, piece) scales with the whole: rotate_half's
+        # halves, a partial rotary split [:r] / [r:] (GPT-NeoX, StableLM), the bounds patched in proportion
+        b.tie((x, d), (y, d))
         b.patch(op, "start", None, (x, d), num=start, den=n)
         if not open_end:
             b.patch(op, "end", None, (x, d), num=end, den=n)
@@ -733,6 +735,8 @@ def _collect(g: ModelGraph, b: _Builder) -> DimGroups:
         reasons = list(fixed_roots.get(root, []))
         if not any(g.values[v].kind == "activation" for v, _ in members):
             reasons.append("parameter only")
+        if all(s == 1 for s in sizes.values()):  # a size-1 axis broadcasts (a gate's single output): not a width
+            reasons.append("size 1")
         unit = reduce(math.gcd, sizes.values())
         step = 1
         for m in members:
