@@ -397,3 +397,34 @@ def _balanced(mask, w, b):
     m = mask if w.out_axis == 0 else mask.t()
     blocks = m.reshape(m.shape[0] // b, b, m.shape[1] // b, b).amax((1, 3))
     return len(set(blocks.sum(-1).tolist())) == 1 and (blocks.sum() / blocks.numel()).item() == pytest.approx(w.density)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_weight_shared_across_depth_is_rewritten_at_every_use(family):
+    """ALBERT applies one layer at every depth: its weight is planned once, for every op that reads it."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.layer, self.out = nn.Linear(12, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            for _ in range(3):
+                h = h + torch.relu(self.layer(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model, x = Shared(), (torch.randn(4, 12),)
+    from sparsegraph.checks import check_rewrite
+
+    row = check_rewrite(model, x, family, 0.75)
+    assert row["ok"], (row["error"], row.get("traceback"))
+    plan = row["plan"]
+    parts = [w for w in plan.sparse_weights if w.source == "layer.weight"]
+    assert parts and all(w.dense_flops % 3 == 0 for w in parts)  # three uses counted
+    one_use = 2 * 4 * 32 * 32
+    if family == "sparse_parallel":
+        assert [w.dense_flops for w in parts] == [3 * one_use] * 4
+    out = sg.sparsify(model, x, family, 0.75)
+    n_products = sum(1 for n in out.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    assert n_products == 2 + 3 * {"sparse_wide": 1, "sparse_parallel": 4, "sparse_factorized": 2, "sparse_doped": 3}[family]

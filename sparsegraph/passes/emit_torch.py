@@ -243,19 +243,31 @@ class _Emitter:
 
     # -- local replacements -------------------------------------------------------------------
     def replace(self, source: str, parts: list[WeightPlan]) -> None:
+        """Replace every product reading `source` (one op, or each use of a shared weight) by the
+        parts' products; the new parameters are created once and shared by every use."""
         graph = self.gm.graph
         first = parts[0]
-        node = self.nodes[first.op]
-        x = node.args[1] if aten_name(node.target) == "addmm" else node.args[0]
-        bias = _bias_of(node)
-        chain = _view_chain(node)
-        device, dtype = self.device_dtype(source)
-        family = first.family
         for w in parts:
             if w.name != source or self.init == "default":
                 self.new_param(w)
             if w.sparse:
                 self.add_mask(w)
+        nodes = [self.nodes[first.op]] + [n for n in _readers(graph, source) if n is not self.nodes[first.op]]
+        for node in nodes:
+            self.replace_at(node, source, parts)
+        if source not in {w.name for w in parts}:
+            for old in [n for n in graph.nodes if n.op == "get_attr" and n.target == source and not n.users]:
+                graph.erase_node(old)
+            _pop_attr(self.gm, source)
+
+    def replace_at(self, node: fx.Node, source: str, parts: list[WeightPlan]) -> None:
+        graph = self.gm.graph
+        first = parts[0]
+        x = node.args[1] if aten_name(node.target) == "addmm" else node.args[0]
+        bias = _bias_of(node)
+        chain = _view_chain(node)
+        device, dtype = self.device_dtype(parts[-1].name)
+        family = first.family
         by_part = {w.part: w for w in parts}
         consumer = _single_bn_user(self.gm, node)
         with graph.inserting_before(node):
@@ -272,7 +284,8 @@ class _Emitter:
                 h = _product(graph, node, x, _weight_node(graph, u.name, u.sparse, chain), None)
                 if self.plan.options.get("factorized_bn") and first.kind == "conv":
                     bn_path = part_name(source, "uv_bn")
-                    _set_attr(self.gm, bn_path, BatchNorm(u.shape[0], device=device, dtype=dtype))
+                    if not _has_attr(self.gm, bn_path):  # a shared conv shares its BatchNorm too
+                        _set_attr(self.gm, bn_path, BatchNorm(u.shape[0], device=device, dtype=dtype))
                     h = graph.call_function(aten.relu.default, (graph.call_module(bn_path, (h,)),))
                 result = _product(graph, node, h, _weight_node(graph, v.name, v.sparse, chain), bias, pointwise=True)
             else:  # sparse_doped
@@ -291,11 +304,6 @@ class _Emitter:
         for view in reversed(chain):  # the original weight's own view nodes, now unread
             if not view.users:
                 graph.erase_node(view)
-        if source not in {w.name for w in parts}:
-            for old in [n for n in graph.nodes if n.op == "get_attr" and n.target == source and not n.users]:
-                graph.erase_node(old)
-            _pop_attr(self.gm, source)
-
     def branch_bn(self, path: str, i: int) -> str:
         if i == 0:
             return path
@@ -328,6 +336,25 @@ class _Emitter:
                 self.gm.graph.erase_node(node)
         self.gm.recompile()
         return self.gm
+
+
+_PRODUCTS = ("linear", "addmm", "mm", "matmul", "convolution", "conv1d", "conv2d", "conv3d", *GROUPED_MM)
+
+
+def _readers(graph: fx.Graph, param: str) -> list[fx.Node]:
+    """The product nodes whose weight operand is `param` (through view nodes), in graph order."""
+    out = []
+    for ga in [n for n in graph.nodes if n.op == "get_attr" and n.target == param]:
+        frontier = [ga]
+        while frontier:
+            n = frontier.pop()
+            for u in n.users:
+                if u.op == "call_function" and aten_name(u.target) in _VIEWS and u.args[0] is n:
+                    frontier.append(u)
+                elif u.op == "call_function" and aten_name(u.target) in _PRODUCTS and _weight_arg(u) is n:
+                    out.append(u)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(set(out), key=order.__getitem__)
 
 
 def _maybe(gm, path):

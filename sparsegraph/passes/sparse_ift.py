@@ -58,15 +58,14 @@ def _check_sparsity(sparsity: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def _candidates(g: ModelGraph, layers: list[Layer], opts: Options) -> list[Layer]:
     """Layers that become sparse: hidden linear/conv layers (stem/head on request), not tied
-    embeddings or shared weights, and what the user's filter accepts."""
+    embeddings, and what the user's filter accepts. A weight shared by several ops (ALBERT's one
+    layer applied at every depth) is chosen once, at its first use; its plan covers every use."""
     roles = param_roles(g, layers)
-    uses: dict[str, int] = {}
+    chosen, seen = [], set()
     for l in layers:
-        uses[l.weight] = uses.get(l.weight, 0) + 1
-    chosen = []
-    for l in layers:
-        if l.kind not in ("linear", "conv") or roles.get(l.weight) == "embedding" or uses[l.weight] > 1:
+        if l.kind not in ("linear", "conv") or roles.get(l.weight) == "embedding" or l.weight in seen:
             continue
+        seen.add(l.weight)
         if l.role == "stem" and not opts.include_stem or l.role == "head" and not opts.include_head \
                 or l.role == "router" and not opts.include_router:
             continue
@@ -505,11 +504,14 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
     original = _original_flops(g)
     budget = 0.0  # the replaced layers' own FLOPs: what their sparse parts must add up to
     rank_carry = 0.0  # N:M: FLOPs the rounded ranks so far are short of
+    uses: dict[str, list[Layer]] = {}
+    for l in layers:
+        uses.setdefault(l.weight, []).append(l)
     for l in chosen:
         v = g.params[l.weight]
         shape = g.values[v].shape
         op = g.ops[l.op]
-        F = op_flops(g, op)
+        F = sum(op_flops(g, g.ops[u.op]) for u in uses[l.weight])  # every op the weight takes part in
         per_numel = F / math.prod(shape)  # FLOPs per weight element (every product shares the layer's output positions)
         groups = int(op.args.get("groups") or 1)
         if family == "sparse_parallel":
