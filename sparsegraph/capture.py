@@ -68,6 +68,8 @@ _CANON: dict[str, tuple[str, ...]] = {
     "baddbmm": ("baddbmm",),
     "grouped_mm": ("_grouped_mm", "grouped_mm", "grouped_mm_fallback"),
     "repeat": ("repeat",),
+    "repeat_interleave": ("repeat_interleave",),
+    "stack": ("stack",),
     "index_tensor": ("index",),
     "index_select": ("index_select",),
     "index_put": ("index_put", "_index_put_impl"),
@@ -607,7 +609,8 @@ def _add_function_op(g: ModelGraph, node: fx.Node, val: Any) -> None:
 
 
 # canonical ops whose FLOPs flops.op_flops has no formula for: counted as FlopCounterMode counts the aten op
-_NO_FORMULA = ("other", "index", "repeat", "index_tensor", "index_select", "index_put", "scan", "sort")
+_NO_FORMULA = ("other", "index", "repeat", "index_tensor", "index_select", "index_put", "scan", "sort",
+               "repeat_interleave")
 
 
 class SymSize(int):
@@ -669,7 +672,7 @@ def _canonical_args(canon: str, aname: str, args: dict, node: fx.Node) -> dict:
                 "start": args.get("start"), "end": args.get("end", args.get("length")),
                 "step": args.get("step", 1)}
     if canon in ("select", "reduction", "pool", "elementwise", "index", "const", "other", "repeat", "index_tensor",
-                 "index_select", "index_put", "scan", "sort"):
+                 "index_select", "index_put", "scan", "sort", "repeat_interleave", "stack"):
         if "self" in args:
             args = {"input": args.pop("self"), **args}
         return args

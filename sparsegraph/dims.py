@@ -398,6 +398,27 @@ def _repeat(b: _Builder, op: Op) -> None:
                 b.fix((x, i), "repeat")
 
 
+def _repeat_interleave(b: _Builder, op: Op) -> None:
+    """Every element repeated r times along dim: that axis scales with the input's (r times its size)."""
+    x, y = op.ref("input"), _out(op)
+    if not isinstance(op.args.get("repeats"), int) or op.args.get("dim") is None:
+        _fixed("repeat_interleave")(b, op)
+        return
+    b.tie_same(x, y)
+
+
+def _stack(b: _Builder, op: Op) -> None:
+    """stack(tensors, dim): every input's axes tie to the output's around the new axis, which is fixed."""
+    y = _out(op)
+    ry = len(b.g.shape(y))
+    d = int(op.args.get("dim", 0)) % ry
+    b.fix((y, d), "stacked axis")
+    for t in op.args.get("tensors", []):
+        if isinstance(t, Ref):
+            for i in range(len(b.g.shape(t))):
+                b.tie((str(t), i), (y, i + (i >= d)))
+
+
 def _index_tensor(b: _Builder, op: Op) -> None:
     """x[..., idx, ...] (aten.index: None = a whole axis): the axes not indexed keep their order and tie;
     indexed axes (and the index tensors) are fixed. Adjacent index tensors put their broadcast shape
@@ -521,6 +542,9 @@ def _slice(b: _Builder, op: Op) -> None:
         b.patch(op, "start", None, (x, d), num=start, den=n)
         if not open_end:
             b.patch(op, "end", None, (x, d), num=end, den=n)
+    elif type(start) is int and type(step) is int and step > 1 and 0 <= start < step and n % step == 0 \
+            and (open_end or end == n) and m * step == n:
+        b.tie((x, d), (y, d))  # every step-th element (GPT-J's x[..., ::2], x[..., 1::2]): 1/step of the whole
     else:
         b.fix((x, d), "slice")
         b.fix((y, d), "slice")
@@ -585,6 +609,8 @@ RULES: dict[str, Callable[[_Builder, Op], None]] = {
     "baddbmm": _baddbmm,  # beta*input + alpha*(b1 @ b2): batched product, broadcast addend; alpha 1/sqrt(d) patched
     "grouped_mm": _grouped_mm,  # MoE experts: x[1] ~ W[1], y[1] ~ W[2], rows tie, the expert axis fixed
     "repeat": _repeat,  # axes repeated once tie, tiled axes fixed
+    "repeat_interleave": _repeat_interleave,  # the repeated axis scales with the input's
+    "stack": _stack,  # inputs tie around the new axis (fixed)
     "index_tensor": _index_tensor,  # x[idx]: trailing axes tie, indexed axes fixed
     "index_select": _index_select,  # every axis but dim ties
     "index_put": _index_put,  # result ~ x, values tie to x's trailing axes
@@ -670,12 +696,12 @@ def _resolve_reshapes(b: _Builder, ops: list[Op]) -> None:
 def _growing_factor(b: _Builder, parts: list[Var]) -> Var | None:
     """Which factor of a split axis grows with the whole: the innermost (head_dim, with the head
     count kept, as Sparse Wide defines it), or an outer one when everything inside it is spatial
-    (a flatten of channels x height x width). None: the innermost factor is fixed for another
+    (a flatten of channels x height x width, of GPT-J's stacked pairs). None: the innermost factor is fixed for another
     reason (e.g. a constant table of its size), so nothing may grow."""
     for i in range(len(parts) - 1, -1, -1):
         if not b.is_fixed(parts[i]):
             inner = parts[i + 1:]
-            if all(b.reasons(p) <= {"spatial"} for p in inner):
+            if all(b.reasons(p) <= {"spatial", "stacked axis"} for p in inner):  # C x H x W; (d, 2) pairs
                 return parts[i]
             return None
     return None

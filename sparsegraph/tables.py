@@ -42,8 +42,36 @@ def _make_rope(params: dict, shape: tuple[int, ...], dtype=torch.float32, device
     return _rope(params["base"], 2 * n, n).to(dtype=dtype, device=device)
 
 
+def _sincos_params(t: torch.Tensor) -> dict | None:
+    """A rotary sin/cos table (GPT-J's `embed_positions`): row p = [sin(p·θ_i) ..., cos(p·θ_i) ...],
+    θ_i = base^(-2i/d), i < d/2, d = the table's width (the rotary dimension)."""
+    if t.dim() != 2 or t.shape[0] < 2 or t.shape[1] < 4 or t.shape[1] % 2 or not t.is_floating_point() or t.is_meta:
+        return None
+    v = t.detach().double().cpu()
+    half = v.shape[1] // 2
+    theta1 = math.atan2(float(v[1, 1]), float(v[1, half + 1]))  # θ_1 = base^(-2/d), in (0, 1]
+    if not 0 < theta1 < 1:
+        return None
+    base = theta1 ** (-v.shape[1] / 2)
+    if not torch.allclose(v, _sincos(base, v.shape[0], v.shape[1]), rtol=1e-4, atol=1e-5):
+        return None
+    return {"base": base}
+
+
+def _sincos(base: float, positions: int, dim: int) -> torch.Tensor:
+    # the formula of GPT-J's create_sinusoidal_positions: cat(sin(p θ), cos(p θ)), θ = 1 / base^(arange(0, d, 2) / d)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * _rope(base, dim, dim // 2)[None, :]
+    return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)
+
+
+def _make_sincos(params: dict, shape: tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    positions, dim = shape
+    return _sincos(params["base"], positions, dim).to(dtype=dtype, device=device)
+
+
 TABLE_RULES: dict[str, tuple[Callable[[torch.Tensor], dict | None], Callable[..., torch.Tensor]]] = {
     "rope_inv_freq": (_rope_params, _make_rope),  # RoPE θ_i = base^(-2i/d): regenerated for the new d, same base
+    "rope_sincos": (_sincos_params, _make_sincos),  # [sin(p θ_i), cos(p θ_i)] per position p (GPT-J), same base
 }
 
 

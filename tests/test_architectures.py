@@ -166,3 +166,25 @@ def test_mixtral_experts_are_counted_and_rewritten(runs):
     mask = out.get_buffer(f"{experts}.gate_up_proj_branch1_mask")
     per_expert = mask.flatten(1).sum(1)
     assert torch.equal(per_expert, torch.full((4,), per_expert[0].item())) and per_expert[0] > 0  # every expert alike
+
+
+@pytest.mark.parametrize("arch, small, wide", [
+    ("llama", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+     dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)),
+    ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, rotary_pct=0.25),  # partial
+     dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, rotary_pct=0.25)),
+    ("gptj", dict(n_embd=64, n_head=4, rotary_dim=8), dict(n_embd=128, n_head=4, rotary_dim=16)),  # interleaved
+])
+def test_rope_models_widened_compute_what_the_wide_model_computes(arch, small, wide):
+    """Sparse Wide at width 2 (no sparsity) of a RoPE model is the same model built twice as wide: heads kept,
+    head_dim doubled, the rotary tables recomputed for it (same base), every weight where the wide model
+    expects it."""
+    layers = {"gptj": dict(n_layer=1)}.get(arch, dict(num_hidden_layers=1))
+    dense = _hf(arch, transformers.AutoModelForCausalLM, vocab_size=128, **layers, **small)
+    ids = _ids(2, 12)
+    out = sg.sparsify(dense, (ids,), "sparse_wide", 0.0, width=2.0)
+    ref = _hf(arch, transformers.AutoModelForCausalLM, vocab_size=128, **layers, **wide)
+    state = {k: v for k, v in out.state_dict().items() if k in ref.state_dict()}
+    assert {k for k, v in ref.named_parameters()} <= set(state)
+    ref.load_state_dict(state, strict=False)
+    torch.testing.assert_close(out(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
