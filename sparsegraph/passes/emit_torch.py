@@ -320,9 +320,9 @@ class _Emitter:
             for w in self.plan.sparse_weights:
                 self.mask_in_place(w)
         else:
-            replaced = {w.source for w in self.plan.weights if w.family != "dense"}
-            for source in replaced:
-                self.replace(source, [w for w in self.plan.weights if w.source == source and w.family != "dense"])
+            products = [w for w in self.plan.weights if w.family != "dense" and w.part != "norm"]  # not uv_bn's:
+            for source in dict.fromkeys(w.source for w in products):  # the BatchNorm module is built with its node
+                self.replace(source, [w for w in products if w.source == source])
             if self.init == "default":
                 for w in self.plan.weights:
                     if w.family == "dense" and w.kind in ("linear", "conv", "embedding", "norm", "bias"):
