@@ -16,7 +16,7 @@ import operator
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -42,7 +42,7 @@ _CANON: dict[str, tuple[str, ...]] = {
     "rms_norm": ("rms_norm",),
     "reshape": ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze",
                 "view_as", "reshape_as"),
-    "permute": ("permute", "transpose", "t", "swapaxes", "movedim"),
+    "permute": ("permute", "transpose", "t", "swapaxes", "movedim", "numpy_T", "mT", "adjoint"),
     "cat": ("cat", "concat", "concatenate"),
     "split": ("split", "split_with_sizes", "chunk", "tensor_split", "unbind", "unsafe_split"),
     "scaled_dot_product_attention": ("scaled_dot_product_attention",),
@@ -69,8 +69,18 @@ _CANON: dict[str, tuple[str, ...]] = {
     "const": ("arange", "full", "zeros", "ones", "empty", "new_ones", "new_zeros", "new_full",
               "new_empty", "scalar_tensor", "tensor", "rand", "randn", "randint", "linspace",
               "_tensor_constant", "lift_fresh"),
-    "index": ("index", "index_select", "gather", "cumsum", "cumprod", "diff", "any", "all",
-              "argmax", "argmin", "topk", "sort", "nonzero", "masked_select"),
+    "baddbmm": ("baddbmm",),
+    "grouped_mm": ("_grouped_mm", "grouped_mm", "grouped_mm_fallback"),
+    "repeat": ("repeat",),
+    "repeat_interleave": ("repeat_interleave",),
+    "stack": ("stack",),
+    "index_tensor": ("index",),
+    "index_select": ("index_select",),
+    "index_put": ("index_put", "_index_put_impl"),
+    "scan": ("cumsum", "cumprod"),
+    "sort": ("topk", "sort"),
+    "index": ("gather", "diff", "any", "all", "argmax", "argmin", "nonzero", "masked_select", "histc",
+              "bincount", "one_hot", "scatter", "scatter_add", "index_add", "searchsorted", "bucketize"),
 }
 ATEN_TO_CANON = {aten: canon for canon, names in _CANON.items() for aten in names}
 _SKIP = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar",
@@ -395,9 +405,27 @@ def _free_path(root: nn.Module, want: str) -> str:
         path = f"{want}_{i}"
 
 
+def _canonical_names(src: nn.Module) -> dict[str, str]:
+    """Every name of a tied tensor -> its first name in `named_parameters()` / `named_buffers()` order.
+
+    A tied weight (T5's and BART's `shared.weight`, read as `encoder.embed_tokens.weight`,
+    `decoder.embed_tokens.weight` and `lm_head.weight`) may reach the graph under any of its names;
+    it is one parameter, named as PyTorch's own deduplicating `named_parameters()` names it.
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in [*src.named_parameters(remove_duplicate=False), *src.named_buffers(remove_duplicate=False)]:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
 def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
     graph = src.graph
     root = nn.Module()
+    names = _canonical_names(src)
+    for node in graph.nodes:  # a tied tensor is read under its one canonical name
+        if node.op == "get_attr" and names.get(node.target, node.target) != node.target:
+            node.target = names[node.target]
     for node in graph.nodes:  # carry every referenced tensor over under its own name
         if node.op == "get_attr":
             val = _get_attr(src, node.target)
@@ -416,6 +444,10 @@ def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
             _bn_to_module(root, graph, node)
         elif name == "dropout":
             _dropout_to_module(root, graph, node)
+    for node in list(graph.nodes):
+        for rule in REWRITES:
+            if node.op == "call_function" and rule(root, graph, node):
+                break
     # remove the num_batches_tracked increments left by train-mode export of BatchNorm
     for node in list(graph.nodes):
         if (node.op == "call_function" and aten_name(node.target) == "add" and not node.users
@@ -433,6 +465,36 @@ def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
     gm.recompile()
     gm.train(training)
     return gm
+
+
+def _matmul_weight_t(root: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
+    """`matmul(x, W.T)` / `mm(x, W.T)`, W a 2-D parameter read only here  =>  `linear(x, W)`."""
+    if aten_name(node.target) not in ("matmul", "mm") or len(node.args) != 2 or node.kwargs:
+        return False
+    x, wt = node.args
+    if not (isinstance(wt, fx.Node) and wt.op == "call_function" and len(wt.users) == 1
+            and aten_name(wt.target) in ("numpy_T", "t", "mT", "transpose")):
+        return False
+    w = wt.args[0]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(_get_attr(root, w.target), nn.Parameter)
+            and _get_attr(root, w.target).dim() == 2):
+        return False
+    if aten_name(wt.target) == "transpose" and {d % 2 for d in wt.args[1:3]} != {0, 1}:
+        return False
+    with graph.inserting_before(node):
+        lin = graph.call_function(torch.ops.aten.linear.default, (x, w))
+    lin.meta = dict(node.meta)
+    node.replace_all_uses_with(lin)
+    graph.erase_node(node)
+    graph.erase_node(wt)
+    return True
+
+
+# Exact rewrites applied once at capture, (pattern -> replacement) each, so that every analysis and
+# pass sees one spelling of a computation:
+REWRITES: tuple[Callable[[nn.Module, fx.Graph, fx.Node], bool], ...] = (
+    _matmul_weight_t,  # x @ W.T, W a 2-D parameter (Falcon's FalconLinear: aten.numpy_T)  =>  linear(x, W)
+)
 
 
 def _prune_unused(gm: fx.GraphModule) -> None:
@@ -642,9 +704,14 @@ def _add_function_op(g: ModelGraph, node: fx.Node, val: Any) -> None:
     if canon == "elementwise" and aname == "mul" and _is_mask_mul(g, inputs):
         op.op = "mask_mul"
         op.args = {"weight": Ref(inputs[0]), "mask": Ref(inputs[1])}
-    if canon in ("other", "index"):
+    if canon in _NO_FORMULA:
         op.flops = _meta_flops(node)
     g.add_op(op)
+
+
+# canonical ops whose FLOPs flops.op_flops has no formula for: counted as FlopCounterMode counts the aten op
+_NO_FORMULA = ("other", "index", "repeat", "index_tensor", "index_select", "index_put", "scan", "sort",
+               "repeat_interleave")
 
 
 class SymSize(int):
@@ -683,7 +750,15 @@ def _canonical_args(canon: str, aname: str, args: dict, node: fx.Node) -> dict:
         out = {"input": args.get("self", args.get("input"))}
         if aname in ("view", "reshape", "_unsafe_view"):
             out["size"] = args.get("size", args.get("shape"))
+        elif aname == "unflatten":  # dim -> sizes: sizes[j] spells output axis dim + j
+            out["dim"], out["sizes"] = args.get("dim"), args.get("sizes")
         return out
+    if canon == "baddbmm":
+        return {"input": args.get("self", args.get("input")), "batch1": args.get("batch1"),
+                "batch2": args.get("batch2"), "beta": args.get("beta", 1), "alpha": args.get("alpha", 1)}
+    if canon == "grouped_mm":  # (S, K) rows sorted by group, weight (G, K, N), offs (G,): cumulative row ends
+        return {"input": args.get("input", args.get("self")), "weight": args.get("weight", args.get("mat2")),
+                "offs": args.get("offs"), "bias": args.get("bias")}
     if canon == "expand":
         return {"input": args.get("self", args.get("input")), "size": args.get("size")}
     if canon == "split":
@@ -697,7 +772,8 @@ def _canonical_args(canon: str, aname: str, args: dict, node: fx.Node) -> dict:
         return {"input": args.get("self", args.get("input")), "dim": args.get("dim", 0),
                 "start": args.get("start"), "end": args.get("end", args.get("length")),
                 "step": args.get("step", 1)}
-    if canon in ("select", "reduction", "pool", "elementwise", "index", "const", "other"):
+    if canon in ("select", "reduction", "pool", "elementwise", "index", "const", "other", "repeat", "index_tensor",
+                 "index_select", "index_put", "scan", "sort", "repeat_interleave", "stack"):
         if "self" in args:
             args = {"input": args.pop("self"), **args}
         return args
@@ -709,8 +785,10 @@ def _perm(aname: str, args: dict, node: fx.Node) -> list[int]:
     if aname == "permute":
         return [d % rank for d in args["dims"]]
     perm = list(range(rank))
-    if aname == "t":
+    if aname in ("t", "numpy_T"):
         return perm[::-1]
+    if aname in ("mT", "adjoint"):
+        return perm[:-2] + perm[:-3:-1]
     if aname == "movedim":
         src, dst = args["source"], args["destination"]
         src, dst = ([src], [dst]) if isinstance(src, int) else (src, dst)

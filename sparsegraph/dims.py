@@ -20,6 +20,7 @@ from typing import Callable
 
 import networkx as nx
 
+from . import tables
 from .graph import ModelGraph, Op, Ref
 
 Var = tuple[str, int]  # (value name, axis)
@@ -30,7 +31,7 @@ class Patch:
     """A constant of op `op` at `args[key][index]` that must follow a group's new size.
 
     new value = new_size(var) * num / den   (fn="size")
-              = 1 / sqrt(new_size(var))     (fn="inv_sqrt", SDPA scale)
+              = 1 / sqrt(new_size(var))     (fn="inv_sqrt", SDPA scale, baddbmm alpha)
               = new_size(var)               (fn="groups", depthwise conv)
     """
 
@@ -82,12 +83,13 @@ class DimGroups:
     """Result of the analysis: groups, the var -> group map and the patches."""
 
     def __init__(self, graph: ModelGraph, groups: list[DimGroup], of: dict[Var, int],
-                 unknown: list[Op], ties: nx.Graph):
+                 unknown: list[Op], ties: nx.Graph, tables: dict[str, tuple[str, dict]] | None = None):
         self.graph = graph
         self.groups = groups
         self.of = of  # var -> group id
         self.unknown = unknown
         self.ties = ties  # the tie graph itself, for inspection
+        self.tables = tables or {}  # size-derived buffers (fqn -> (rule, parameters)), regenerated when widened
 
     def __iter__(self):
         return iter(self.groups)
@@ -123,6 +125,7 @@ class _Builder:
         self.patches: list[Patch] = []
         self.unknown: list[Op] = []
         self.fixed_roots: set[Var] = set()
+        self.tables: dict[str, tuple[str, dict]] = {}  # buffer fqn -> (tables rule, parameters)
         for v in g.values.values():
             for a in range(len(v.shape)):
                 self.uf[(v.name, a)]  # register
@@ -161,6 +164,11 @@ class _Builder:
 
     def is_fixed(self, var: Var) -> bool:
         return self.uf[var] in self.fixed_roots  # a former root never becomes a root again
+
+    def reasons(self, var: Var) -> set[str]:
+        """Why var's group is fixed (the reasons given to its members so far)."""
+        root = self.uf[var]
+        return {r for v, r in self.fixed.items() if self.uf[v] == root}
 
     def tie_same(self, a: str, b: str, skip: set[int] = frozenset()) -> None:
         """Tie axis i of a to axis i of b (same rank), except axes in skip."""
@@ -335,11 +343,148 @@ def _sdpa(b: _Builder, op: Op) -> None:
         if b.g.shape(k)[i] == b.g.shape(q)[i]:
             b.tie((q, i), (k, i))
         b.tie((k, i), (v, i))
-    if mask:
-        b.broadcast([mask], y if b.g.shape(y)[-1] == b.g.shape(k)[-2] else q)
+    if mask:  # broadcast against the scores (..., heads, L_q, L_k): never against a head_dim
+        sm, sq, sk = b.g.shape(mask), b.g.shape(q), b.g.shape(k)
+        scores = [*sq[:-1], sk[-2]]
+        owners = [(q, i) for i in range(len(sq) - 1)] + [(k, len(sk) - 2)]
+        for j in range(1, min(len(sm), len(scores)) + 1):
+            if sm[-j] == scores[-j] != 1:
+                b.tie((mask, len(sm) - j), owners[-j])
     scale = op.args.get("scale")
     if isinstance(scale, float) and math.isclose(scale, b.g.shape(q)[-1] ** -0.5, rel_tol=1e-6):
         b.patch(op, "scale", None, b.v(q, -1), fn="inv_sqrt")
+
+
+def _baddbmm(b: _Builder, op: Op) -> None:
+    """beta * input + alpha * (batch1 @ batch2): a batched product plus a broadcast addend (Bloom's
+    ALiBi scores); an alpha of 1/sqrt(head_dim) is a softmax scale and follows the head dimension."""
+    b1, b2, y = op.ref("batch1"), op.ref("batch2"), _out(op)
+    b.tie((b1, 0), (y, 0))
+    b.tie((b2, 0), (y, 0))
+    b.tie((b1, 2), (b2, 1))
+    b.tie((b1, 1), (y, 1))
+    b.tie((b2, 2), (y, 2))
+    if op.ref("input"):
+        b.broadcast([op.ref("input")], y)
+    alpha = op.args.get("alpha")
+    if isinstance(alpha, float) and math.isclose(alpha, b.g.shape(b1)[-1] ** -0.5, rel_tol=1e-6):
+        b.patch(op, "alpha", None, (b1, 2), fn="inv_sqrt")
+
+
+def _grouped_mm(b: _Builder, op: Op) -> None:
+    """Rows of x (S, K) grouped by expert, weight (E, K, N): y (S, N) = x_rows @ W[e] for each group."""
+    x, w, y = op.ref("input"), op.ref("weight"), _out(op)
+    b.tie((x, 0), (y, 0))
+    b.tie((x, 1), (w, 1))
+    b.tie((y, 1), (w, 2))
+    b.fix((w, 0), "experts")
+    b.fix_value(op.ref("offs"), "expert offsets")
+    if op.ref("bias"):
+        b.tie(b.v(op.ref("bias"), -1), (y, 1))
+
+
+def _repeat(b: _Builder, op: Op) -> None:
+    """Tiling: an axis repeated once keeps its size and ties; a tiled axis is fixed."""
+    x, y = op.ref("input"), _out(op)
+    reps = list(op.args.get("repeats") or [])
+    rx, ry = len(b.g.shape(x)), len(b.g.shape(y))
+    for j in range(ry):
+        i = j - (ry - rx)
+        if i >= 0 and j < len(reps) and reps[j] == 1:
+            b.tie((x, i), (y, j))
+        else:
+            b.fix((y, j), "repeat")
+            if i >= 0:
+                b.fix((x, i), "repeat")
+
+
+def _repeat_interleave(b: _Builder, op: Op) -> None:
+    """Every element repeated r times along dim: that axis scales with the input's (r times its size)."""
+    x, y = op.ref("input"), _out(op)
+    if not isinstance(op.args.get("repeats"), int) or op.args.get("dim") is None:
+        _fixed("repeat_interleave")(b, op)
+        return
+    b.tie_same(x, y)
+
+
+def _stack(b: _Builder, op: Op) -> None:
+    """stack(tensors, dim): every input's axes tie to the output's around the new axis, which is fixed."""
+    y = _out(op)
+    ry = len(b.g.shape(y))
+    d = int(op.args.get("dim", 0)) % ry
+    b.fix((y, d), "stacked axis")
+    for t in op.args.get("tensors", []):
+        if isinstance(t, Ref):
+            for i in range(len(b.g.shape(t))):
+                b.tie((str(t), i), (y, i + (i >= d)))
+
+
+def _index_tensor(b: _Builder, op: Op) -> None:
+    """x[..., idx, ...] (aten.index: None = a whole axis): the axes not indexed keep their order and tie;
+    indexed axes (and the index tensors) are fixed. Adjacent index tensors put their broadcast shape
+    where they stood, separated ones put it first (NumPy's advanced-indexing rule)."""
+    x, y = op.ref("input"), _out(op)
+    idx = list(op.args.get("indices") or [])
+    if not all(i is None or isinstance(i, Ref) for i in idx) or not any(i is not None for i in idx):
+        _fixed("indexing")(b, op)
+        return
+    rx, ry = len(b.g.shape(x)), len(b.g.shape(y))
+    idx += [None] * (rx - len(idx))
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    nb = ry - (rx - len(pos))  # rank of the broadcast index shape
+    first = pos[0] if pos == list(range(pos[0], pos[-1] + 1)) else 0
+    j = 0
+    for i in range(rx):
+        if idx[i] is not None:
+            b.fix((x, i), "indexed axis")
+            continue
+        if j == first:
+            j += nb
+        b.tie((x, i), (y, j))
+        j += 1
+    for j in range(first, first + nb):
+        b.fix((y, j), "indexed axis")
+    for t in idx:
+        if t is not None:
+            b.fix_value(str(t), "index")
+
+
+def _index_select(b: _Builder, op: Op) -> None:
+    x, y = op.ref("input"), _out(op)
+    d = int(op.args.get("dim", 0)) % len(b.g.shape(x))
+    b.tie_same(x, y, skip={d})
+    b.fix((x, d), "indexed axis")
+    b.fix((y, d), "indexed axis")
+    b.fix_value(op.ref("index"), "index")
+
+
+def _index_put(b: _Builder, op: Op) -> None:
+    """x[idx] = values: the result is x; the indexed leading axes are fixed, the rest tie with values."""
+    x, y, vals = op.ref("input"), _out(op), op.ref("values")
+    idx = op.args.get("indices") or []
+    b.tie_same(x, y)
+    for i in range(len(idx)):
+        b.fix((x, i), "indexed axis")
+    for i in idx:
+        if isinstance(i, Ref):
+            b.fix_value(str(i), "index")
+    if vals:
+        rx, rv = len(b.g.shape(x)), len(b.g.shape(vals))
+        for j in range(1, min(rv, rx - len(idx)) + 1):
+            b.tie((vals, rv - j), (x, rx - j))
+
+
+def _along_dim(reason: str) -> Callable[[_Builder, Op], None]:
+    """cumsum/cumprod, topk/sort: every other axis ties to each output; the axis itself is fixed."""
+    def rule(b: _Builder, op: Op) -> None:
+        x = op.ref("input")
+        d = int(op.args.get("dim", -1)) % len(b.g.shape(x))
+        b.fix((x, d), reason)
+        for y in op.outputs:
+            if len(b.g.shape(y)) == len(b.g.shape(x)):
+                b.tie_same(x, y, skip={d})
+                b.fix((y, d), reason)
+    return rule
 
 
 def _reduction(b: _Builder, op: Op) -> None:
@@ -385,13 +530,21 @@ def _slice(b: _Builder, op: Op) -> None:
     b.tie_same(x, y, skip={d})
     n, m = b.g.shape(x)[d], b.g.shape(y)[d]
     start, end, step = op.args.get("start") or 0, op.args.get("end"), op.args.get("step") or 1
+    open_end = type(end) is int and end >= n  # x[..., k:] (end = sys.maxsize): stays open
+    end = min(end, n) if type(end) is int else end
     if m == n:
         b.tie((x, d), (y, d))
     elif (type(start) is int and type(end) is int and step == 1 and 0 <= start < end <= n
-          and n % (end - start) == 0 and start % (end - start) == 0):
-        b.tie((x, d), (y, d))  # an aligned piece (e.g. rotate_half): scales with the whole
+          and start % math.gcd(n, end - start) == 0):
+        # a piece whose bounds are whole units of gcd(whole, piece) scales with the whole: rotate_half's
+        # halves, a partial rotary split [:r] / [r:] (GPT-NeoX, StableLM), the bounds patched in proportion
+        b.tie((x, d), (y, d))
         b.patch(op, "start", None, (x, d), num=start, den=n)
-        b.patch(op, "end", None, (x, d), num=end, den=n)
+        if not open_end:
+            b.patch(op, "end", None, (x, d), num=end, den=n)
+    elif type(start) is int and type(step) is int and step > 1 and 0 <= start < step and n % step == 0 \
+            and (open_end or end == n) and m * step == n:
+        b.tie((x, d), (y, d))  # every step-th element (GPT-J's x[..., ::2], x[..., 1::2]): 1/step of the whole
     else:
         b.fix((x, d), "slice")
         b.fix((y, d), "slice")
@@ -453,6 +606,16 @@ RULES: dict[str, Callable[[_Builder, Op], None]] = {
     "select": _select,  # the selected axis is fixed, the rest tie
     "elementwise": _elementwise,  # right-aligned broadcasting
     "mask_mul": _mask_mul,  # weight * mask: same shape
+    "baddbmm": _baddbmm,  # beta*input + alpha*(b1 @ b2): batched product, broadcast addend; alpha 1/sqrt(d) patched
+    "grouped_mm": _grouped_mm,  # MoE experts: x[1] ~ W[1], y[1] ~ W[2], rows tie, the expert axis fixed
+    "repeat": _repeat,  # axes repeated once tie, tiled axes fixed
+    "repeat_interleave": _repeat_interleave,  # the repeated axis scales with the input's
+    "stack": _stack,  # inputs tie around the new axis (fixed)
+    "index_tensor": _index_tensor,  # x[idx]: trailing axes tie, indexed axes fixed
+    "index_select": _index_select,  # every axis but dim ties
+    "index_put": _index_put,  # result ~ x, values tie to x's trailing axes
+    "scan": _along_dim("scan axis"),  # cumsum/cumprod: other axes tie
+    "sort": _along_dim("sort axis"),  # topk/sort: other axes tie to values and indices
     "const": _fixed("constant created in the graph"),
     "index": _fixed("indexing"),
     # "reshape" is resolved after all other ties, see _resolve_reshapes
@@ -508,20 +671,40 @@ def _resolve_reshapes(b: _Builder, ops: list[Op]) -> None:
                 continue
             whole, parts = ((x, bi[0]), [(y, k) for k in bj]) if len(bi) == 1 else \
                 ((y, bj[0]), [(x, k) for k in bi])
-            free = [p for p in parts if not b.is_fixed(p)]
-            if b.is_fixed(whole) or not free:
+            grow = _growing_factor(b, parts)
+            if b.is_fixed(whole) or grow is None:
                 b.fix(whole, "reshape")
                 for p in parts:
                     b.fix(p, "reshape")
                 continue
-            grow = free[-1]  # innermost factor grows (head_dim); the others (head count) are kept
-            for p in free[:-1]:
-                b.fix(p, "head count")
+            for p in parts:
+                if p != grow and not b.is_fixed(p):
+                    b.fix(p, "head count")
             b.tie(whole, grow)
         if isinstance(size, list):
             for i, s in enumerate(size):
                 if type(s) is int and s != -1:
                     b.patch(op, "size", i, (y, i))
+        sizes, dim = op.args.get("sizes"), op.args.get("dim")
+        if isinstance(sizes, list) and isinstance(dim, int):  # unflatten(dim, sizes): sizes[j] is y[dim + j]
+            d0 = dim % len(sx)
+            for j, s in enumerate(sizes):
+                if type(s) is int and s != -1:
+                    b.patch(op, "sizes", j, (y, d0 + j))
+
+
+def _growing_factor(b: _Builder, parts: list[Var]) -> Var | None:
+    """Which factor of a split axis grows with the whole: the innermost (head_dim, with the head
+    count kept, as Sparse Wide defines it), or an outer one when everything inside it is spatial
+    (a flatten of channels x height x width, of GPT-J's stacked pairs). None: the innermost factor is fixed for another
+    reason (e.g. a constant table of its size), so nothing may grow."""
+    for i in range(len(parts) - 1, -1, -1):
+        if not b.is_fixed(parts[i]):
+            inner = parts[i + 1:]
+            if all(b.reasons(p) <= {"spatial", "stacked axis"} for p in inner):  # C x H x W; (d, 2) pairs
+                return parts[i]
+            return None
+    return None
 
 
 def analyze_dims(g: ModelGraph) -> DimGroups:
@@ -545,7 +728,11 @@ def analyze_dims(g: ModelGraph) -> DimGroups:
         if v.kind == "buffer" and not all(
                 (c.op == "batch_norm" and v.name in (c.ref("running_mean"), c.ref("running_var")))
                 or (c.op == "mask_mul" and c.ref("mask") == v.name) for c in g.consumers(v.name)):
-            b.fix_value(v.name, "buffer")
+            table = tables.recognise(t) if (t := g.tensor(v.param)) is not None else None
+            if table is None:
+                b.fix_value(v.name, "buffer")
+            else:  # a size-derived table (rotary frequencies): recomputed at the new size, not frozen
+                b.tables[v.param] = table
     reshapes = []
     for op in g:
         if op.op == "reshape":
@@ -574,6 +761,8 @@ def _collect(g: ModelGraph, b: _Builder) -> DimGroups:
         reasons = list(fixed_roots.get(root, []))
         if not any(g.values[v].kind == "activation" for v, _ in members):
             reasons.append("parameter only")
+        if all(s == 1 for s in sizes.values()):  # a size-1 axis broadcasts (a gate's single output): not a width
+            reasons.append("size 1")
         unit = reduce(math.gcd, sizes.values())
         step = 1
         for m in members:
@@ -587,17 +776,19 @@ def _collect(g: ModelGraph, b: _Builder) -> DimGroups:
         groups.append(grp)
     for p in b.patches:
         groups[of[p.var]].patches.append(p)
-    return DimGroups(g, groups, of, b.unknown, b.ties)
+    return DimGroups(g, groups, of, b.unknown, b.ties, b.tables)
 
 
-def new_unit(group: DimGroup, k: float) -> int:
-    """The group's new unit when widened by factor k.
+def new_unit(group: DimGroup, k: float, multiple: int = 1) -> int:
+    """The group's new unit when widened by factor k (a multiple of `multiple` too, e.g. so that
+    sparse weights are whole blocks of a block mask).
 
     Reference rounding (Sparse-IFT): each dimension is truncated, int(k * size), then rounded up
     to the nearest valid size (a multiple of the head count, groups ...). ResNet-18 stage width
     64 -> 90 at k = sqrt(2); GPT-3 Small d_model 768 with 12 heads -> 1092.
     """
+    step = math.lcm(group.step, multiple)
     smax = max(group.scale(m) for m in group.members)
     target = Fraction(math.floor(k * group.unit * smax + 1e-9), smax)
-    units = math.ceil(target / group.step)
-    return max(units * group.step, group.step)
+    units = math.ceil(target / step)
+    return max(units * step, step)

@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from torch.utils.flop_counter import bmm_flop, conv_flop_count, mm_flop, sdpa_flop_count
+import torch
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, conv_flop_count, mm_flop, sdpa_flop_count
 
 from .graph import Layer, ModelGraph, Op
 
@@ -41,10 +42,49 @@ def op_flops(g: ModelGraph, op: Op, shape: ShapeOf | None = None) -> int:
     if op.op == "convolution":
         return int(conv_flop_count(list(shape(op.ref("input"))), list(shape(op.ref("weight"))),
                                    list(shape(op.outputs[0])), bool(op.args.get("transposed"))))
+    if op.op == "baddbmm":  # the product only, as torch's baddbmm formula (the addend is elementwise)
+        return int(bmm_flop(shape(op.ref("batch1")), shape(op.ref("batch2"))))
+    if op.op == "grouped_mm":
+        return grouped_mm_flop(shape(op.ref("input")), shape(op.ref("weight")))
     if op.op == "scaled_dot_product_attention":  # (..., heads, length, head_dim)
         q, k, v = (_as_bhsd(shape(op.ref(n))) for n in ("query", "key", "value"))
         return int(sdpa_flop_count(q, k, v))
     return int(op.flops or 0)
+
+
+def grouped_mm_flop(x_shape, w_shape, *args, **kwargs) -> int:
+    """MoE experts (`aten._grouped_mm`, transformers' `grouped_mm_fallback`): every row of x (S, K) is
+    multiplied by its own group's (K, N) matrix, so 2·S·K·N, whatever the split of rows between groups
+    (the sum of the per-expert products `x_e @ W_e` an eager loop over experts runs)."""
+    if len(x_shape) == 3:  # (G, M, K) @ (G, K, N): a plain batched product
+        return int(bmm_flop(x_shape, w_shape))
+    s, k = x_shape[-2], x_shape[-1]
+    return 2 * int(s) * int(k) * int(w_shape[-1])
+
+
+def _grouped_mm_targets() -> list:
+    aten = torch.ops.aten  # FlopCounterMode looks formulas up by op packet
+    targets = [aten._grouped_mm] if hasattr(aten, "_grouped_mm") else []
+    try:
+        targets.append(torch.ops.transformers.grouped_mm_fallback)  # registered by transformers
+    except (AttributeError, RuntimeError):
+        pass
+    return targets
+
+
+def flop_counter(display: bool = False) -> FlopCounterMode:
+    """`torch.utils.flop_counter.FlopCounterMode` that also counts the grouped matmuls of MoE experts,
+    for which PyTorch has no formula (it counts them as 0): the reference these FLOP counts are
+    checked against. Run models under `sdpa_kernel(SDPBackend.MATH)` on CPU, whose fused attention
+    kernels FlopCounterMode cannot see either."""
+    return FlopCounterMode(display=display, custom_mapping={t: _counted(grouped_mm_flop)
+                                                            for t in _grouped_mm_targets()})
+
+
+def _counted(formula):
+    def count(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return formula(x_shape, w_shape)
+    return count
 
 
 def _as_bhsd(t: tuple[int, ...]) -> list[int]:
@@ -148,7 +188,8 @@ def human(n: float) -> str:
 def layer_density(g: ModelGraph, layer: Layer) -> float:
     """Density of a layer's weight: from its mask buffer (weight * mask in the graph), else 1."""
     op = g.ops[layer.op]
-    spec_key = {"linear": "weight", "addmm": "mat2", "convolution": "weight", "matmul": "other"}.get(op.op)
+    spec_key = {"linear": "weight", "addmm": "mat2", "convolution": "weight", "matmul": "other",
+                "grouped_mm": "weight"}.get(op.op)
     ref = op.ref(spec_key) if spec_key else None
     seen = 0
     while ref and seen < 8:
@@ -157,22 +198,10 @@ def layer_density(g: ModelGraph, layer: Layer) -> float:
             break
         if prod.op == "mask_mul":
             mask = g.values[prod.ref("mask")]
-            tensor = _tensor_of(g, mask.param)
+            tensor = g.tensor(mask.param)
             if tensor is not None and not tensor.is_meta:
                 return float(tensor.count_nonzero()) / max(tensor.numel(), 1)
             break
         ref = prod.inputs[0] if prod.inputs else None
         seen += 1
     return 1.0
-
-
-def _tensor_of(g: ModelGraph, fqn: str | None):
-    if fqn is None or g.frontend != "torch" or g.source is None:
-        return None
-    obj = g.source
-    try:
-        for part in fqn.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        return None
-    return obj

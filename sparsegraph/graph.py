@@ -57,6 +57,7 @@ KINDS = {
     "cat": "concat", "split": "split", "getitem": "split",
     "scaled_dot_product_attention": "attention", "reduction": "reduction",
     "elementwise": "elementwise", "unary": "elementwise", "expand": "reshape", "slice": "split",
+    "baddbmm": "matmul", "grouped_mm": "matmul", "repeat": "reshape",
 }
 
 
@@ -93,7 +94,8 @@ class Layer:
     bias: str | None
     out_axis: int  # weight axis of output features (neurons)
     in_axes: tuple[int, ...]  # weight axes summed over per output (fan-in)
-    role: str = "hidden"  # stem | hidden | head | embedding | norm
+    role: str = "hidden"  # stem | hidden | head | embedding | norm | router
+    batch_axes: tuple[int, ...] = ()  # weight axes of independent matrices (the experts of an MoE layer)
 
 
 class ModelGraph:
@@ -149,6 +151,18 @@ class ModelGraph:
 
     def __len__(self) -> int:
         return len(self.ops)
+
+    def tensor(self, fqn: str | None):
+        """The framework tensor of a parameter or buffer (torch frontend), or None."""
+        if fqn is None or self.frontend != "torch" or self.source is None:
+            return None
+        obj = self.source
+        try:
+            for part in fqn.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        return obj
 
     def param_value(self, value: str) -> Value | None:
         """The parameter a value reads, looking through view-like ops (HF Conv1D's `t`, ONNX Transpose)."""

@@ -33,7 +33,7 @@ import torch
 from .graph import SparsegraphError
 
 __all__ = ["MaskError", "MaskKind", "parse_mask", "layer_seed", "make_mask", "erk_densities",
-           "mask_density", "as_matrix", "KINDS"]
+           "mask_density", "as_matrix", "KINDS", "planned_density", "density_steps"]
 
 KINDS = ("uniform", "erk", "nm:N:M", "block:B", "balanced_block:B")
 
@@ -189,14 +189,35 @@ def _check_density(density: float, name: str) -> float:
     return float(density)
 
 
+def _slice_axes(shape: tuple[int, ...], out_axis: int, in_axes: tuple[int, ...],
+                batch_axes: tuple[int, ...]) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """The shape and axes of one matrix of a stack (batch axes removed)."""
+    nd = len(shape)
+    batch = sorted(a % nd for a in batch_axes)
+    keep = [a for a in range(nd) if a not in batch]
+    return tuple(shape[a] for a in keep), keep.index(out_axis % nd), tuple(keep.index(a % nd) for a in in_axes)
+
+
 def make_mask(kind: str | MaskKind, shape: tuple[int, ...], density: float, *, seed: int, name: str,
-              out_axis: int = 0, in_axes: tuple[int, ...] = (1,)) -> torch.Tensor:
+              out_axis: int = 0, in_axes: tuple[int, ...] = (1,), batch_axes: tuple[int, ...] = ()) -> torch.Tensor:
     """A float32 0/1 mask of `shape`, reproducible from (seed, name); see the module docstring.
 
     density 1 gives all ones for every kind.  For N:M the density is dictated by the kind: a
     density other than N/M (or 1) is an error rather than silently ignored, so a plan can never
-    claim a density its masks do not have.
+    claim a density its masks do not have.  `batch_axes` (the experts of an MoE weight) index a
+    stack of independent matrices: each gets its own mask of the same kind and density, drawn
+    under the name `name[i]` (i the flat index over the batch axes).
     """
+    if batch_axes:
+        nd = len(shape)
+        batch = sorted(a % nd for a in batch_axes)
+        sub, o, ins = _slice_axes(tuple(shape), out_axis, tuple(in_axes), tuple(batch))
+        count = math.prod(shape[a] for a in batch)
+        mats = [make_mask(kind, sub, density, seed=seed, name=f"{name}[{i}]", out_axis=o, in_axes=ins)
+                for i in range(count)]
+        stacked = torch.stack(mats).reshape(*[shape[a] for a in batch], *sub) if mats else torch.zeros(shape)
+        keep = [a for a in range(nd) if a not in batch]
+        return stacked.permute(sorted(range(nd), key=lambda j: (batch + keep)[j])).contiguous()
     k = parse_mask(kind)
     density = _check_density(density, name)
     shape = tuple(int(s) for s in shape)
@@ -220,7 +241,7 @@ def make_mask(kind: str | MaskKind, shape: tuple[int, ...], density: float, *, s
 
 
 def planned_density(kind: str | MaskKind, shape: tuple[int, ...], density: float, out_axis: int = 0,
-                    in_axes: tuple[int, ...] = (1,)) -> float:
+                    in_axes: tuple[int, ...] = (1,), batch_axes: tuple[int, ...] = ()) -> float:
     """The density `make_mask` will produce, without building the mask (for planning huge models).
 
     Exact for uniform, ERK and N:M (ragged tail included) and for blocks that tile the matrix;
@@ -229,6 +250,8 @@ def planned_density(kind: str | MaskKind, shape: tuple[int, ...], density: float
     k = parse_mask(kind)
     if density >= 1:
         return 1.0
+    if batch_axes:  # every matrix of the stack has the same density
+        shape, out_axis, in_axes = _slice_axes(tuple(shape), out_axis, tuple(in_axes), tuple(batch_axes))
     perm = _view_axes(tuple(shape), out_axis, tuple(in_axes))
     rows, cols = shape[perm[0]], math.prod(shape[a] for a in perm[1:])
     if k.name == "nm":
@@ -241,6 +264,25 @@ def planned_density(kind: str | MaskKind, shape: tuple[int, ...], density: float
         nb = math.ceil(rows / k.block) * math.ceil(cols / k.block)
         return _count(density, nb) / nb
     return _count(density, rows * cols) / (rows * cols)
+
+
+def density_steps(kind: str | MaskKind, shape: tuple[int, ...], out_axis: int = 0, in_axes: tuple[int, ...] = (1,),
+                  batch_axes: tuple[int, ...] = ()) -> int | None:
+    """n such that the densities `make_mask` can produce are c / n, c = 1 .. n (elements for uniform
+    and ERK, blocks for block:B, blocks per block-row for balanced_block:B); None for N:M, whose
+    density is the kind's. Ragged edge blocks make block densities approximate (see planned_density)."""
+    k = parse_mask(kind)
+    if k.density_fixed is not None:
+        return None
+    if batch_axes:
+        shape, out_axis, in_axes = _slice_axes(tuple(shape), out_axis, tuple(in_axes), tuple(batch_axes))
+    perm = _view_axes(tuple(shape), out_axis, tuple(in_axes))
+    rows, cols = shape[perm[0]], math.prod(shape[a] for a in perm[1:])
+    if k.name == "balanced_block":
+        return math.ceil(cols / k.block)
+    if k.name == "block":
+        return math.ceil(rows / k.block) * math.ceil(cols / k.block)
+    return rows * cols
 
 
 def mask_density(mask: torch.Tensor) -> float:

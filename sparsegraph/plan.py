@@ -50,6 +50,10 @@ class WeightPlan:
     dense_flops: int  # FLOPs of the products this weight takes part in, dense
     sparse_flops: int  # the same with the mask's density
     supar: dict = field(default_factory=dict)  # SμPar multipliers (filled by the SμPar pass)
+    batch_axes: list[int] = field(default_factory=list)  # axes of independent matrices (MoE experts): each
+    #                                                     slice is masked on its own, at the same density
+    base_init: dict = field(default_factory=dict)  # the dense original's init of the source weight, read
+    #                                              from its values: {"dist": normal|uniform|zeros|ones|..., "std"}
 
     @property
     def sparse(self) -> bool:
@@ -75,6 +79,8 @@ class SparsityPlan:
     history: list[dict] = field(default_factory=list)  # dynamic sparse training mask updates
     lowering: dict = field(default_factory=dict)  # per-layer kernel choices
     source: dict = field(default_factory=dict)  # recipe of the dense original (sparsegraph.io.source_of)
+    tables: list[dict] = field(default_factory=list)  # size-derived buffers recomputed at their new size:
+    #                      {"name", "rule", "params", "orig_shape", "shape"} (see sparsegraph/tables.py)
 
     # -- queries ------------------------------------------------------------------------------
     def weight(self, name: str) -> WeightPlan:

@@ -152,3 +152,40 @@ def test_dynamo_graph_parameters_keep_their_names():
     g = seen["graph"]
     assert set(g.params) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert [r.role for r in sg.analyze(g).layers] == ["stem", "head"]
+
+
+def test_tied_weights_are_one_parameter_under_their_first_name():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Embedding(16, 8)
+            self.enc, self.dec = torch.nn.Embedding(16, 8), torch.nn.Embedding(16, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 16, bias=False)
+            self.enc.weight = self.dec.weight = self.head.weight = self.shared.weight
+
+        def forward(self, a, b):  # the graph reads the tied weight as head.weight, enc.weight, dec.weight
+            return self.head(self.mid(self.enc(a) + self.dec(b)))
+
+    ids = torch.randint(0, 16, (2, 5))
+    g = sg.capture(Tied(), (ids, ids))
+    assert "shared.weight" in g.params and not any(v.kind == "const" for v in g.values.values())
+    report = sg.analyze(g)
+    roles = {(r.name, r.kind): r.role for r in report.layers}
+    assert roles[("mid", "linear")] == "hidden"  # the tied embeddings are the stem, not the linear after them
+    assert {r.weight for r in report.layers if r.kind == "embedding"} == {"shared.weight"}
+
+
+def test_x_at_weight_transposed_is_a_linear_layer():
+    class FalconLinear(torch.nn.Linear):  # transformers' Falcon: input @ self.weight.T (aten.numpy_T)
+        def forward(self, x):
+            return x @ self.weight.T
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), FalconLinear(8, 8, bias=False), torch.nn.Linear(8, 2))
+    x = (torch.randn(3, 4),)
+    g = sg.capture(m, x)
+    assert [op.op for op in g if op.op in ("linear", "matmul")] == ["linear", "linear", "linear"]
+    assert not any("numpy_T" in op.target for op in g)
+    torch.testing.assert_close(g.source(*x), m(*x))
+    plan = sg.sparsify(m, x, "sparse_factorized", 0.5).plan
+    assert plan.weight("1.u.weight").sparse  # the middle layer is found and rewritten

@@ -140,3 +140,81 @@ def test_builtin_gpt_groups():
     resid = dims.param_group("h.0.ln_1.weight", 0)
     assert resid.widenable and ("wte.weight", 1) in resid.params and ("wpe.weight", 1) in resid.params
     assert len(dims.widenable) == 1 + 2 * 4  # residual + attention and MLP per block
+
+
+# ---------------------------------------------------------------------------------------------
+# heads kept, rotary tables recomputed, the new op rules
+# ---------------------------------------------------------------------------------------------
+class _RopeAttention(nn.Module):
+    """q, k, v projections split into heads, RoPE on q and k with a registered inv_freq table."""
+
+    def __init__(self, d=32, heads=2, hd=16, base=10000.0, rope_table=True):
+        super().__init__()
+        self.heads, self.hd = heads, hd
+        self.q, self.k, self.v = (nn.Linear(d, heads * hd, bias=False) for _ in range(3))
+        self.o = nn.Linear(heads * hd, d, bias=False)
+        inv = 1.0 / base ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        self.register_buffer("inv_freq", inv if rope_table else torch.rand(self.hd // 2), persistent=False)
+
+    def rope(self, x, cos, sin):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def forward(self, x):  # (B, T, d)
+        B, T, _ = x.shape
+        split = lambda t: t.view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        freqs = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        q, k = self.rope(q, emb.cos(), emb.sin()), self.rope(k, emb.cos(), emb.sin())
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_rotary_table_is_recomputed_not_frozen():
+    from sparsegraph import tables
+
+    g, dims = groups_of(_RopeAttention(), (torch.randn(2, 5, 32),))
+    hd = dims.param_group("q.weight", 0)
+    assert hd.widenable and hd is dims.param_group("k.weight", 0)  # q and k head_dim tie through the table
+    assert dims.tables == {"inv_freq": ("rope_inv_freq", {"base": pytest.approx(10000.0, rel=1e-6)})}
+    assert dims.param_group("v.weight", 0).widenable
+    # the formula, by hand: base^(-2i/d) for d = 8
+    torch.testing.assert_close(tables.make("rope_inv_freq", {"base": 100.0}, (4,)),
+                               torch.tensor([1.0, 100 ** -0.25, 100 ** -0.5, 100 ** -0.75]))
+    assert tables.recognise(torch.tensor([1.0, 0.5, 0.3])) is None  # not one base: an ordinary buffer
+    # a buffer that is no such table freezes the head dimension, and then nothing in q/k grows (heads kept)
+    g, dims = groups_of(_RopeAttention(rope_table=False), (torch.randn(2, 5, 32),))
+    assert dims.param_group("q.weight", 0).fixed and not dims.tables
+
+
+def test_rotary_attention_sparse_wide_keeps_heads_and_matches_a_fresh_model():
+    """Widened q, k, v with the table recomputed compute what a model built at the new head_dim computes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    wide = sg.sparsify(_RopeAttention(), (x,), "sparse_wide", 0.0, width=2.0, include_stem=True, include_head=True)
+    assert wide.plan.weight("q.weight").shape == [64, 32] and wide.plan.tables[0]["shape"] == [16]
+    ref = _RopeAttention(d=32, heads=2, hd=32)  # 2 heads of 32 (the model's input and output stay 32 wide)
+    ref.load_state_dict({k: v for k, v in wide.state_dict().items() if not k.startswith("sparsegraph")},
+                        strict=False)
+    torch.testing.assert_close(wide.get_buffer("inv_freq"), ref.inv_freq)
+    torch.testing.assert_close(wide(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_index_and_baddbmm_rules():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 12), nn.Linear(12, 4)
+
+        def forward(self, x, idx):  # x (N, 8), idx (M,)
+            h = self.a(x)[idx]  # rows gathered: the feature axis keeps its group
+            s = torch.baddbmm(torch.zeros(1, 3, 3), h.view(1, 3, 12) * 1.0, h.view(1, 3, 12).transpose(1, 2),
+                              alpha=12 ** -0.5)
+            return self.b(h) + s.sum()
+
+    g, dims = groups_of(Net(), (torch.randn(5, 8), torch.tensor([0, 2, 4])))
+    grp = dims.param_group("a.weight", 0)
+    assert grp.widenable and grp is dims.param_group("b.weight", 1)
+    assert any(p.key == "alpha" and p.fn == "inv_sqrt" for p in grp.patches)
+    assert not dims.unknown

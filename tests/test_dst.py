@@ -551,3 +551,31 @@ def test_ddp_two_ranks_make_identical_mask_decisions():
         for key, value in r0["state"].items():
             if torch.is_tensor(value) and value.is_floating_point() and "running" not in key:
                 assert torch.equal(value, r1["state"][key]), (method, key)
+
+
+def test_a_weight_dropped_and_regrown_in_one_update_starts_at_zero():
+    """RigL drops the smallest |w| and grows at the largest |dense gradient| outside the kept set, so a
+    weight it drops can be grown right back: it must restart from zero, with zero optimizer state."""
+    shape = (4, 8)
+    w0 = distinct(shape, 1).float() + 0.1 * torch.sign(distinct(shape, 1).float())  # |w| >= 0.1
+    mask = make_mask("uniform", shape, 0.25, seed=3, name="probe")  # 8 of 32 active
+    active = mask.flatten().nonzero().flatten().tolist()
+    p = min(active, key=lambda i: abs(float(w0.flatten()[i])))  # the first weight RigL drops
+    G = 0.01 * distinct(shape, 2).float()
+    G.view(-1)[p] = 10.0  # ... and by far the largest gradient anywhere: regrown at once
+    model = LinearProbe(w0, mask, G)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)  # weights stay put; Adam's moments do not
+    rigl = sg.dst.RigL(model, opt, total_steps=100, update_interval=10)
+    for _ in range(10):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        rigl.step()
+    layer = sg.plan_of(model).history[-1]["layers"]["weight"]
+    assert layer["dropped"] >= 1 and layer["changed"] < layer["grown"]  # a regrown weight was active before
+    assert model.weight_mask.view(-1)[p] == 1  # dropped, then grown back
+    assert model.weight.detach().view(-1)[p] == 0  # from zero, not from its old value
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[model.weight][key].view(-1)[p] == 0
+    kept = [i for i in active if i != p and model.weight_mask.view(-1)[i] == 1]
+    assert kept and all(model.weight.detach().view(-1)[i] == w0.view(-1)[i] for i in kept)  # the others keep theirs

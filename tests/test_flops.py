@@ -80,3 +80,35 @@ def test_report_table_and_json():
     data = json.loads(report.to_json())
     assert data["dense_flops"] == report.dense_flops
     assert {l["role"] for l in data["layers"]} == {"embedding", "norm", "hidden", "head"}
+
+
+def test_grouped_mm_and_baddbmm_formulas_by_hand():
+    from sparsegraph.flops import grouped_mm_flop
+
+    # 10 rows of width 6 routed to 3 experts of (6 -> 4): every row meets one 6 x 4 matrix
+    assert grouped_mm_flop((10, 6), (3, 6, 4)) == 2 * 10 * 6 * 4
+    assert grouped_mm_flop((3, 5, 6), (3, 6, 4)) == 2 * 3 * 5 * 6 * 4  # batched form
+
+    class Scores(torch.nn.Module):
+        def forward(self, bias, q, k):
+            return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.5)
+
+    x = (torch.randn(4, 1, 7), torch.randn(4, 7, 8), torch.randn(4, 7, 8))
+    report = sg.analyze(Scores(), x)
+    assert report.dense_flops == 2 * 4 * 7 * 8 * 7 == flop_counter(Scores(), x)
+
+
+def test_flop_counter_counts_moe_experts():
+    """PyTorch counts transformers' grouped matmul as 0; sg.flops.flop_counter counts it as the loop it replaces."""
+    from transformers.integrations import moe  # noqa: F401 - registers transformers::grouped_mm_fallback
+
+    from sparsegraph.flops import flop_counter as sg_counter
+
+    x, w = torch.randn(10, 6), torch.randn(3, 6, 4)
+    offs = torch.tensor([3, 7, 10], dtype=torch.int32)
+    with FlopCounterMode(display=False) as plain:
+        y = torch.ops.transformers.grouped_mm_fallback(x, w, offs)
+    with sg_counter() as ours:
+        torch.ops.transformers.grouped_mm_fallback(x, w, offs)
+    assert plain.get_total_flops() == 0 and ours.get_total_flops() == 2 * 10 * 6 * 4
+    torch.testing.assert_close(y[3:7], x[3:7] @ w[1])

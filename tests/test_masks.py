@@ -244,3 +244,57 @@ def test_erk_edge_cases():
         erk_densities({"bias": (16,)}, 0.5)
     with pytest.raises(ValueError, match="density must be in"):
         erk_densities(LAYERS, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# widths that are not a multiple of the block; stacks of expert matrices
+# ---------------------------------------------------------------------------------------------
+def test_balanced_block_grid_on_ragged_widths_by_hand():
+    from sparsegraph.masks import density_steps, planned_density
+
+    # (40, 50), B = 16: a 3 x 4 block grid whose last row is 8 high and last column 2 wide
+    assert density_steps("balanced_block:16", (40, 50)) == 4  # blocks per block-row: ceil(50 / 16)
+    assert density_steps("block:16", (40, 50)) == 12  # ceil(40 / 16) * ceil(50 / 16)
+    assert density_steps("uniform", (40, 50)) == 2000 and density_steps("nm:2:4", (40, 50)) is None
+    assert planned_density("balanced_block:16", (40, 50), 0.3) == 0.25  # round(0.3 * 4) = 1 block of 4
+    assert planned_density("balanced_block:16", (40, 50), 0.6) == 0.5  # round(2.4) = 2 of 4
+    assert planned_density("block:16", (40, 50), 0.3) == 4 / 12  # round(3.6) = 4 of 12
+    for density in (0.25, 0.5, 0.75):
+        mask = make_mask("balanced_block:16", (40, 50), density, seed=5, name="w")
+        per_row = [sum(int(t[0, 0]) for i2, _, t in blocks(mask, 16) if i2 == i) for i in range(3)]
+        assert per_row == [round(density * 4)] * 3  # the ragged column is a block like any other
+        # the true density counts the ragged blocks at their size: 16·16, 16·2, 8·16, 8·2 elements
+        sizes = {(i, j): t.numel() for i, j, t in blocks(mask, 16)}
+        on = sum(sizes[(i, j)] for i, j, t in blocks(mask, 16) if t[0, 0] == 1)
+        assert int(mask.sum()) == on
+
+
+def test_sparsify_reports_the_true_density_of_ragged_block_masks():
+    import sparsegraph as sg
+
+    class MLP(torch.nn.Module):  # hidden width 40: not a multiple of 16
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(24, 40), torch.nn.Linear(40, 40), torch.nn.Linear(40, 8)
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    model = sg.sparsify(MLP(), (torch.randn(4, 24),), "sparse_parallel", 0.5, mask="balanced_block:16")
+    for w in model.plan.sparse_weights:
+        mask = model.get_buffer(w.name + "_mask")
+        assert w.density == float(mask.sum()) / mask.numel()  # measured, not the planned c / steps
+        per_row = [sum(int(t[0, 0]) for i2, _, t in blocks(mask, 16) if i2 == i) for i in range(3)]
+        assert len(set(per_row)) == 1
+
+
+def test_expert_stacks_are_masked_one_matrix_at_a_time():
+    from sparsegraph.masks import planned_density
+
+    mask = make_mask("uniform", (4, 12, 10), 0.25, seed=0, name="experts", out_axis=1, in_axes=(2,), batch_axes=(0,))
+    assert mask.flatten(1).sum(1).tolist() == [30.0] * 4  # round(0.25 * 120) in every expert
+    for e in range(4):  # each is the mask of its own name, `experts[e]`
+        assert torch.equal(mask[e], make_mask("uniform", (12, 10), 0.25, seed=0, name=f"experts[{e}]"))
+    nm = make_mask("nm:2:4", (3, 8, 12), 0.5, seed=0, name="x", out_axis=1, in_axes=(2,), batch_axes=(0,))
+    assert (nm.reshape(3, 8, 3, 4).sum(-1) == 2).all()
+    assert planned_density("balanced_block:4", (3, 8, 10), 0.5, 1, (2,), (0,)) == 2 / 3  # per expert: ceil(10/4)

@@ -55,15 +55,9 @@ def test_iso_flops_shapes_and_training(family, sparsity, gpt, resnet):
         model = sg.sparsify(spec.model, spec.example_inputs, family, sparsity, graph=g)
         measured = sg.analyze(model, spec.example_inputs)  # re-captured: counts the masks, not the plan
         ratio = measured.sparse_flops / dense.dense_flops
+        assert abs(ratio - 1) < 1e-3, (family, sparsity, ratio)  # every family: densities searched after rounding
         if family == "sparse_wide":
-            assert abs(ratio - 1) < 1e-3, ratio
             assert measured.dense_flops > 1.5 * dense.dense_flops  # the model really is wider
-        else:  # exact up to the rounding of the inner dimension d: one unit of d per layer at most
-            slack = sum(w.dense_flops / w.shape[w.out_axis] * (1 - sparsity if family == "sparse_factorized" else 1)
-                        for w in model.plan.weights if w.part in ("u", "v"))
-            # and of each sparse weight's nonzero count (half an element each)
-            slack += sum(0.5 * w.dense_flops / math.prod(w.shape) for w in model.plan.sparse_weights)
-            assert abs(measured.sparse_flops - dense.dense_flops) <= slack, (ratio, slack / dense.dense_flops)
         assert abs(model.plan.totals["sparse_flops"] - measured.sparse_flops) <= 1e-6 * measured.sparse_flops
         x = spec.example_inputs
         assert model(*x).shape == spec.model(*x).shape
@@ -180,10 +174,7 @@ def test_masks_kinds_through_sparsify(gpt):
         sparsity = 0.5 if mask.startswith("nm") else 0.75
         model = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", sparsity, mask=mask, graph=g)
         measured, target = sg.analyze(model, spec.example_inputs).sparse_flops, sg.analyze(g).dense_flops
-        # iso-FLOP up to the mask's granularity: one block per block-row of one layer, or a width step
-        step = max(w.dense_flops / -(-w.shape[1] // 16) for w in model.plan.sparse_weights) if "block" in mask \
-            else 0.01 * target
-        assert abs(measured - target) <= step, (mask, measured / target)
+        assert abs(measured / target - 1) <= 1e-3, (mask, measured / target)  # the same tolerance for every kind
         for w in model.plan.sparse_weights:
             assert check(dict(model.named_buffers())[w.name + "_mask"]), (mask, w.name)
     erk = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="erk", graph=g).plan
@@ -364,3 +355,85 @@ def test_fresh_initialisation_follows_pytorch_defaults(resnet):
         assert fc_w.abs().max() <= bound
         conv = model.get_parameter("layers.0.0.conv1.weight")
         assert conv.abs().max() <= 1 / math.sqrt(conv[0].numel())
+
+
+def test_sparse_parallel_at_sixty_percent_has_three_branches_of_a_third(gpt):
+    """s = 0.6: ceil(1 / 0.4) = 3 branches; at density 0.4 they would cost 1.2x, so each gets 1/3."""
+    spec, g = gpt
+    model = sg.sparsify(spec.model, spec.example_inputs, "sparse_parallel", 0.6, graph=g)
+    plan = model.plan
+    fc = [w for w in plan.weights if w.source == "h.0.mlp.c_fc.weight"]
+    assert [w.name for w in fc] == ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.branch1.weight", "h.0.mlp.c_fc.branch2.weight"]
+    for w in fc:
+        assert w.density == pytest.approx(1 / 3, abs=1 / math.prod(w.shape))  # exact nonzero counts
+        mask = model.get_buffer(w.name + "_mask")
+        assert int(mask.sum()) == round(w.density * mask.numel())
+    assert abs(plan.flops_ratio - 1) < 1e-3
+    assert abs(sg.analyze(model, spec.example_inputs).sparse_flops / sg.analyze(g).dense_flops - 1) < 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mask", ["uniform", "block:16", "nm:2:4", "balanced_block:16"])
+def test_iso_flops_every_family_every_mask(family, mask, gpt):
+    """Within 0.1% of the original's FLOPs, or a note naming the layers whose mask grid is too coarse."""
+    spec, g = gpt
+    sparsity = 0.5 if mask.startswith("nm") else 0.75
+    plan = sg.sparsify(spec.model, spec.example_inputs, family, sparsity, mask=mask, graph=g).plan
+    off = abs(plan.flops_ratio - 1) > 1e-3
+    if mask in ("uniform", "block:16", "nm:2:4"):
+        assert not off, (family, mask, plan.flops_ratio)
+    else:
+        assert not off or any(n.startswith("iso-FLOP") and "h.0." in n for n in plan.notes), plan.notes
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sparse_wide_block_masks_have_whole_blocks_and_hit_the_budget(arch):
+    """balanced_block:32 used to land at 0.948x (GPT-2) and 0.974x (Llama): ragged edge blocks."""
+    kw = dict(n_embd=128, n_layer=2, n_head=4) if arch == "gpt2" else dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = hf_model(arch, vocab_size=256, **kw)
+    ids = torch.randint(0, 256, (2, 16))
+    wide = sg.sparsify(model, (ids,), "sparse_wide", 0.75, mask="balanced_block:32")
+    plan = wide.plan
+    assert abs(plan.flops_ratio - 1) < 1e-3, plan.flops_ratio
+    for w in plan.sparse_weights:
+        for axis in (w.out_axis, *w.in_axes):
+            assert w.shape[axis] % 32 == 0, (w.name, w.shape)  # every widened side in whole blocks
+        assert _balanced(wide.get_buffer(w.name + "_mask"), w, 32)
+
+
+def _balanced(mask, w, b):
+    m = mask if w.out_axis == 0 else mask.t()
+    blocks = m.reshape(m.shape[0] // b, b, m.shape[1] // b, b).amax((1, 3))
+    return len(set(blocks.sum(-1).tolist())) == 1 and (blocks.sum() / blocks.numel()).item() == pytest.approx(w.density)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_weight_shared_across_depth_is_rewritten_at_every_use(family):
+    """ALBERT applies one layer at every depth: its weight is planned once, for every op that reads it."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.layer, self.out = nn.Linear(12, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            for _ in range(3):
+                h = h + torch.relu(self.layer(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model, x = Shared(), (torch.randn(4, 12),)
+    from sparsegraph.checks import check_rewrite
+
+    row = check_rewrite(model, x, family, 0.75)
+    assert row["ok"], (row["error"], row.get("traceback"))
+    plan = row["plan"]
+    parts = [w for w in plan.sparse_weights if w.source == "layer.weight"]
+    assert parts and all(w.dense_flops % 3 == 0 for w in parts)  # three uses counted
+    one_use = 2 * 4 * 32 * 32
+    if family == "sparse_parallel":
+        assert [w.dense_flops for w in parts] == [3 * one_use] * 4
+    out = sg.sparsify(model, x, family, 0.75)
+    n_products = sum(1 for n in out.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    assert n_products == 2 + 3 * {"sparse_wide": 1, "sparse_parallel": 4, "sparse_factorized": 2, "sparse_doped": 3}[family]

@@ -94,8 +94,9 @@ def test_learning_rates_and_weight_decay_equal_mup(case, optimizer, mu_opt):
     assert {n: tuple(p.shape) for n, p in ours.named_parameters() if not n.startswith("sparsegraph")} == \
         {n: tuple(p.shape) for n, p in theirs.named_parameters()}
     expect = per_name(theirs, mu_opt(theirs.parameters(), lr=lr, weight_decay=wd).param_groups)
-    got = {n: (g["lr"], g["weight_decay"]) for g in sg.supar.param_groups(ours, lr, wd, optimizer) for n in g["names"]}
-    assert got == expect  # bit for bit, every parameter
+    got = {n: (g["lr"], g["weight_decay"])
+           for g in sg.supar.param_groups(ours, lr, wd, optimizer, decay_1d=True) for n in g["names"]}
+    assert got == expect  # bit for bit, every parameter (mup decays biases and norm gains too)
     scaled = {n for n, (a, b) in got.items() if a != lr}
     assert scaled, "width 2 must change some learning rates"
 
@@ -135,26 +136,31 @@ def test_wide_gpt_forward_multipliers_match_mup_readout():
 # SμPar by hand: (m_d, m_ρ) = (2, 0.25)
 # ---------------------------------------------------------------------------------------------
 def test_hand_computed_multipliers_mlp():
-    m = sg.sparsify(MLP(64), (torch.randn(4, 32),), "sparse_wide", 0.75, width=2.0)
+    dense = MLP(64)
+    base = {n: float(p.detach().double().std()) for n, p in dense.named_parameters()}  # each weight's own σ_base
+    m = sg.sparsify(dense, (torch.randn(4, 32),), "sparse_wide", 0.75, width=2.0)
     sg.supar.annotate(m, "supar", alpha_in=3.0, alpha_out=5.0)
     plan = m.plan
     assert plan.weight("fc2.weight").density == 0.25 and plan.weight("fc2.weight").shape == [128, 128]
-    # hidden fc2: init std (1/sqrt(3*64)) / sqrt(2*0.25); Adam lr / (2*0.25); SGD lr * (2/2) / 0.25
+    # hidden fc2: init std σ_base / sqrt(2*0.25), σ_base the dense fc2's (PyTorch's U(±1/sqrt(64)): 1/sqrt(3*64));
+    # Adam lr / (2*0.25); SGD lr * (2/2) / 0.25
     s = plan.weight("fc2.weight").supar
     assert (s["class"], s["m_in"], s["m_out"], s["m_rho"]) == ("hidden", 2.0, 2.0, 0.25)
-    assert s["init"] == {"dist": "uniform", "std": pytest.approx(1 / math.sqrt(3 * 64) / math.sqrt(0.5), rel=1e-12)}
+    assert s["sigma_base"] == base["fc2.weight"] == pytest.approx(1 / math.sqrt(3 * 64), rel=0.05)
+    assert s["init"] == {"dist": "uniform", "std": pytest.approx(base["fc2.weight"] / math.sqrt(0.5), rel=1e-12)}
     assert s["lr"]["adam"] == [1.0, 0.5] and s["lr"]["sgd"] == [1.0, 0.25]
-    # stem fc1 (fan-out widened): init as base U(+-1/sqrt(32)); Adam lr; SGD lr * 2
+    # stem fc1 (fan-out widened): init as base (U(+-1/sqrt(32))); Adam lr; SGD lr * 2
     s = plan.weight("fc1.weight").supar
-    assert (s["class"], s["m_d"], s["init"]["std"]) == ("input", 2.0, pytest.approx(1 / math.sqrt(3 * 32)))
+    assert (s["class"], s["m_d"], s["init"]["std"]) == ("input", 2.0, base["fc1.weight"])
+    assert base["fc1.weight"] == pytest.approx(1 / math.sqrt(3 * 32), rel=0.05)
     assert s["lr"]["adam"] == [1.0, 1.0] and s["lr"]["sgd"] == [2.0, 1.0]
-    # head out (fan-in widened): init as base U(+-1/sqrt(64)); forward x * alpha_out / 2
+    # head out (fan-in widened): init as base (U(+-1/sqrt(64))); forward x * alpha_out / 2
     s = plan.weight("out.weight").supar
-    assert (s["class"], s["m_d"], s["init"]["std"]) == ("output", 2.0, pytest.approx(1 / math.sqrt(3 * 64)))
+    assert (s["class"], s["m_d"], s["init"]["std"]) == ("output", 2.0, base["out.weight"])
     assert s["lr"]["sgd"] == [2.0, 1.0]
-    # biases: widened fc1/fc2 biases SGD lr * 2 and init as base U(+-1/sqrt(fan_in of the base layer)); out.bias fixed
+    # biases: widened fc1/fc2 biases SGD lr * 2 and init as base (U(+-1/sqrt(fan_in of the base layer))); out.bias fixed
     assert plan.weight("fc2.bias").supar["lr"]["sgd"] == [2.0, 1.0]
-    assert plan.weight("fc2.bias").supar["init"]["std"] == pytest.approx(1 / math.sqrt(3 * 64))
+    assert plan.weight("fc2.bias").supar["init"] == {"dist": "uniform", "std": base["fc2.bias"]}
     assert plan.weight("out.bias").supar["lr"]["sgd"] == [1.0, 1.0]
     assert [(f["site"], f["weight"], f["value"]) for f in plan.supar["forward"]] == [
         ("input", "fc1.weight", 3.0), ("output", "out.weight", 2.5)]
@@ -162,10 +168,14 @@ def test_hand_computed_multipliers_mlp():
     adam = {n: (g["lr"], g["weight_decay"]) for g in sg.supar.param_groups(m, lr, wd, "adamw") for n in g["names"]}
     assert adam["fc2.weight"] == (0.02, 0.05) and adam["fc1.weight"] == adam["out.weight"] == (0.01, 0.1)
     sgd = {n: (g["lr"], g["weight_decay"]) for g in sg.supar.param_groups(m, lr, wd, "sgd") for n in g["names"]}
-    assert sgd["fc2.weight"] == (0.04, 0.025) and sgd["fc1.weight"] == sgd["fc1.bias"] == (0.02, 0.05)
-    assert sgd["out.bias"] == (0.01, 0.1)
-    for g in sg.supar.param_groups(m, lr, wd, "adamw") + sg.supar.param_groups(m, lr, wd, "sgd"):
-        assert g["lr"] * g["weight_decay"] == pytest.approx(lr * wd)  # decoupled decay per step unchanged
+    assert sgd["fc2.weight"] == (0.04, 0.025) and sgd["fc1.weight"] == (0.02, 0.05)
+    assert sgd["fc1.bias"] == (0.02, 0.0) and sgd["out.bias"] == (0.01, 0.0)  # 1-D: no weight decay by default
+    with_1d = {n: (g["lr"], g["weight_decay"])
+               for g in sg.supar.param_groups(m, lr, wd, "sgd", decay_1d=True) for n in g["names"]}
+    assert with_1d["fc1.bias"] == (0.02, 0.05) and with_1d["out.bias"] == (0.01, 0.1)
+    for g in sg.supar.param_groups(m, lr, wd, "adamw", decay_1d=True) + sg.supar.param_groups(m, lr, wd, "sgd"):
+        decays = [n for n in g["names"] if g["weight_decay"] > 0]
+        assert not decays or g["lr"] * g["weight_decay"] == pytest.approx(lr * wd)  # decoupled decay per step unchanged
     # the forward: out(relu(fc2(relu(3 * fc1(x)))) * 5/2), by hand
     x = torch.randn(4, 32)
     p = {n: t.detach() for n, t in m.named_parameters()}
@@ -501,3 +511,68 @@ def test_explicit_multipliers_win_over_a_preset_and_optimizer_names_are_checked(
     cc = sg.supar.coord_check(spec.model, spec.example_inputs, widths=(1,), sparsities=(0.0,),
                               parameterizations=("sp",), steps=1, optimizer="AdamW")
     assert cc.rows
+
+
+# ---------------------------------------------------------------------------------------------
+# σ_base per weight from the dense model; the SGD rule with m_in != m_out; factorized_bn in the plan
+# ---------------------------------------------------------------------------------------------
+def test_sigma_base_is_each_weights_own_init_gpt2_c_proj_included():
+    from .conftest import hf_model
+
+    n_layer = 2
+    dense = hf_model("gpt2", n_layer=n_layer, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
+    own = {n: float(p.detach().double().std()) for n, p in dense.named_parameters()}
+    m = sg.sparsify(dense, (torch.randint(0, 128, (2, 16)),), "sparse_wide", 0.75)
+    sg.supar.annotate(m, "supar")
+    checked = 0
+    for w in m.plan.weights:
+        if w.kind in ("linear", "conv", "embedding"):
+            assert w.supar["sigma_base"] == own[w.source], w.name  # the dense model's own σ, not a global one
+            checked += 1
+    assert checked >= 4 * n_layer + 1
+    # GPT-2 initialises its residual projections with σ/√(2·n_layer), everything else with σ = 0.02
+    for name in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"):
+        assert m.plan.weight(name).supar["sigma_base"] == pytest.approx(0.02 / math.sqrt(2 * n_layer), rel=0.05)
+    assert m.plan.weight("transformer.h.0.attn.c_attn.weight").supar["sigma_base"] == pytest.approx(0.02, rel=0.05)
+    s = m.plan.weight("transformer.h.0.mlp.c_proj.weight").supar
+    assert s["init"] == {"dist": "normal", "std": pytest.approx(s["sigma_base"] / math.sqrt(s["m_in"] * s["m_rho"]))}
+    assert m.plan.weight("transformer.h.0.attn.c_attn.bias").supar["init"] == {"dist": "zeros", "std": 0.0}
+    sg.supar.init_(m)
+    w = m.get_parameter("transformer.h.0.mlp.c_proj.weight").detach()
+    assert float(w.std()) == pytest.approx(s["init"]["std"], rel=0.05)
+    sg.supar.annotate(m, "supar", sigma_base=0.05)  # one σ for every weight only when asked for
+    assert {w.supar["sigma_base"] for w in m.plan.weights if w.kind == "linear"} == {0.05}
+
+
+def test_sgd_rule_with_fan_in_and_fan_out_multipliers_apart():
+    """Sparse Factorized at s = 0.75: fc2 (64 -> 64) becomes U (64 -> d) then V (d -> 64), d = 128, density
+    64·64 / (64·128 + 128·64) = 0.25 each. U: m_in = 1, m_out = 2; V: m_in = 2, m_out = 1."""
+    dense = MLP(64)
+    m = sg.sparsify(dense, (torch.randn(4, 32),), "sparse_factorized", 0.75)
+    sg.supar.annotate(m, "supar")
+    u, v = m.plan.weight("fc2.u.weight"), m.plan.weight("fc2.v.weight")
+    assert u.shape == [128, 64] and v.shape == [64, 128] and u.density == v.density == 0.25
+    su, sv = u.supar, v.supar
+    assert (su["class"], su["m_in"], su["m_out"], su["m_rho"]) == ("hidden", 1.0, 2.0, 0.25)
+    assert (sv["class"], sv["m_in"], sv["m_out"], sv["m_rho"]) == ("hidden", 2.0, 1.0, 0.25)
+    # SGD: η·(m_out/m_in)/m_ρ -> U 8η, V 2η; Adam: η/(m_in·m_ρ) -> U 4η, V 2η; init σ/√(m_in·m_ρ)
+    assert su["lr"]["sgd"] == [1.0, 0.125] and sv["lr"]["sgd"] == [1.0, 0.5]
+    assert su["lr"]["adam"] == [1.0, 0.25] and sv["lr"]["adam"] == [1.0, 0.5]
+    sigma = float(dense.fc2.weight.detach().double().std())
+    assert su["init"]["std"] == pytest.approx(sigma * 2) and sv["init"]["std"] == pytest.approx(sigma / math.sqrt(0.5))
+    lr = {n: g["lr"] for g in sg.supar.param_groups(m, 0.01, optimizer="sgd") for n in g["names"]}
+    assert lr["fc2.u.weight"] == pytest.approx(0.08) and lr["fc2.v.weight"] == pytest.approx(0.02)
+
+
+def test_factorized_bn_batchnorms_are_in_the_plan():
+    from sparsegraph.models import builtin
+
+    spec = builtin("resnet-mini")
+    m = sg.sparsify(spec.model, spec.example_inputs, "sparse_factorized", 0.75, factorized_bn=True)
+    assert {n for n, _ in m.named_parameters()} == {w.name for w in m.plan.weights}
+    assert m.plan.totals["params"] == sum(p.numel() for p in m.parameters())
+    bn = m.plan.weight("layers.0.0.conv1.uv_bn.weight")
+    assert (bn.role, bn.kind, bn.shape) == ("norm", "norm", [m.plan.weight("layers.0.0.conv1.u.weight").shape[0]])
+    sg.supar.annotate(m, "supar")
+    assert m.plan.weight("layers.0.0.conv1.uv_bn.bias").supar["init"]["dist"] == "zeros"
+    sg.supar.init_(m)  # every planned parameter, the added BatchNorms included

@@ -17,9 +17,11 @@ import torch.nn as nn
 from torch.fx.operator_schemas import normalize_function
 
 from ..capture import BatchNorm, _get_attr, _has_attr, _pop_attr, _set_attr, aten_name
+from .. import tables
 from ..masks import layer_seed, make_mask, parse_mask
 from ..plan import SparsityPlan, WeightPlan, attach_plan, branch_norm_path
 from .manager import PassResult, graph_pass
+from .sparse_ift import part_name
 
 aten = torch.ops.aten
 
@@ -80,9 +82,42 @@ def _call_kwargs(node: fx.Node) -> dict:
     return dict(norm.kwargs)
 
 
+GROUPED_MM = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")  # MoE experts: (x, W (E, K, N), offs)
+_VIEWS = ("t", "numpy_T", "mT", "transpose", "permute")  # how an op may read its weight: a view of the parameter
+
+
+def _weight_arg(node: fx.Node) -> fx.Node | None:
+    """The weight operand of a product node (linear/conv: 1, addmm: 2, mm/matmul: 1, grouped mm: 1)."""
+    pos = 2 if aten_name(node.target) == "addmm" else 1
+    return node.args[pos] if len(node.args) > pos else _call_kwargs(node).get("weight")
+
+
+def _view_chain(node: fx.Node) -> list[fx.Node]:
+    """The view nodes (transposes) between the weight parameter (or its `* mask`) and the op reading
+    it, from the parameter towards the op (empty when the op reads the parameter itself)."""
+    w, chain = _weight_arg(node), []
+    while isinstance(w, fx.Node) and w.op == "call_function" and aten_name(w.target) in _VIEWS:
+        chain.append(w)
+        w = w.args[0]
+    return chain[::-1]
+
+
+def _apply_views(graph: fx.Graph, w: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    for view in chain:
+        w = graph.call_function(view.target, (w, *view.args[1:]), dict(view.kwargs))
+    return w
+
+
 def _product(graph: fx.Graph, like: fx.Node, x, w, bias, pointwise: bool = False) -> fx.Node:
     """The original op `like`, re-applied to (x, w, bias); `pointwise` makes a conv 1x1/stride 1."""
     name = aten_name(like.target)
+    if name in GROUPED_MM:  # the same grouping of rows (offsets) for every part of the layer
+        kw = _call_kwargs(like)
+        keys = list(kw)
+        kw[keys[0]], kw[keys[1]] = x, w
+        if "bias" in kw:
+            kw["bias"] = bias
+        return graph.call_function(like.target, (), kw)
     if name == "linear":
         return graph.call_function(aten.linear.default, (x, w, bias))
     if name == "addmm":  # HF Conv1D: bias + x @ W with W (in, out)
@@ -98,11 +133,11 @@ def _product(graph: fx.Graph, like: fx.Node, x, w, bias, pointwise: bool = False
     return graph.call_function(like.target, (), kw)
 
 
-def _weight_node(graph: fx.Graph, name: str, sparse: bool) -> fx.Node:
+def _weight_node(graph: fx.Graph, name: str, sparse: bool, chain: list[fx.Node] = ()) -> fx.Node:
     w = graph.get_attr(name)
-    if not sparse:
-        return w
-    return graph.call_function(aten.mul.Tensor, (w, graph.get_attr(name + "_mask")))
+    if sparse:
+        w = graph.call_function(aten.mul.Tensor, (w, graph.get_attr(name + "_mask")))
+    return _apply_views(graph, w, list(chain))
 
 
 def _sum(graph: fx.Graph, parts: list[fx.Node]) -> fx.Node:
@@ -147,7 +182,8 @@ class _Emitter:
         else:
             density = parse_mask(w.mask).density_fixed or w.density  # N:M: the nominal N/M
             mask = make_mask(w.mask, tuple(w.shape), density, seed=self.plan.seed, name=w.name,
-                             out_axis=w.out_axis, in_axes=tuple(w.in_axes)).to(device)
+                             out_axis=w.out_axis, in_axes=tuple(w.in_axes),
+                             batch_axes=tuple(w.batch_axes)).to(device)
         _set_attr(self.gm, w.name + "_mask", mask)
 
     # -- Sparse Wide --------------------------------------------------------------------------
@@ -169,6 +205,10 @@ class _Emitter:
                 self.new_param(w) if fresh else self.embed_other(w)
         for p in self.plan.patches:
             _set_arg(self.nodes[p["op"]], p["key"], p["index"], p["new"])
+        for t in self.plan.tables:  # size-derived buffers (rotary frequencies): recomputed, same parameters
+            old = _get_attr(self.gm, t["name"])
+            _pop_attr(self.gm, t["name"])
+            _set_attr(self.gm, t["name"], tables.make(t["rule"], t["params"], t["shape"], old.dtype, old.device))
 
     def embed_other(self, w: WeightPlan) -> None:
         """A parameter of unknown role whose shape grows: original values in front, zeros after."""
@@ -203,55 +243,67 @@ class _Emitter:
 
     # -- local replacements -------------------------------------------------------------------
     def replace(self, source: str, parts: list[WeightPlan]) -> None:
+        """Replace every product reading `source` (one op, or each use of a shared weight) by the
+        parts' products; the new parameters are created once and shared by every use."""
         graph = self.gm.graph
         first = parts[0]
-        node = self.nodes[first.op]
-        x = node.args[1] if aten_name(node.target) == "addmm" else node.args[0]
-        bias = _bias_of(node)
-        device, dtype = self.device_dtype(source)
-        family = first.family
         for w in parts:
             if w.name != source or self.init == "default":
                 self.new_param(w)
             if w.sparse:
                 self.add_mask(w)
+        nodes = [self.nodes[first.op]] + [n for n in _readers(graph, source) if n is not self.nodes[first.op]]
+        for node in nodes:
+            self.replace_at(node, source, parts)
+        if source not in {w.name for w in parts}:
+            for old in [n for n in graph.nodes if n.op == "get_attr" and n.target == source and not n.users]:
+                graph.erase_node(old)
+            _pop_attr(self.gm, source)
+
+    def replace_at(self, node: fx.Node, source: str, parts: list[WeightPlan]) -> None:
+        graph = self.gm.graph
+        first = parts[0]
+        x = node.args[1] if aten_name(node.target) == "addmm" else node.args[0]
+        bias = _bias_of(node)
+        chain = _view_chain(node)
+        device, dtype = self.device_dtype(parts[-1].name)
+        family = first.family
         by_part = {w.part: w for w in parts}
         consumer = _single_bn_user(self.gm, node)
         with graph.inserting_before(node):
             if family == "sparse_parallel":
                 outs = []
                 for i, w in enumerate(parts):
-                    y = _product(graph, node, x, _weight_node(graph, w.name, w.sparse), bias if i == 0 else None)
+                    y = _product(graph, node, x, _weight_node(graph, w.name, w.sparse, chain), bias if i == 0 else None)
                     if consumer is not None:
                         y = graph.call_module(self.branch_bn(consumer.target, i), (y,))
                     outs.append(y)
                 result = _sum(graph, outs)
             elif family == "sparse_factorized":
                 u, v = by_part["u"], by_part["v"]
-                h = _product(graph, node, x, _weight_node(graph, u.name, u.sparse), None)
+                h = _product(graph, node, x, _weight_node(graph, u.name, u.sparse, chain), None)
                 if self.plan.options.get("factorized_bn") and first.kind == "conv":
-                    bn_path = source.rsplit(".", 1)[0] + ".uv_bn"
-                    _set_attr(self.gm, bn_path, BatchNorm(u.shape[0], device=device, dtype=dtype))
+                    bn_path = part_name(source, "uv_bn")
+                    if not _has_attr(self.gm, bn_path):  # a shared conv shares its BatchNorm too
+                        _set_attr(self.gm, bn_path, BatchNorm(u.shape[0], device=device, dtype=dtype))
                     h = graph.call_function(aten.relu.default, (graph.call_module(bn_path, (h,)),))
-                result = _product(graph, node, h, _weight_node(graph, v.name, v.sparse), bias, pointwise=True)
+                result = _product(graph, node, h, _weight_node(graph, v.name, v.sparse, chain), bias, pointwise=True)
             else:  # sparse_doped
                 s = by_part["s"]
-                result = _product(graph, node, x, _weight_node(graph, s.name, s.sparse), bias)
+                result = _product(graph, node, x, _weight_node(graph, s.name, s.sparse, chain), bias)
                 if "u" in by_part:
                     u, v = by_part["u"], by_part["v"]
-                    h = _product(graph, node, x, _weight_node(graph, u.name, False), None)
-                    low = _product(graph, node, h, _weight_node(graph, v.name, False), None, pointwise=True)
+                    h = _product(graph, node, x, _weight_node(graph, u.name, False, chain), None)
+                    low = _product(graph, node, h, _weight_node(graph, v.name, False, chain), None, pointwise=True)
                     result = graph.call_function(aten.add.Tensor, (result, low))
         if family == "sparse_parallel" and consumer is not None:
             consumer.replace_all_uses_with(result)
             graph.erase_node(consumer)
         node.replace_all_uses_with(result)
         graph.erase_node(node)
-        if source not in {w.name for w in parts}:
-            for old in [n for n in graph.nodes if n.op == "get_attr" and n.target == source and not n.users]:
-                graph.erase_node(old)
-            _pop_attr(self.gm, source)
-
+        for view in reversed(chain):  # the original weight's own view nodes, now unread
+            if not view.users:
+                graph.erase_node(view)
     def branch_bn(self, path: str, i: int) -> str:
         if i == 0:
             return path
@@ -268,9 +320,9 @@ class _Emitter:
             for w in self.plan.sparse_weights:
                 self.mask_in_place(w)
         else:
-            replaced = {w.source for w in self.plan.weights if w.family != "dense"}
-            for source in replaced:
-                self.replace(source, [w for w in self.plan.weights if w.source == source and w.family != "dense"])
+            products = [w for w in self.plan.weights if w.family != "dense" and w.part != "norm"]  # not uv_bn's:
+            for source in dict.fromkeys(w.source for w in products):  # the BatchNorm module is built with its node
+                self.replace(source, [w for w in products if w.source == source])
             if self.init == "default":
                 for w in self.plan.weights:
                     if w.family == "dense" and w.kind in ("linear", "conv", "embedding", "norm", "bias"):
@@ -286,6 +338,25 @@ class _Emitter:
         return self.gm
 
 
+_PRODUCTS = ("linear", "addmm", "mm", "matmul", "convolution", "conv1d", "conv2d", "conv3d", *GROUPED_MM)
+
+
+def _readers(graph: fx.Graph, param: str) -> list[fx.Node]:
+    """The product nodes whose weight operand is `param` (through view nodes), in graph order."""
+    out = []
+    for ga in [n for n in graph.nodes if n.op == "get_attr" and n.target == param]:
+        frontier = [ga]
+        while frontier:
+            n = frontier.pop()
+            for u in n.users:
+                if u.op == "call_function" and aten_name(u.target) in _VIEWS and u.args[0] is n:
+                    frontier.append(u)
+                elif u.op == "call_function" and aten_name(u.target) in _PRODUCTS and _weight_arg(u) is n:
+                    out.append(u)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(set(out), key=order.__getitem__)
+
+
 def _maybe(gm, path):
     try:
         return _get_attr(gm, path)
@@ -299,7 +370,7 @@ def _bias_of(node: fx.Node):
         return node.args[0]
     if name in ("matmul", "mm"):
         return None
-    return _call_kwargs(node).get("bias")
+    return _call_kwargs(node).get("bias")  # linear, convolution, grouped mm
 
 
 def _single_bn_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

@@ -117,17 +117,23 @@ def classify(w: WeightPlan, widths: set[tuple[str, int]], local: bool = False) -
 def _base_init(w: WeightPlan, plan: SparsityPlan, sigma_base: float | None, sp: bool) -> dict:
     """The base model's initialisation of this parameter: {"dist", "std"} (uniform: bound = √3·std).
 
-    sigma_base=None: PyTorch's defaults at the base shape (at the actual shape for "sp"), the
-    convention mup assumes: U(±1/√fan_in) for weights and for biases (fan-in of their layer),
-    N(0, 1) for embeddings, ones/zeros for norms. sigma_base=σ: N(0, σ²) for every weight, zero
-    biases, ones/zeros for norms (GPT-style).
+    sigma_base=None: each weight's own initialisation in the dense original, as the plan read it from
+    its values (`WeightPlan.base_init`: GPT-2's output projections keep their σ/√(2·n_layer)); where
+    the plan has none (a model planned on the meta device), PyTorch's defaults at the base shape, the
+    convention mup assumes: U(±1/√fan_in) for weights and biases (fan-in of their layer), N(0, 1) for
+    embeddings. "sp" re-initialises at the actual shape: a fan-in-scaled base (PyTorch's default
+    U(±1/√fan_in)) follows the new fan-in, a fixed σ (GPT-style N(0, σ²)) stays. Norms: ones/zeros.
+    sigma_base=σ: N(0, σ²) for every weight, zero biases (GPT-style), as the user asks.
     """
     if w.kind == "norm" or w.role == "norm":
         return {"dist": "zeros" if w.part == "bias" or w.name.endswith(".bias") else "ones", "std": 0.0}
+    measured = w.base_init if w.base_init.get("dist") in ("normal", "uniform", "zeros") else None
     if w.kind == "bias" or w.role == "bias":
         if sigma_base is not None:
             return {"dist": "zeros", "std": 0.0}
         layer = _layer_weight(plan, w)
+        if measured is not None:
+            return _sp_scaled(measured, layer, sp)
         if layer is None:
             return {"dist": "keep", "std": 0.0}
         fan = layer.fan_in if sp else layer.orig_fan_in
@@ -135,11 +141,22 @@ def _base_init(w: WeightPlan, plan: SparsityPlan, sigma_base: float | None, sp: 
     if w.kind in ("linear", "conv", "embedding"):
         if sigma_base is not None:
             return {"dist": "normal", "std": float(sigma_base)}
+        if measured is not None:
+            return _sp_scaled(measured, w, sp)
         if w.kind == "embedding" or w.role == "embedding":
             return {"dist": "normal", "std": 1.0}
         fan = w.fan_in if sp else w.orig_fan_in
         return {"dist": "uniform", "std": 1 / math.sqrt(3 * fan)}
     return {"dist": "keep", "std": 0.0}  # a parameter of unknown role keeps its values
+
+
+def _sp_scaled(measured: dict, layer: WeightPlan | None, sp: bool) -> dict:
+    """The measured base init; under "sp" a PyTorch-default (fan-in scaled) one moves to the new fan-in."""
+    init = {"dist": measured["dist"], "std": float(measured["std"])}
+    if sp and layer is not None and init["dist"] == "uniform" and layer.orig_fan_in and \
+            math.isclose(init["std"], 1 / math.sqrt(3 * layer.orig_fan_in), rel_tol=0.15):
+        init["std"] *= math.sqrt(layer.orig_fan_in / layer.fan_in)
+    return init
 
 
 def _layer_weight(plan: SparsityPlan, bias: WeightPlan) -> WeightPlan | None:
@@ -159,6 +176,7 @@ def weight_multipliers(w: WeightPlan, plan: SparsityPlan, widths: set[tuple[str,
     m_rho = w.density if parameterization == "supar" else 1.0  # m_ρ = density / base density (1)
     sp = parameterization == "sp"
     init = _base_init(w, plan, sigma_base, sp)
+    base_std = init["std"]
     if sp:
         mult, adam, sgd = 1.0, [1.0, 1.0], [1.0, 1.0]
     elif cls == "hidden":  # σ²/(m_d·m_ρ); η/(m_d·m_ρ); η·(m_out/m_in)/m_ρ
@@ -171,7 +189,7 @@ def weight_multipliers(w: WeightPlan, plan: SparsityPlan, widths: set[tuple[str,
         mult, adam, sgd = 1 / math.sqrt(m_rho), [1.0, m_rho], [1.0, m_rho]
     init["std"] *= mult if init["dist"] in ("uniform", "normal") else 1.0
     return {"class": cls, "m_in": m_in, "m_out": m_out, "m_d": m_d, "m_rho": m_rho, "init_std_mult": mult,
-            "init": init, "lr": {"adam": adam, "adamw": adam, "sgd": sgd}}
+            "sigma_base": base_std, "init": init, "lr": {"adam": adam, "adamw": adam, "sgd": sgd}}
 
 
 def check_options(parameterization: str, sigma_base, alpha_in, alpha_out, alpha_attn, eta_base) -> None:

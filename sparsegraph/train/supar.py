@@ -185,13 +185,15 @@ def init_(model: nn.Module, seed: int | None = None) -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float = 0.0,
-                 optimizer: str = "adamw") -> list[dict]:
+                 optimizer: str = "adamw", decay_1d: bool = False) -> list[dict]:
     """Optimizer parameter groups with per-parameter SμPar learning rates and weight decays.
 
     Adam/AdamW: hidden weights η/(m_d·m_ρ); SGD: hidden η·(m_out/m_in)/m_ρ, vector-like η·m_d.
     Weight decay is multiplied by the factor that divides the learning rate (as mup does), so the
-    decoupled decay per step lr·wd does not change with width or density. Every group carries the
-    parameter names under "names". `lr=None` uses the plan's eta_base.
+    decoupled decay per step lr·wd does not change with width or density. Parameters of at most one
+    dimension (biases, norm gains) get no weight decay, as in nanoGPT and Hugging Face's `Trainer`;
+    `decay_1d=True` decays them too (as mup's optimizers do). Every group carries the parameter
+    names under "names". `lr=None` uses the plan's eta_base.
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -223,7 +225,8 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
             num, den = 1.0, 1.0
         else:
             num, den = w.supar["lr"][optimizer]
-        key = ((lr * num) / den, (weight_decay * den) / num)  # lr·num/den, wd·den/num: mup's arithmetic
+        wd = weight_decay if decay_1d or p.dim() >= 2 else 0.0  # biases and norm gains: no decay by default
+        key = ((lr * num) / den, (wd * den) / num)  # lr·num/den, wd·den/num: mup's arithmetic
         g = groups.setdefault(key, {"params": [], "lr": key[0], "weight_decay": key[1], "names": []})
         g["params"].append(p)
         g["names"].append(name)
