@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from .. import tables
 from ..graph import ModelGraph, SparsegraphError
 from ..masks import make_mask, parse_mask
 from ..nn import doped_, layer_kind, mask_, parallel_, plain_like
@@ -186,9 +187,10 @@ def _resize_in_place(model: nn.Module, plan: SparsityPlan, values: _Values) -> N
     state = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     shapes = tensor_shapes(plan, state)
     planned = {w.name: w for w in plan.weights}
+    recomputed = {t["name"]: t for t in plan.tables}  # size-derived buffers (rotary frequencies)
     swapped: dict[int, torch.Tensor] = {}  # tied parameters stay tied
     for fqn, t in state.items():
-        new_shape = shapes.get(fqn, tuple(t.shape))
+        new_shape = tuple(recomputed[fqn]["shape"]) if fqn in recomputed else shapes.get(fqn, tuple(t.shape))
         w = planned.get(fqn)
         if w is None and new_shape == tuple(t.shape):
             continue
@@ -197,6 +199,9 @@ def _resize_in_place(model: nn.Module, plan: SparsityPlan, values: _Values) -> N
         if id(t) not in swapped:
             if w is not None:
                 new = values.of(w)
+            elif fqn in recomputed:
+                rule = recomputed[fqn]
+                new = tables.make(rule["rule"], rule["params"], new_shape, t.dtype, t.device)
             else:  # a buffer of a widened group: old values in front, zeros after
                 new = torch.zeros(new_shape, dtype=t.dtype, device=t.device)
                 new[tuple(slice(0, s) for s in t.shape)] = t
