@@ -30,9 +30,9 @@ def __getattr__(name: str):
     """`sg.onnx` (sparsify, fold, lower, save, load, read_plan, Session) and `sg.export_onnx` import
     onnx_ir on first use, not with the package."""
     if name == "onnx":
-        from . import onnx_api
-        return onnx_api
+        import importlib
+        return importlib.import_module(".onnx", __name__)
     if name == "export_onnx":
-        from .onnx_export import export_onnx
+        from .onnx.export import export_onnx
         return export_onnx
     raise AttributeError(f"module 'sparsegraph' has no attribute {name!r}")

@@ -5,7 +5,7 @@ so batch and sequence stay free and the graph runs at any batch size. Fallback: 
 re-traced to aten ops with `make_fx`. The result is canonicalised into a plain, trainable
 `fx.GraphModule`: parameters keep their fully-qualified names, BatchNorm and dropout become
 submodules that follow `.train()` / `.eval()`, and export's guard and assert nodes are dropped.
-ONNX files are handled by `capture_onnx.py`.
+ONNX files are handled by `onnx/capture.py`.
 """
 from __future__ import annotations
 
@@ -841,7 +841,7 @@ def capture(model: Any, example_inputs: Any = None, *, name: str | None = None,
     ['linear']
     """
     if isinstance(model, (str, os.PathLike)) or type(model).__module__.startswith(("onnx", "onnx_ir")):
-        from .capture_onnx import capture_onnx
+        from .onnx.capture import capture_onnx
         shapes = None
         if isinstance(example_inputs, dict):  # input name -> tensor or shape
             shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)

@@ -51,7 +51,7 @@ def capture_spec(spec):
     from .capture import capture
 
     if spec.kind == "onnx":
-        from .capture_onnx import capture_onnx
+        from .onnx.capture import capture_onnx
         return capture_onnx(spec.model, name=spec.name, input_shapes=list(spec.example_inputs) or None)
     return capture(spec.model, spec.example_inputs, name=spec.name)
 

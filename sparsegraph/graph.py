@@ -2,7 +2,7 @@
 
 One node per op, in a small canonical vocabulary (aten-style names with aten's argument names),
 tensor values with concrete shapes, parameter references and a back-pointer to the framework
-node. The PyTorch frontend (`capture.py`) and the ONNX frontend (`capture_onnx.py`) both build
+node. The PyTorch frontend (`capture.py`) and the ONNX frontend (`onnx/capture.py`) both build
 this; every analysis (dimension groups, FLOPs, roles) and the planner run on it once.
 """
 from __future__ import annotations

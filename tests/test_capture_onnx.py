@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sparsegraph as sg
 from sparsegraph.capture import SymSize
-from sparsegraph.capture_onnx import capture_onnx, constant_value
+from sparsegraph.onnx.capture import capture_onnx, constant_value
 from sparsegraph.dims import analyze_dims
 from sparsegraph.layers import find_layers
 from sparsegraph.models import builtin

@@ -253,7 +253,7 @@ def test_no_half_written_output(models, tmp_path, monkeypatch):
     assert "\n" not in str(info.value) and "\x1b" not in str(info.value)  # one line, no terminal colour codes
     assert target.read_bytes() == b"previous contents"
     m, inputs = _variant(models, "gpt-mini", "dense")
-    import sparsegraph.onnx_api as api
+    import sparsegraph.onnx.api as api
 
     def failing_check(proto, label, data=None):
         raise sg.SparsegraphError(f"{label}: the written model fails onnx.checker: simulated")
@@ -308,10 +308,10 @@ def test_cli_export(models, tmp_path, capsys):
 
 
 def test_export_onnx_is_the_function_whatever_was_imported_first():
-    import sparsegraph.onnx_export  # noqa: F401 - binds the submodule on the package
+    import sparsegraph.onnx.export  # noqa: F401 - binds the submodule on the package
 
     assert callable(sg.export_onnx) and sg.export_onnx.__name__ == "export_onnx"
-    assert sg.onnx.read_plan.__module__ == "sparsegraph.onnx_api"
+    assert sg.onnx.read_plan.__module__ == "sparsegraph.onnx.api"
 
 
 @pytest.mark.parametrize("split, joined", [([2, 2], True), ([1, 3], False), (None, True)])
@@ -319,7 +319,7 @@ def test_split_of_concat_is_its_pieces_only_when_the_sizes_match(split, joined):
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
-    from sparsegraph.passes.onnx_fold import split_concat
+    from sparsegraph.onnx.fold import split_concat
 
     inits = [numpy_helper.from_array(np.array(split, dtype=np.int64), "sizes")] if split else []
     attrs = {"axis": 0} if split else {"axis": 0, "num_outputs": 2}

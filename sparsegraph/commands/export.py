@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..onnx_export import export_onnx
-    from ..onnx_api import read_lowering
+    from ..onnx.export import export_onnx
+    from ..onnx.api import read_lowering
 
     if not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"-o {args.output}: the output must be a path ending in .onnx")

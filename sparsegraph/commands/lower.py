@@ -44,13 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _lower_onnx(spec, args: argparse.Namespace) -> int:
-    from ..onnx_api import lower, read_lowering
+    from ..onnx.api import lower, read_lowering
 
     if args.output and not os.fspath(args.output).endswith(".onnx"):
         raise SparsegraphError(f"{spec.name}: give -o a path ending in .onnx")
     if args.output:
         check_writable(args.output)
-    from ..onnx_api import check_opset, load
+    from ..onnx.api import check_opset, load
 
     source = load(spec.model)  # read once: counted here, lowered on a copy
     check_opset(source, spec.name)

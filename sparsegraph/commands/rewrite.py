@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                    factorized_bn=args.factorized_bn, width=args.width)
     plan_for = lambda g: make_plan(g, args.transform, args.sparsity, args.mask, args.seed, opts)  # noqa: E731
     if spec.kind == "onnx":
-        from ..onnx_api import rewrite_file
+        from ..onnx.api import rewrite_file
         plan = rewrite_file(spec, plan_for, None if args.plan_only else args.output,
                             sparse_initializers=not args.dense_initializers)
         return _report(plan, args)

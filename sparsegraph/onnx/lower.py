@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from ..masks import parse_mask
 from ..plan import plan_of
-from .onnx_rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_operands, infer_shapes,
+from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_operands, infer_shapes,
                            opset_of, redirect, weight_source)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one

@@ -23,12 +23,12 @@ import onnx_ir.passes.common as ir_common
 import torch
 import torch.fx as fx
 
-from .capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, quiet, root_cause
-from .graph import SparsegraphError
-from .nn import bake_masks
-from .passes.onnx_rewrite import PLAN_KEY, keep_weight_views
-from .passes.products import module_form
-from .plan import plan_of
+from ..capture import _as_tuple, _first_line, _get_attr, _pop_attr, check_inputs, quiet, root_cause
+from ..graph import SparsegraphError
+from ..nn import bake_masks
+from .rewrite import PLAN_KEY, keep_weight_views
+from ..passes.products import module_form
+from ..plan import plan_of
 
 LOWER_MODES = ("dense", "ort-block", "ort-sparse")
 
@@ -141,7 +141,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     >>> sorted({c["block"] for c in sg.onnx.read_lowering(path).values()})
     [32]
     """
-    from . import onnx_api
+    from . import api as onnx_api
 
     if lower not in LOWER_MODES:
         raise SparsegraphError(f"unknown lower mode {lower!r}; choose from {', '.join(LOWER_MODES)}")

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..plan import plan_of
-from .onnx_rewrite import (Builder, Namer, add_initializer, cleanup, const_array, fold_constants, gemm_operands,
+from .rewrite import (Builder, Namer, add_initializer, cleanup, const_array, fold_constants, gemm_operands,
                            redirect, weight_value)
 
 

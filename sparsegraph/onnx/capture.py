@@ -37,8 +37,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnx.reference import ReferenceEvaluator
 
-from .capture import SymSize, _first_line
-from .graph import CaptureError, ModelGraph, Op, Ref, Value
+from ..capture import SymSize, _first_line
+from ..graph import CaptureError, ModelGraph, Op, Ref, Value
 
 _BATCH_SIZE = 2  # default size of a symbolic axis 0
 _DEFAULT_SIZES = (16, 224)  # default size of other symbolic axes, the second tried if the first fails

@@ -18,7 +18,7 @@ Sparse weights are stored multiplied by their masks (`masks.make_mask`, reproduc
 PyTorch rewrite with the same seed. The plan goes into `metadata_props["sparsegraph.plan"]`.
 
 The graph-editing helpers here (constants, node construction, redirecting uses, re-inferring
-shapes) are shared by `onnx_fold` and `onnx_lower`.
+shapes) are shared by `onnx.fold` and `onnx.lower`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..dims import analyze_dims
 from ..graph import ModelGraph, SparsegraphError
 from ..masks import make_mask, parse_mask
 from ..plan import ONNX_PLAN_KEY, SparsityPlan, WeightPlan, branch_norm_path
-from .emit_torch import init_tensor
+from ..passes.emit_torch import init_tensor
 
 PLAN_KEY = ONNX_PLAN_KEY  # metadata_props key holding the plan's JSON
 LOWERING_KEY = "sparsegraph.lowering"  # per-weight lowering choices (JSON)

@@ -40,14 +40,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .capture_onnx import (capture_onnx, check_external_data, densify_sparse_initializers, has_sparse_tensors,
+from .capture import (capture_onnx, check_external_data, densify_sparse_initializers, has_sparse_tensors,
                            sparse_to_dense)
-from .graph import CaptureError, SparsegraphError
-from .fsutil import atomic_write
-from .passes.onnx_rewrite import (LOWERING_KEY, PLAN_KEY, ApplyPlanPass, OnnxPassError, check_opset,
+from ..graph import CaptureError, SparsegraphError
+from ..fsutil import atomic_write
+from .rewrite import (LOWERING_KEY, PLAN_KEY, ApplyPlanPass, OnnxPassError, check_opset,
                                   check_weights)
-from .passes.sparse_ift import Options, make_plan
-from .plan import SparsityPlan
+from ..passes.sparse_ift import Options, make_plan
+from ..plan import SparsityPlan
 
 __all__ = ["sparsify", "fold", "lower", "save", "load", "to_proto", "read_plan", "read_lowering", "Session",
            "TARGETS", "OnnxPassError"]
@@ -312,7 +312,7 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
     >>> sum(n.op_type == "BatchNormalization" for n in folded.graph)
     0
     """
-    from .passes.onnx_fold import FoldPass
+    from .fold import FoldPass
 
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
@@ -344,8 +344,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
     """
-    from .passes.onnx_fold import FoldPass
-    from .passes.onnx_lower import BlockSparseMatMulPass, SparseToDenseMatMulPass
+    from .fold import FoldPass
+    from .lower import BlockSparseMatMulPass, SparseToDenseMatMulPass
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
