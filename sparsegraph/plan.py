@@ -188,6 +188,10 @@ class PlanHolder(nn.Module):
         super().__init__()
         self.plan = plan
 
+    def forward(self, x):
+        """Passes its input through: a root `nn.Sequential` runs every child in order, this one included."""
+        return x
+
     def get_extra_state(self) -> str:
         return self.plan.to_json(indent=None) if self.plan is not None else ""
 

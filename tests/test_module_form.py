@@ -242,3 +242,12 @@ def test_verification_names_the_problem_and_the_graph_form():
     graph = sg.sparsify(SplitByInput(), x, "sparse_wide", 0.0, width=2.0, include_stem=True, include_head=True,
                         output="graph")
     assert graph(*x).shape == (2, 16)
+
+
+def test_a_sequential_root_keeps_running_its_children():
+    """The plan rides along as a child module; a root nn.Sequential runs it too, as a pass-through."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = (torch.randn(3, 8),)
+    for family in FAMILIES:
+        out = sg.sparsify(model, x, family, 0.5)
+        assert isinstance(out, nn.Sequential) and out(*x).shape == (3, 4) and sg.plan_of(out).transform == family
