@@ -319,7 +319,7 @@ def test_split_of_concat_is_its_pieces_only_when_the_sizes_match(split, joined):
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
-    from sparsegraph.onnx.fold import split_concat
+    from sparsegraph.onnx.folding import split_concat
 
     inits = [numpy_helper.from_array(np.array(split, dtype=np.int64), "sizes")] if split else []
     attrs = {"axis": 0} if split else {"axis": 0, "num_outputs": 2}

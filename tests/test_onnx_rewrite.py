@@ -21,7 +21,7 @@ import sparsegraph as sg
 from sparsegraph.cli import main
 from sparsegraph.dims import analyze_dims
 from sparsegraph.models import builtin
-from sparsegraph.onnx.lower import BlockSparseMatMulPass, block_layout, pack_blocks
+from sparsegraph.onnx.lowering import BlockSparseMatMulPass, block_layout, pack_blocks
 
 from .onnx_checks import check_written, randomize_batch_norms, rel_err
 

@@ -312,7 +312,7 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
     >>> sum(n.op_type == "BatchNormalization" for n in folded.graph)
     0
     """
-    from .fold import FoldPass
+    from .folding import FoldPass
 
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
@@ -344,8 +344,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
     """
-    from .fold import FoldPass
-    from .lower import BlockSparseMatMulPass, SparseToDenseMatMulPass
+    from .folding import FoldPass
+    from .lowering import BlockSparseMatMulPass, SparseToDenseMatMulPass
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")

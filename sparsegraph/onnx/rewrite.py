@@ -18,7 +18,7 @@ Sparse weights are stored multiplied by their masks (`masks.make_mask`, reproduc
 PyTorch rewrite with the same seed. The plan goes into `metadata_props["sparsegraph.plan"]`.
 
 The graph-editing helpers here (constants, node construction, redirecting uses, re-inferring
-shapes) are shared by `onnx.fold` and `onnx.lower`.
+shapes) are shared by `onnx.folding` and `onnx.lowering`.
 """
 from __future__ import annotations
 
@@ -719,7 +719,7 @@ class ApplyPlanPass(ir.passes.FunctionalPass):
 
     >>> import numpy as np, onnx_ir as ir
     >>> from onnx import helper, numpy_helper, TensorProto
-    >>> from sparsegraph.capture_onnx import capture_onnx
+    >>> from sparsegraph.onnx.capture import capture_onnx
     >>> from sparsegraph.passes.sparse_ift import make_plan, Options
     >>> w = lambda n, s: numpy_helper.from_array(np.ones(s, np.float32), n)
     >>> nodes = [helper.make_node("Gemm", ["x", "a.weight"], ["h"], transB=1),
