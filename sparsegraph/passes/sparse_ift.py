@@ -505,7 +505,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
     coarse: list[tuple[str, float]] = []  # (layer, FLOPs of one step of its rank or density grid)
     branch_norms: dict[str, int] = {}  # BatchNorm parameter -> branches (each branch gets its own copy)
     original = _original_flops(g)
-    budget = 0.0  # the replaced layers' own FLOPs: what their sparse parts must add up to
     rank_carry = 0.0  # N:M: FLOPs the rounded ranks so far are short of
     uses: dict[str, list[Layer]] = {}
     for l in layers:
@@ -522,7 +521,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             if sparsity > 0 and _too_coarse(mask, shape, 1.0 / n, l):
                 notes.append(_coarse_note(l, mask, 1.0 / n))
                 continue
-            budget += F
             for i in range(n):
                 name = l.weight if i == 0 else part_name(l.weight, f"branch{i}")
                 weights.append(_weight(name, l.weight, l, family, f"branch{i}", l.role, l.kind, shape, shape,
@@ -542,7 +540,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             continue
         f_out, fan_in = shape[l.out_axis], _fan(shape, l.in_axes)
         step = per_numel * (fan_in + f_out)  # dense FLOPs of one unit of rank (a row of U and a column of V)
-        budget += F
         if family == "sparse_factorized":
             if nm and sparsity > 0:  # density fixed: the rank carries the budget, rounded with diffusion
                 exact = (F + rank_carry) / (rho * step)
@@ -562,7 +559,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             if sparsity > 0 and any(_too_coarse(mask, shp, want, l, ins) for shp, ins in ((u_shape, u_in),
                                                                                            (v_shape, v_in))):
                 notes.append(_coarse_note(l, mask, want))
-                budget -= F
                 continue
             parts = [("u", u_shape, u_in, want), ("v", v_shape, v_in, want)]
         else:
@@ -579,7 +575,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             s_want = 1.0 if sparsity == 0 else max(0.0, min(1.0, (F - uv_flops) / F))  # S fills the budget
             if sparsity > 0 and _too_coarse(mask, shape, s_want, l):
                 notes.append(_coarse_note(l, mask, s_want))
-                budget -= F
                 continue
             weights.append(_weight(l.weight, l.weight, l, family, "s", l.role, l.kind, shape, shape,
                                    s_want, mask, seed, F))
