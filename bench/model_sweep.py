@@ -211,7 +211,10 @@ def summary(rows: list[dict], families: tuple[str, ...]) -> str:
         lines.append("| failing case | cause |")
         lines.append("|---|---|")
         for r in failures:
-            lines.append(f"| {r['model']} {short.get(r['transform'], r['transform'])} | {r['error']} |")
+            cause = r["error"]
+            if cause == "check failed: iso" and r.get("iso_notes"):  # the plan's own account of why
+                cause = r["iso_notes"][0].removeprefix("iso-FLOP: ")
+            lines.append(f"| {r['model']} {short.get(r['transform'], r['transform'])} | {cause} |")
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ def check_rewrite(model: nn.Module, example_inputs: tuple, transform: str, spars
     first failure (an exception's first line, or which check failed)."""
     from . import fold as fold_model
     from .capture import _as_tuple, capture
+    from .plan import plan_of
     from .sparsify import sparsify
 
     inputs = _as_tuple(example_inputs)
@@ -76,7 +77,7 @@ def check_rewrite(model: nn.Module, example_inputs: tuple, transform: str, spars
     try:
         g = graph if graph is not None else capture(model, inputs)
         out = sparsify(model, inputs, transform, sparsity, mask, graph=g, **options)
-        plan = out.plan
+        plan = plan_of(out)
         row["plan"] = plan
         out.eval()
         with torch.no_grad():

@@ -388,7 +388,25 @@ def emit(gm: fx.GraphModule, plan: SparsityPlan, init: str = "default") -> fx.Gr
     out = _Emitter(copy.deepcopy(gm), plan, init).run()
     attach_plan(out, plan)
     measure(out, plan)
+    _note_ragged_blocks(plan)
     return out
+
+
+def _note_ragged_blocks(plan: SparsityPlan) -> None:
+    """Block masks on sizes that are not a multiple of the block have ragged edge blocks whose true
+    density the plan could only estimate: say so when the masks move the total off the budget."""
+    opts = plan.options or {}
+    if opts.get("width") is not None or plan.sparsity == 0 or any(n.startswith("iso-FLOP") for n in plan.notes):
+        return
+    t = plan.totals
+    target = opts.get("budget") or t["original_dense_flops"] * (opts.get("budget_ratio") or 1.0)
+    ratio = t["sparse_flops"] / target if target else 1.0
+    if abs(ratio - 1) > 1e-3:
+        ragged = [w.name for w in plan.sparse_weights if "block" in w.mask and any(
+            w.shape[a] % int(w.mask.rsplit(":", 1)[1]) for a in (w.out_axis, *w.in_axes))]
+        plan.notes.append(f"iso-FLOP: the masks put the sparse FLOPs at {ratio:.4f}x the budget, beyond the 0.1% "
+                          "tolerance" + (f": ragged edge blocks (sizes not a multiple of the block) in {len(ragged)} "
+                                         f"weights, e.g. {', '.join(ragged[:3])}" if ragged else ""))
 
 
 def emit_pass(plan: SparsityPlan, init: str = "default"):

@@ -220,14 +220,16 @@ def _share(name: str, mask: str, shape, dense: float, want: float, out_axis, in_
     return _Share(name, float(dense), want, steps, fixed)
 
 
-def _iso_note(plan_total: float, target: float, coarse: list[tuple[str, float]], what: str) -> str | None:
-    """A note when the planned total misses the budget by more than the tolerance, naming the layers
-    whose mask or rank granularity is the cause."""
+def _iso_note(plan_total: float, target: float, steps: list[tuple[str, float]], what: str) -> str | None:
+    """A note when the planned total misses the budget by more than the tolerance. The error diffusion
+    leaves at most half of the finest step (FLOPs of one grid step of a weight's density or rank), so
+    that step, over the tolerance, is the cause: the note names it."""
     if target <= 0 or abs(plan_total / target - 1) <= ISO_TOLERANCE:
         return None
-    worst = ", ".join(f"{n} ({f / target:.2%} a step)" for n, f in sorted(coarse, key=lambda t: -t[1])[:4])
+    finest = min(steps, key=lambda t: t[1], default=None)
+    cause = f"; the finest step, {finest[0]}'s, is {finest[1] / target:.2%} of the budget" if finest else ""
     return (f"iso-FLOP: planned sparse FLOPs are {plan_total / target:.4f}x the budget, beyond the "
-            f"{ISO_TOLERANCE:.1%} tolerance: {what} too coarse" + (f"; coarsest steps: {worst}" if worst else ""))
+            f"{ISO_TOLERANCE:.1%} tolerance: {what} too coarse{cause}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +392,9 @@ def plan_sparse_wide(g, dims, layers, sparsity, mask, seed, opts) -> SparsityPla
     plan.notes.append(f"widening k={k:.4f}; hidden density {density:.6f} " + (
         "as given (no iso-FLOP search)" if opts.width is not None else f"searched for a budget of {target:,.0f} FLOPs"))
     if opts.width is None and sparsity > 0:
-        coarse = [(w.name, w.dense_flops / (density_steps(mask, tuple(w.shape), w.out_axis, tuple(w.in_axes),
-                                                          tuple(w.batch_axes)) or 1)) for w in hidden]
+        coarse = [(w.name, w.dense_flops / density_steps(mask, tuple(w.shape), w.out_axis, tuple(w.in_axes),
+                                                         tuple(w.batch_axes))) for w in hidden] \
+            if kind.density_fixed is None else []
         note = _iso_note(totals["sparse_flops"], target, coarse,
                          "the widths' rounding" if kind.density_fixed is not None else "the masks' density grids")
         if note:
@@ -520,7 +523,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
     coarse: list[tuple[str, float]] = []  # (layer, FLOPs of one step of its rank or density grid)
     branch_norms: dict[str, int] = {}  # BatchNorm parameter -> branches (each branch gets its own copy)
     original = _original_flops(g)
-    budget = 0.0  # the replaced layers' own FLOPs: what their sparse parts must add up to
     rank_carry = 0.0  # N:M: FLOPs the rounded ranks so far are short of
     uses: dict[str, list[Layer]] = {}
     for l in layers:
@@ -534,7 +536,9 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
         groups = int(op.args.get("groups") or 1)
         if family == "sparse_parallel":
             n = math.ceil(1 / rho - 1e-9)
-            budget += F
+            if sparsity > 0 and _too_coarse(mask, shape, 1.0 / n, l):
+                notes.append(_coarse_note(l, mask, 1.0 / n))
+                continue
             for i in range(n):
                 name = l.weight if i == 0 else part_name(l.weight, f"branch{i}")
                 weights.append(_weight(name, l.weight, l, family, f"branch{i}", l.role, l.kind, shape, shape,
@@ -554,7 +558,6 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             continue
         f_out, fan_in = shape[l.out_axis], _fan(shape, l.in_axes)
         step = per_numel * (fan_in + f_out)  # dense FLOPs of one unit of rank (a row of U and a column of V)
-        budget += F
         if family == "sparse_factorized":
             if nm and sparsity > 0:  # density fixed: the rank carries the budget, rounded with diffusion
                 exact = (F + rank_carry) / (rho * step)
@@ -571,6 +574,10 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             u_shape, v_shape, u_in, v_in = _uv_shapes(l, shape, d)
             uv_flops = per_numel * (math.prod(u_shape) + math.prod(v_shape))
             want = 1.0 if sparsity == 0 else min(1.0, F / uv_flops)  # the density after rounding d
+            if sparsity > 0 and any(_too_coarse(mask, shp, want, l, ins) for shp, ins in ((u_shape, u_in),
+                                                                                           (v_shape, v_in))):
+                notes.append(_coarse_note(l, mask, want))
+                continue
             parts = [("u", u_shape, u_in, want), ("v", v_shape, v_in, want)]
         else:
             if nm and sparsity > 0:  # S has the kind's density; the dense rank makes up the rest
@@ -584,6 +591,9 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             u_shape, v_shape, u_in, v_in = _uv_shapes(l, shape, d)
             uv_flops = per_numel * (math.prod(u_shape) + math.prod(v_shape)) if d > 0 else 0.0
             s_want = 1.0 if sparsity == 0 else max(0.0, min(1.0, (F - uv_flops) / F))  # S fills the budget
+            if sparsity > 0 and _too_coarse(mask, shape, s_want, l):
+                notes.append(_coarse_note(l, mask, s_want))
+                continue
             weights.append(_weight(l.weight, l.weight, l, family, "s", l.role, l.kind, shape, shape,
                                    s_want, mask, seed, F))
             shares.append(_share(l.weight, mask, shape, F, s_want, l.out_axis, l.in_axes, l.batch_axes))
@@ -625,6 +635,19 @@ def plan_local(g, dims, layers, sparsity, mask, seed, opts, family: str) -> Spar
             notes.append(note)
     plan.notes += notes
     return plan
+
+
+def _too_coarse(mask: str, shape, want: float, l: Layer, in_axes=None) -> bool:
+    """The mask's finest density step on this weight is over twice the density it needs (a 16-block
+    row of a depthwise 3x3 kernel is the whole row): sparse, it would cost twice its share or more."""
+    steps = density_steps(mask, tuple(shape), l.out_axis, tuple(l.in_axes if in_axes is None else in_axes),
+                          tuple(l.batch_axes))
+    return steps is not None and steps * want < 0.5
+
+
+def _coarse_note(l: Layer, mask: str, want: float) -> str:
+    return (f"{l.name}: kept dense, its {mask} grid cannot reach density {want:.3f} (its smallest step is over "
+            "twice that)")
 
 
 def _set_density(w: WeightPlan, density: float, mask: str) -> None:
