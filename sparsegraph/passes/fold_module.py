@@ -164,13 +164,20 @@ def stacked_norms(model: nn.Module, inputs: tuple) -> dict[int, tuple[str, nn.Mo
     model once (eval, no gradients) and matching each layer's output tensor to a norm's input."""
     paths = {id(m): p for p, m in model.named_modules()}
     produced, found, hooks = {}, {}, []
+
+    def produced_by(layer, args, out):
+        produced[id(out)] = (layer, out)  # holds `out`, so its id stays its own
+
+    def read_by(norm, args):
+        hit = produced.get(id(args[0]))
+        if hit is not None:
+            found[id(hit[0])] = (paths[id(norm)], norm)
+
     for m in model.modules():
         if isinstance(m, SparseParallel) and m.stacked:
-            hooks.append(m.register_forward_hook(lambda mod, args, out: produced.__setitem__(id(out), (mod, out))))
+            hooks.append(m.register_forward_hook(produced_by))
         elif isinstance(m, ParallelNorm):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args: found.__setitem__(id(produced[id(args[0])][0]), (paths[id(mod)], mod))
-                if id(args[0]) in produced else None))
+            hooks.append(m.register_forward_pre_hook(read_by))
     try:
         with torch.no_grad():
             model(*inputs)
