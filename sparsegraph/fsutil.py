@@ -151,12 +151,15 @@ def _write_failure(e: BaseException, tmp: str, folder: str) -> str | None:
     """Why a write failed, when the file system refused it, whichever library wrote: an OSError's
     own reason, an errno quoted in the message (Rust and C++ writers), a file that reached the
     size limit (`ulimit -f`), or a full disk. None for failures that are not about writing."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    found = _ERRNO_IN_TEXT.search(str(e))
+    if (e.errno if isinstance(e, OSError) else int(found.group(1)) if found else None) == errno.EFBIG \
+            and limit != resource.RLIM_INFINITY:
+        return f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes)"
     if isinstance(e, OSError):
         return _reason(e)
-    found = _ERRNO_IN_TEXT.search(str(e))
     if found:
         return os.strerror(int(found.group(1)))
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     try:
         size = os.path.getsize(tmp)
     except OSError:

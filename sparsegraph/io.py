@@ -58,7 +58,8 @@ def source_of(model: nn.Module) -> dict:
     if config is not None and hasattr(config, "to_dict") and _hf_model_class() is not None \
             and isinstance(model, _hf_model_class()):
         cls = type(model)
-        return {"kind": "hf", "class": f"{cls.__module__}.{cls.__qualname__}", "config": config.to_dict()}
+        config = json.loads(config.to_json_string(use_diff=False))  # as the plan's JSON holds it (str keys)
+        return {"kind": "hf", "class": f"{cls.__module__}.{cls.__qualname__}", "config": config}
     cls = type(model)
     return {"kind": "class", "class": f"{cls.__module__}.{cls.__qualname__}"}
 

@@ -105,12 +105,11 @@ def test_export_failure_names_the_cause_without_colour_codes(tmp_path):
 @pytest.mark.parametrize("args, name", [(["rewrite", "resnet-mini"], "out.sgm"),
                                         (["export", "resnet-mini"], "out.onnx")])
 def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, args, name):
-    """`ulimit -f` (RLIMIT_FSIZE) smaller than the output: the write fails part-way (torch.save's
-    zip writer for .sgm, a plain write for ONNX); the error names the limit, the previous file stays."""
+    """`ulimit -f` (RLIMIT_FSIZE) smaller than the output: the write fails part-way (safetensors for .sgm,
+    a plain write for ONNX); the error names the limit, the previous file stays."""
     (tmp_path / name).write_bytes(b"the previous good file")
     r = sparsegraph(*args, "-o", name, cwd=tmp_path, fsize=64 * 1024)
-    one_line_error(r, args[0], f"cannot write {name}: File too large (the file size limit, ulimit -f, is 65536 bytes)"
-                   if args[0] == "rewrite" else f"cannot write {name}: File too large")
+    one_line_error(r, args[0], f"cannot write {name}: File too large (the file size limit, ulimit -f, is 65536 bytes)")
     assert (tmp_path / name).read_bytes() == b"the previous good file"
     assert listing(tmp_path) == {".", name}
 

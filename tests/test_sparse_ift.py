@@ -436,7 +436,7 @@ def test_a_weight_shared_across_depth_is_rewritten_at_every_use(family):
     one_use = 2 * 4 * 32 * 32
     if family == "sparse_parallel":
         assert [w.dense_flops for w in parts] == [3 * one_use] * 4
-    out = sg.sparsify(model, x, family, 0.75)
+    out = sg.sparsify(model, x, family, 0.75, output="graph")
     n_products = sum(1 for n in out.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
     assert n_products == 2 + 3 * {"sparse_wide": 1, "sparse_parallel": 4, "sparse_factorized": 2, "sparse_doped": 3}[family]
 

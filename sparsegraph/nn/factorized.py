@@ -34,6 +34,12 @@ class SparseFactorized(nn.Module):
             h = F.relu(self.uv_bn(h))
         return apply(self.kind, self.v, h, self.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """V's weight, for code that reads `layer.weight` only for its dtype or device (T5 does); the layer's
+        product is V(U x) and never one matrix."""
+        return self.v.weight
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.rank}"
 

@@ -4,8 +4,10 @@ The graph stays the source of truth (the plan was made from it); this emitter gi
 their own model, same class, with the plan applied:
 - Sparse Wide: parameters and buffers take the plan's shapes and the Python-level sizes behind the
   graph's constants follow (standard layers' attributes from their tensors, other modules' and
-  configs' integer sizes by value). A Hugging Face model is rebuilt from its widened config, so
-  every size-derived buffer (rotary tables, say) is recomputed by its own code.
+  configs' integer sizes by value, attention scales by the graph's patch). A Hugging Face model is
+  rebuilt from its widened config, so every size-derived buffer (rotary tables, say) is recomputed
+  by its own code; where no config states the plan (BART widens attention past d_model), it is
+  resized in place like any other model and its config keeps the dense sizes.
 - Parallel / Factorized / Doped: the layer is swapped for the small modules of `sparsegraph.nn`.
 - Every sparse weight keeps its name, with a `<name>_mask` buffer beside it (`sparsegraph.nn.mask_`).
 New values come from the same seeded initialisation as the graph form (`emit_torch.init_tensor`),
@@ -50,8 +52,10 @@ def _hint(plan: SparsityPlan) -> str:
 # values: the same seeded initialisation as the graph form
 # ---------------------------------------------------------------------------------------------
 class _Values:
-    def __init__(self, plan: SparsityPlan, init: str, old_state: dict[str, torch.Tensor]):
+    def __init__(self, plan: SparsityPlan, init: str, old_state: dict[str, torch.Tensor],
+                 rebuilt: frozenset[str] = frozenset()):
         self.plan, self.init, self.old = plan, init, old_state
+        self.rebuilt = rebuilt  # BatchNorm parameters: a resized BatchNorm starts fresh, as in the graph form
         # a bias is initialised from its layer's fan-in (PyTorch: U(±1/√fan_in))
         self.fan_in_of_op = {w.op: w.fan_in for w in plan.weights
                              if w.part in ("weight", "s", "branch0") and w.kind in ("linear", "conv")}
@@ -63,7 +67,7 @@ class _Values:
     def of(self, w: WeightPlan) -> torch.Tensor:
         """Sparse Wide: fresh (init="default"), the old values zero-padded (shape changed), or kept."""
         old = self.old[w.source]
-        if self.init == "default" and w.kind in STANDARD_KINDS:
+        if self.init == "default" and w.kind in STANDARD_KINDS or w.name in self.rebuilt and w.shape != w.orig_shape:
             return self.fresh(w, old)
         if tuple(w.shape) == tuple(old.shape):
             return old.detach().clone()
@@ -174,25 +178,38 @@ def _config_objects(module: nn.Module) -> list[Any]:
             or type(v).__name__.endswith("Config")]
 
 
-def _sync_ints(obj: Any, sizes: dict[int, int], seen: set[int]) -> None:
+def _sync_ints(obj: Any, sizes: dict[int, int], seen: set[int]) -> list[tuple[str, int]]:
+    """Integer size attributes of obj set to their widened value; returns (name, old value) of each."""
     if id(obj) in seen:
-        return
+        return []
     seen.add(id(obj))
+    changed = []
     for name, value in list(vars(obj).items()):
         if type(value) is int and value in sizes and _is_size_name(name):
             setattr(obj, name, sizes[value])
+            changed.append((name, value))
+    return changed
 
 
-def _resize_in_place(model: nn.Module, plan: SparsityPlan, values: _Values) -> None:
+def _sync_scales(obj: Any, scales: dict[float, float]) -> None:
+    """Attention scales computed from a widened head dim (`scaling = head_dim ** -0.5`): the graph's patched value."""
+    for name, value in list(vars(obj).items()):
+        if type(value) is float and "scal" in name.lower():
+            new = next((n for o, n in scales.items() if math.isclose(value, o, rel_tol=1e-9)), None)
+            if new is not None:
+                setattr(obj, name, new)
+
+
+def _resize_in_place(model: nn.Module, plan: SparsityPlan, values: _Values, configs: bool = True) -> None:
     state = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     shapes = tensor_shapes(plan, state)
     planned = {w.name: w for w in plan.weights}
     recomputed = {t["name"]: t for t in plan.tables}  # size-derived buffers (rotary frequencies)
-    swapped: dict[int, torch.Tensor] = {}  # tied parameters stay tied
-    for fqn, t in state.items():
+    swapped: dict[int, torch.Tensor] = {}  # tied parameters stay tied: every alias takes the new tensor
+    for fqn, t in sorted(state.items(), key=lambda kv: kv[0] not in planned):  # planned names first
         new_shape = tuple(recomputed[fqn]["shape"]) if fqn in recomputed else shapes.get(fqn, tuple(t.shape))
         w = planned.get(fqn)
-        if w is None and new_shape == tuple(t.shape):
+        if w is None and new_shape == tuple(t.shape) and id(t) not in swapped:
             continue
         owner, leaf = _split(fqn)
         mod = model.get_submodule(owner) if owner else model
@@ -211,10 +228,12 @@ def _resize_in_place(model: nn.Module, plan: SparsityPlan, values: _Values) -> N
         else:
             mod._buffers[leaf] = swapped[id(t)]
     sizes, seen = new_sizes(plan), set()
+    scales = {p["old"]: p["new"] for p in plan.patches if isinstance(p["old"], float)}
     for m in model.modules():
         if not _sync_standard(m):
             _sync_ints(m, sizes, seen)
-        for cfg in _config_objects(m):
+            _sync_scales(m, scales)
+        for cfg in _config_objects(m) if configs else ():
             _sync_ints(cfg, sizes, seen)
 
 
@@ -224,39 +243,52 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def widened_config(cls: type, config: Any, plan: SparsityPlan) -> Any:
-    """A copy of a Hugging Face config whose model `cls` has the plan's shapes: every size field
-    widened by value, then sizes the config leaves to defaults (GPT-2's `n_inner=None`, 4·n_embd)
-    set explicitly where a probe on the meta device shows the plan differs from the default."""
+    """A copy of a Hugging Face config whose model `cls` has the plan's shapes, found by probing `cls` on
+    the meta device: every size field widened by value; then each widened field put back where that
+    brings the model closer to the plan (T5's d_model is 64 like its widened attention, but stays);
+    then sizes the config leaves to defaults (GPT-2's `n_inner=None`, 4·n_embd) set explicitly.
+    None if the class built from it would still differ from the plan."""
     cfg = copy.deepcopy(config)
-    sizes = new_sizes(plan)
-    for sub in [cfg] + [v for v in vars(cfg).values() if type(v).__name__.endswith("Config")]:
-        _sync_ints(sub, sizes, set())
+    subs = {None: cfg, **{k: v for k, v in vars(cfg).items() if type(v).__name__.endswith("Config")}}
+    changed = [(key, name, old) for key, sub in subs.items() for name, old in _sync_ints(sub, new_sizes(plan), set())]
     want = {w.name: tuple(w.shape) for w in plan.weights}
 
-    def wrong(c) -> set[int]:  # the planned sizes the model built from c does not have
+    def wrong(c) -> dict[tuple[str, int], int]:  # (param, axis) -> the planned size the model built from c misses
         with torch.device("meta"):
             shapes = {n: tuple(p.shape) for n, p in cls(c).named_parameters(remove_duplicate=False)}
-        return {b for n, s in want.items() if n in shapes for a, b in zip(shapes[n], s) if a != b}
+        return {(n, i): b for n, s in want.items() if n in shapes for i, (a, b) in enumerate(zip(shapes[n], s))
+                if a != b}
+
+    def better(key: str | None, name: str, value: int) -> bool:  # keep the edit if the model misses fewer sizes
+        nonlocal cfg, bad
+        trial = copy.deepcopy(cfg)
+        try:
+            setattr(getattr(trial, key) if key else trial, name, value)
+            now = wrong(trial)
+        except Exception:  # noqa: BLE001 - a value this config does not take
+            return False
+        if len(now) >= len(bad):
+            return False
+        cfg, bad = trial, now
+        return True
 
     bad = wrong(cfg)
+    for key, name, old in changed if bad else ():
+        better(key, name, old)
     for name in [n for n, v in vars(cfg).items() if v is None and _is_size_name(n)
                  and any(w in n.lower() for w in SIZE_WORDS)]:
-        for size in sorted(bad):
-            trial = copy.deepcopy(cfg)
-            try:
-                setattr(trial, name, size)
-                now = wrong(trial)
-            except Exception:  # noqa: BLE001 - a field that does not take a size
+        for size in sorted(set(bad.values())):
+            if better(None, name, size):
                 break
-            if len(now) < len(bad):
-                cfg, bad = trial, now
-                break
-    return cfg
+    return None if bad else cfg
 
 
-def _rebuild_hf(model: nn.Module, plan: SparsityPlan, values: _Values) -> nn.Module:
-    """The same class built from the widened config; planned values copied in (tied weights stay tied)."""
+def _rebuild_hf(model: nn.Module, plan: SparsityPlan, values: _Values) -> nn.Module | None:
+    """The same class built from the widened config; planned values copied in (tied weights stay tied).
+    None when no config gives the plan's shapes (BART widens attention, but its config ties it to d_model)."""
     cfg = widened_config(type(model), model.config, plan)
+    if cfg is None:
+        return None
     p = next(model.parameters())
     with torch.device(p.device):
         new = type(model)(cfg).to(p.dtype)
@@ -304,12 +336,15 @@ def _mask_weights(model: nn.Module, g: ModelGraph, plan: SparsityPlan, values: _
 
 
 def widen(model: nn.Module, g: ModelGraph, plan: SparsityPlan, init: str) -> nn.Module:
+    bn = frozenset(f"{path}.{leaf}" for path, m in model.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) for leaf in ("weight", "bias"))
     values = _Values(plan, init, {**dict(model.named_parameters(remove_duplicate=False)),
-                                  **dict(model.named_buffers(remove_duplicate=False))})
-    if _is_hf(model):
-        model = _rebuild_hf(model, plan, values)
-    else:
-        _resize_in_place(model, plan, values)
+                                  **dict(model.named_buffers(remove_duplicate=False))}, bn)
+    rebuilt = _rebuild_hf(model, plan, values) if _is_hf(model) else None
+    if rebuilt is not None:
+        model = rebuilt
+    else:  # the config keeps its sizes when it cannot state the plan's
+        _resize_in_place(model, plan, values, configs=not _is_hf(model))
     _reset_norms(model, plan, init)
     _mask_weights(model, g, plan, values)
     return model
@@ -427,8 +462,9 @@ def verify(module: nn.Module, graph_form: nn.Module, plan: SparsityPlan, example
              **dict(module.named_buffers(remove_duplicate=False))}
     graph_state = {**dict(graph_form.named_parameters(remove_duplicate=False)),
                    **dict(graph_form.named_buffers(remove_duplicate=False))}
-    for key, t in graph_state.items():
-        if not isinstance(t, torch.Tensor):
+    for key, t in list(graph_state.items()):
+        if not isinstance(t, torch.Tensor) or _split(key)[1].startswith("lifted_tensor_"):
+            graph_state.pop(key)  # tensor literals of the forward (torch.export lifts them), not module state
             continue
         if key not in state:
             raise EmitError(f"{plan.model}: the module form has no {key}" + _hint(plan))
@@ -450,7 +486,10 @@ def verify(module: nn.Module, graph_form: nn.Module, plan: SparsityPlan, example
         if w is not None and g2.values[value].kind == "param" and tuple(g2.values[value].shape) != tuple(w.shape):
             raise EmitError(f"{plan.model}: layer {w.layer}: {fqn} is {g2.values[value].shape} when the module "
                             f"form runs, the plan says {tuple(w.shape)}" + _hint(plan))
-    flops = {l.weight: op_flops(g2, g2.ops[l.op]) for l in find_layers(g2) if l.kind in ("linear", "conv")}
+    flops: dict[str, int] = {}
+    for l in find_layers(g2):  # a weight read at several depths (ALBERT) costs every use
+        if l.kind in ("linear", "conv"):
+            flops[l.weight] = flops.get(l.weight, 0) + op_flops(g2, g2.ops[l.op])
     for w in plan.weights:
         if w.kind in ("linear", "conv") and w.name in flops and flops[w.name] != w.dense_flops:
             raise EmitError(f"{plan.model}: layer {w.layer}: {flops[w.name]:,} FLOPs in the module form, "

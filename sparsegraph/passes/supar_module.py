@@ -131,7 +131,8 @@ def _place_forward(model: nn.Module, ops: dict, plan: SparsityPlan) -> tuple[lis
             hooks.append(_hook_multiplier(model, where, site["value"], pre=False))
         else:  # the readout's input × α_out/m_d: a readout layer's pre-hook, or the output of what feeds it
             layer = model.get_submodule(path) if path else None
-            if layer is not None and layer_kind(layer) is not None and site["weight"] == f"{path}.weight":
+            if (layer is not None and layer_kind(layer) is not None  # its own weight, or one tied to it (GPT-2's lm_head)
+                    and getattr(layer, "weight", None) is model.get_parameter(site["weight"])):
                 where, pre = path, True
             else:
                 where, pre = _returns(op.x, model), False
