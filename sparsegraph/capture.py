@@ -154,7 +154,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     errors, ep = [], None
     for dyn in ([True, False] if dynamic else [False]):
         try:
-            with quiet():
+            with quiet(), no_kv_cache(model):
                 ep = torch.export.export(model, args, strict=False,
                                          dynamic_shapes=_dynamic_shapes(args) if dyn else None)
             break
@@ -166,7 +166,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     if ep is not None:
         return canonicalize(ep.module(), training=model.training)
     try:
-        with quiet():
+        with quiet(), no_kv_cache(model):
             gm = aten_graph(fx.symbolic_trace(model), args)
     except Exception as e:  # noqa: BLE001
         errors.append(f"fx.symbolic_trace: {_first_line(e)}")
@@ -174,6 +174,35 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     warnings.warn(f"torch.export failed on {type(model).__name__} ({errors[-1]}); captured with "
                   "fx.symbolic_trace, specialised to the example input shapes", stacklevel=2)
     return canonicalize(gm, training=model.training)
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module):
+    """Key/value caches off while tracing: every config of `model` (a Hugging Face model's
+    `config.use_cache`, its sub-models' too) says `use_cache=False`, and is restored on exit.
+    A cache object (`DynamicCache`) is state a graph cannot return, and a capture is a full forward.
+
+    >>> import types, torch
+    >>> m = torch.nn.Linear(2, 2); m.config = types.SimpleNamespace(use_cache=True)
+    >>> with no_kv_cache(m):
+    ...     m.config.use_cache
+    False
+    >>> m.config.use_cache
+    True
+    """
+    saved, seen = [], set()
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or id(cfg) in seen or not isinstance(getattr(cfg, "use_cache", None), bool):
+            continue
+        seen.add(id(cfg))
+        saved.append((cfg, cfg.use_cache))
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg.use_cache = value
 
 
 @contextlib.contextmanager
