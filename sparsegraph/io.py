@@ -248,9 +248,61 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     if map_location is not None:
         out.to(map_location)
     out.example_inputs = inputs
+    sync_config(out)
     if with_extra:
         out.extra = extra
     return out
 
 
-__all__ = ["save", "load", "read", "atomic_write", "source_of", "build_source", "LoadError"]
+# ---------------------------------------------------------------------------------------------
+# the plan in a Hugging Face config: what save_pretrained writes to config.json
+# ---------------------------------------------------------------------------------------------
+CONFIG_FORMAT = "sparsegraph-hf"
+CONFIG_VERSION = 1
+
+
+def encode_inputs(inputs: tuple) -> list:
+    """Example inputs as JSON: each tensor as {"dtype", "shape", "data"} (exact for every dtype JSON can
+    hold), None (an optional input left out) as null."""
+    out = []
+    for t in inputs:
+        if t is None:
+            out.append(None)
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise SparsegraphError(f"cannot write a {type(t).__name__} example input to a config (tensors only)")
+        t = t.detach().cpu()
+        out.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                    "data": t.reshape(-1).tolist()})
+    return out
+
+
+def decode_inputs(data: list) -> tuple:
+    return tuple(None if d is None else torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+                 for d in data)
+
+
+def sync_config(model: nn.Module) -> None:
+    """Write the model's plan and example inputs into its Hugging Face config as `config.sparsegraph`
+    (a JSON-able dict), so `save_pretrained` puts them in config.json. A no-op for a model without
+    a config or a plan. sparsegraph calls it wherever it changes a plan (sg.sparsify, sg.load,
+    sg.supar.annotate, dynamic sparsity updates); call it after editing a plan by hand.
+
+    >>> import torch, transformers, sparsegraph as sg
+    >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    >>> m = sg.sparsify(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 64, (1, 8)),), "sparse_wide", 0.5)
+    >>> m.config.sparsegraph["plan"] == sg.plan_of(m).to_dict()
+    True
+    >>> sg.supar.annotate(m).config.sparsegraph["plan"]["supar"]["parameterization"]   # kept in sync
+    'supar'
+    """
+    inner = unwrap(model)
+    plan, config = plan_of(inner), getattr(inner, "config", None)
+    if plan is None or not callable(getattr(config, "to_json_string", None)) or isinstance(inner, fx.GraphModule):
+        return  # only a Hugging Face-style config is written to a file by its model
+    config.sparsegraph = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "plan": plan.to_dict(),
+                          "example_inputs": encode_inputs(tuple(getattr(inner, "example_inputs", ())))}
+
+
+__all__ = ["save", "load", "read", "atomic_write", "source_of", "build_source", "LoadError", "sync_config",
+           "encode_inputs", "decode_inputs", "CONFIG_FORMAT", "CONFIG_VERSION"]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .capture import _as_tuple, capture
 from .graph import ModelGraph, SparsegraphError
-from .io import source_of
+from .io import source_of, sync_config
 from .passes.emit_module import emit_module, verify
 from .passes.emit_torch import emit
 from .passes.sparse_ift import Options, make_plan
@@ -79,6 +79,7 @@ def sparsify(model: nn.Module, example_inputs: Any, transform: str = "sparse_wid
     if verify_module:
         verify(out, graph_form, plan, inputs)
     out.example_inputs = inputs
+    sync_config(out)  # a Hugging Face config carries the plan (config.json after save_pretrained)
     return out
 
 

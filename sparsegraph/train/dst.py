@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from ..graph import SparsegraphError
+from ..io import sync_config
 from ..masks import layer_seed
 from ..plan import SparsityPlan, WeightPlan, plan_of
 from ..unwrap import unwrap
@@ -281,6 +282,7 @@ class DynamicSparsity:
     def _record(self, record: dict) -> None:
         self.plan.history.append(record)
         self._measure()
+        sync_config(self.module)  # a Hugging Face config carries the plan with its new history
 
     def _measure(self) -> None:
         from ..passes.emit_torch import measure

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..io import sync_config
 from ..masks import layer_seed
 from ..passes.manager import PassManager
 from ..passes.supar import HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, annotate_plan, supar_pass
@@ -104,6 +105,7 @@ def annotate(model: nn.Module, parameterization: str | None = "supar", *, sigma_
         plan.supar["notes"] = [note]
         warnings.warn(note)
     apply_forward(gm, example_inputs)
+    sync_config(gm)  # a Hugging Face config carries the annotated plan
     return model
 
 
