@@ -22,17 +22,20 @@ from .passes.lower import lower
 
 __all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan", "plan_of",
            "ModelGraph", "SparsegraphError", "CaptureError", "dst", "SparseOpt", "supar",
-           "export_onnx", "onnx", "fold", "lower"]
+           "export_onnx", "onnx", "fold", "lower", "from_pretrained"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """`sg.onnx` (sparsify, fold, lower, save, load, read_plan, Session) and `sg.export_onnx` import
-    onnx_ir on first use, not with the package."""
+    onnx_ir on first use, not with the package; `sg.from_pretrained` imports transformers on first use."""
     if name == "onnx":
         import importlib
         return importlib.import_module(".onnx", __name__)
     if name == "export_onnx":
         from .onnx.export import export_onnx
         return export_onnx
+    if name == "from_pretrained":
+        from .integrations.hf import from_pretrained
+        return from_pretrained
     raise AttributeError(f"module 'sparsegraph' has no attribute {name!r}")
