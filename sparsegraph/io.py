@@ -290,7 +290,7 @@ def sync_config(model: nn.Module) -> None:
 
     >>> import torch, transformers, sparsegraph as sg
     >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    >>> m = sg.sparsify(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 64, (1, 8)),), "sparse_wide", 0.5)
+    >>> m = sg.sparsify(transformers.GPT2LMHeadModel(cfg).eval(), (torch.randint(0, 64, (1, 8)),), "sparse_wide", 0.5)
     >>> m.config.sparsegraph["plan"] == sg.plan_of(m).to_dict()
     True
     >>> sg.supar.annotate(m).config.sparsegraph["plan"]["supar"]["parameterization"]   # kept in sync

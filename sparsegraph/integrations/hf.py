@@ -13,7 +13,7 @@ multipliers) the way `sg.load` does, and fills in the saved tensors.
     >>> from sparsegraph.integrations.hf import SparsegraphCallback, sparsegraph_optimizer
     >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
     >>> ids = torch.randint(0, 64, (2, 8))
-    >>> model = sg.supar.annotate(sg.sparsify(transformers.GPT2LMHeadModel(cfg), (ids,), "sparse_wide", 0.5))
+    >>> model = sg.supar.annotate(sg.sparsify(transformers.GPT2LMHeadModel(cfg).eval(), (ids,), "sparse_wide", 0.5))
     >>> model.save_pretrained("tiny-sparse")
     >>> back = sg.from_pretrained("tiny-sparse")
     >>> torch.equal(back(ids).logits, model(ids).logits), sg.plan_of(back).to_dict() == sg.plan_of(model).to_dict()
@@ -87,7 +87,7 @@ def from_pretrained(path: str | os.PathLike, map_location: Any = None) -> nn.Mod
     >>> cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
     ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     >>> ids = torch.randint(0, 128, (2, 8))
-    >>> model = sg.sparsify(transformers.LlamaForCausalLM(cfg), (ids,), "sparse_parallel", 0.5)
+    >>> model = sg.sparsify(transformers.LlamaForCausalLM(cfg).eval(), (ids,), "sparse_parallel", 0.5)
     >>> model.save_pretrained("tiny-llama", max_shard_size="100KB")   # sharded
     >>> back = sg.from_pretrained("tiny-llama")
     >>> type(back).__name__, torch.equal(back(ids).logits, model(ids).logits)
@@ -160,7 +160,7 @@ def sparsegraph_optimizer(model: nn.Module, args: transformers.TrainingArguments
 
     >>> import torch, transformers, sparsegraph as sg
     >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    >>> model = sg.sparsify(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 64, (2, 8)),), "sparse_wide",
+    >>> model = sg.sparsify(transformers.GPT2LMHeadModel(cfg).eval(), (torch.randint(0, 64, (2, 8)),), "sparse_wide",
     ...                     0.5, width=2.0)
     >>> model = sg.supar.annotate(model)
     >>> args = transformers.TrainingArguments("out", learning_rate=1e-3, report_to=[], use_cpu=True)
