@@ -463,6 +463,7 @@ def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
                 _set_attr(root, node.target, val if is_param else val, is_param=is_param)
             else:
                 _set_attr(root, node.target, val)
+    dropped: set[float] = set()
     for node in list(graph.nodes):
         name = aten_name(node.target) if node.op == "call_function" else ""
         if node.op == "call_module" and node.target.startswith("_guards"):
@@ -473,6 +474,12 @@ def canonicalize(src: fx.GraphModule, training: bool = True) -> fx.GraphModule:
             _bn_to_module(root, graph, node)
         elif name == "dropout":
             _dropout_to_module(root, graph, node)
+        elif name == "scaled_dot_product_attention":
+            dropped.add(_no_attention_dropout(node))
+    if dropped - {0.0}:
+        warnings.warn(f"attention dropout (scaled_dot_product_attention dropout_p={max(dropped)}) is not kept "
+                      "in the captured graph: the graph form trains without it (the module form keeps it)",
+                      stacklevel=3)
     for node in list(graph.nodes):
         for rule in REWRITES:
             if node.op == "call_function" and rule(root, graph, node):
@@ -583,6 +590,20 @@ def _dropout_to_module(root: nn.Module, graph: fx.Graph, node: fx.Node) -> None:
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+
+
+def _no_attention_dropout(node: fx.Node) -> float:
+    """SDPA's dropout_p, recorded as a constant by a train-mode capture (Hugging Face passes
+    `p if self.training else 0.0`), would drop attention in eval too: the graph keeps none of it.
+    Returns the p removed (0.0 if none)."""
+    p = node.kwargs["dropout_p"] if "dropout_p" in node.kwargs else node.args[4] if len(node.args) > 4 else 0.0
+    if not isinstance(p, (int, float)) or p <= 0:
+        return 0.0
+    if "dropout_p" in node.kwargs:
+        node.update_kwarg("dropout_p", 0.0)
+    else:
+        node.update_arg(4, 0.0)
+    return float(p)
 
 
 # ---------------------------------------------------------------------------------------------

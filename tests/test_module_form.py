@@ -251,3 +251,21 @@ def test_a_sequential_root_keeps_running_its_children():
     for family in FAMILIES:
         out = sg.sparsify(model, x, family, 0.5)
         assert isinstance(out, nn.Sequential) and out(*x).shape == (3, 4) and sg.plan_of(out).transform == family
+
+
+def test_a_model_in_training_mode_is_rewritten_with_its_dropout():
+    """A fresh Hugging Face model trains (dropout 0.1, inside attention too). The module form keeps every
+    dropout; the graph form keeps the dropout modules and says it drops SDPA's dropout_p, which a
+    train-mode capture records as a constant (it would otherwise drop attention in eval as well)."""
+    dense = hf_model("gpt2", n_layer=1, n_embd=64, n_head=4, vocab_size=128, n_positions=32).train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"attention dropout .*dropout_p=0.1"):
+        m = sg.sparsify(dense, (ids,), "sparse_wide", 0.75)
+    assert m.training and type(m) is type(dense)
+    assert not torch.equal(m(ids).logits, m(ids).logits)  # dropout active
+    m.eval()
+    torch.testing.assert_close(m(ids).logits, m(ids).logits, rtol=0, atol=0)
+    g = sg.sparsify(dense, (ids,), "sparse_wide", 0.75, output="graph")
+    sdpa = [n for n in g.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert sdpa and all(n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0) == 0.0 for n in sdpa)
+    assert any(isinstance(mod, nn.Dropout) and mod.p == 0.1 for mod in g.modules())
