@@ -44,7 +44,7 @@ from .graph import SparsegraphError
 from .plan import PLAN_MODULE, SparsityPlan, attach_plan, plan_of
 from .unwrap import unwrap
 
-__all__ = ["DistCheckpointError", "load", "save"]
+__all__ = ["DistCheckpointError", "load", "save", "shard"]
 
 META = "sparsegraph.json"
 FORMAT = 1
@@ -86,6 +86,28 @@ def _state_dicts(model: nn.Module, optimizer) -> dict:
     if optimizer is not None:
         state["optimizer"] = optim_sd
     return state
+
+
+def shard(model: nn.Module, **options) -> nn.Module:
+    """FSDP2 on a module-form model, in place: `fully_shard` on every block (each entry of an
+    `nn.ModuleList`, outermost lists only: `model.h[i]`, `model.layers[i]`), then on the root.
+    Call after `sg.supar.init_` and before building the optimizer and DST; `options` go to
+    `fully_shard` (mesh, reshard_after_forward, mp_policy, ...). Returns `model`.
+
+        sg.dist.shard(model)       # under torchrun, after init_process_group
+        opt = torch.optim.AdamW(sg.supar.param_groups(model, 1e-3))
+        rigl = sg.dst.RigL(model, opt, total_steps=1000)
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks, inside = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p) for p in inside):
+            blocks += list(module)
+            inside.add(name + ".")
+    for block in blocks:
+        fully_shard(block, **options)
+    return fully_shard(model, **options)
 
 
 def _plan(model: nn.Module, who: str) -> SparsityPlan:

@@ -237,8 +237,17 @@ def _resume_worker(rank: int, world: int, port: int, models: dict, out: str) -> 
         if rank == 0:
             torch.save({"fresh": fresh, "extra": extra, "loaded": loaded, "dst": dst, "losses": losses,
                         "final": final}, os.path.join(out, "resumed.pt"))
+        _trainer_under_ddp(rank, world, out)  # the process group is up: the trainer's DDP mode joins it
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(parity_runs):
+    out = parity_runs["dir"]  # the parity workers also ran the checkpointed FSDP2 run
+    _spawn(_resume_worker, out)
+    return out
 
 
 def _assert_equal(a: dict, b: dict) -> None:
@@ -249,9 +258,8 @@ def _assert_equal(a: dict, b: dict) -> None:
             assert torch.equal(a[part][key], b[part][key]), key
 
 
-def test_dcp_round_trip_restores_everything_and_training_continues_identically(parity_runs, tmp_path_factory):
-    out = parity_runs["dir"]  # the parity workers also ran the checkpointed FSDP2 run
-    _spawn(_resume_worker, out)
+def test_dcp_round_trip_restores_everything_and_training_continues_identically(resumed_runs):
+    out = resumed_runs
     ref = torch.load(os.path.join(out, "uninterrupted.pt"), weights_only=False)
     run = torch.load(os.path.join(out, "resumed.pt"), weights_only=False)
     saved, fresh = ref["saved"], run["fresh"]
@@ -264,3 +272,88 @@ def test_dcp_round_trip_restores_everything_and_training_continues_identically(p
     assert run["losses"] == ref["losses"]  # ... and the next steps, a mask update included
     assert [h["step"] for h in run["final"]["plan"]["history"]] == [2, 4]
     _assert_equal(run["final"], ref["final"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `sparsegraph train` under torchrun
+# ---------------------------------------------------------------------------------------------
+TRAIN_ARGS = ["gpt-mini", "--model-option", "n_layer=1", "--model-option", "n_embd=32", "--model-option", "n_head=2",
+              "--model-option", "block_size=16", "--block-size", "16", "--batch-size", "8", "--steps", "4",
+              "--dst", "rigl", "--update-interval", "2", "--optimizer", "sgd", "--lr", "0.05",
+              "--eval-interval", "4", "--no-progress"]
+
+
+def _train_config(**changes):
+    from sparsegraph.commands.train import _options
+    from sparsegraph.train.trainer import TrainConfig
+
+    return TrainConfig(model="gpt-mini", dst="rigl", steps=4, batch_size=8, block_size=16, update_interval=2,
+                       optimizer="sgd", lr=0.05, eval_interval=4,
+                       model_options=_options(["n_layer=1", "n_embd=32", "n_head=2", "block_size=16"]), **changes)
+
+
+def _trainer_under_ddp(rank: int, world: int, out: str) -> None:
+    from sparsegraph.train.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    train(_train_config(), os.path.join(out, "train-ddp"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def single_train(tmp_path_factory):
+    """`sparsegraph train` in one process: the reference of the DDP and FSDP2 runs."""
+    from sparsegraph.train.trainer import train
+
+    out = str(tmp_path_factory.mktemp("single"))
+    return out, train(_train_config(), out, progress=False)
+
+
+def _metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _same_run(run_dir, single: list[dict]) -> None:
+    lines = _metrics(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # one writer: no line twice
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in lines]), torch.tensor([r["loss"] for r in single]))
+    torch.testing.assert_close(lines[-1]["val_loss"], single[-1]["val_loss"])
+
+
+def _same_state(mine: dict, state: dict) -> None:
+    masks = [k for k in state if k.endswith("_mask")]
+    assert masks and all(torch.equal(mine[k], state[k]) for k in masks)  # the same mask decisions
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(mine[key], value, msg=key)
+
+
+def test_sparsegraph_train_under_ddp_follows_the_single_process_run(resumed_runs, single_train):
+    from sparsegraph.io import read
+
+    run_dir = os.path.join(resumed_runs, "train-ddp")
+    _same_run(run_dir, single_train[1])
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.sgm", "curves.png", "metrics.jsonl"]
+    meta, state, extra = read(os.path.join(run_dir, "checkpoint.sgm"))  # rank 0's, of the unwrapped model
+    assert extra["step"] == 4 and [h["step"] for h in meta["plan"]["history"]] == [2]
+    _same_state(state, read(os.path.join(single_train[0], "checkpoint.sgm"))[1])
+
+
+def test_sparsegraph_train_under_torchrun_with_fsdp_follows_the_single_process_run(tmp_path, single_train):
+    from sparsegraph.io import read
+    from sparsegraph.train.trainer import build
+
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sparsegraph.cli", "train", *TRAIN_ARGS, "--fsdp", "-o", str(tmp_path / "fsdp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("4 steps logged") == 1  # rank 0 reports, rank 1 does not
+    _same_run(tmp_path / "fsdp", single_train[1])
+    assert sorted(os.listdir(tmp_path / "fsdp")) == ["checkpoint.dcp", "curves.png", "metrics.jsonl"]
+    # the sharded checkpoint, loaded into one process, holds the masks and weights of the single run
+    model, opt, rigl, _ = build(_train_config(fsdp=True))
+    extra = sg.dist.load(str(tmp_path / "fsdp" / "checkpoint.dcp"), model, opt, rigl)
+    assert extra["step"] == 4 and rigl.t == 4
+    assert [h["step"] for h in sg.plan_of(model).history] == [2]
+    _same_state(model.state_dict(), read(os.path.join(single_train[0], "checkpoint.sgm"))[1])
