@@ -2,8 +2,8 @@
 
 `save(path, model, optimizer, dst)` writes a DCP checkpoint directory: every rank writes its
 shards of the weights, the mask buffers and the optimizer state (DCP's own files), and rank 0 adds
-`sparsegraph.json`, holding the sparsity plan (with its mask-update history), the DST state and
-your `extra` values as JSON. `load(path, model, optimizer, dst)` restores all of it into a freshly
+`sparsegraph.json`, holding the sparsity plan (with its mask-update history), the DST state, the
+optimizer's param-group settings (lr, a scheduler's initial_lr, ...) and your `extra` values as JSON. `load(path, model, optimizer, dst)` restores all of it into a freshly
 built model with the same plan (same model, transform, sparsity and mask settings), sharded or
 not, on the same or another number of ranks. Call both on every rank.
 
@@ -110,6 +110,30 @@ def shard(model: nn.Module, **options) -> nn.Module:
     return fully_shard(model, **options)
 
 
+def _json_value(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _groups(optimizer) -> list[dict]:
+    """The optimizer's param-group settings (lr, initial_lr of a scheduler, betas, ...) as JSON: DCP
+    restores only the keys a fresh optimizer already has, so `load` puts these back itself."""
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params" and _json_value(v)}
+            for g in _inner(optimizer).param_groups]
+
+
+def _restore_groups(optimizer, groups: list[dict], path: str) -> None:
+    mine = _inner(optimizer).param_groups
+    if len(mine) != len(groups):
+        raise DistCheckpointError(f"sg.dist.load: {path} holds {len(groups)} optimizer param groups, the "
+                                  f"optimizer has {len(mine)}; build it the same way")
+    for group, saved in zip(mine, groups):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+
+
 def _plan(model: nn.Module, who: str) -> SparsityPlan:
     plan = plan_of(model)
     if plan is None:
@@ -126,7 +150,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer=None, dst=None, ex
     path = os.fspath(path)
     plan = _plan(model, "sg.dist.save")
     meta = {"format": FORMAT, "plan": plan.to_dict(), "dst": None if dst is None else dst.state_dict(),
-            "extra": extra or {}, "optimizer": optimizer is not None}
+            "extra": extra or {}, "optimizer": None if optimizer is None else _groups(optimizer)}
     try:
         text = json.dumps(meta)
     except TypeError as e:
@@ -173,7 +197,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer=None, dst=None) ->
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise DistCheckpointError(f"sg.dist.load: {meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
-    if optimizer is not None and not meta["optimizer"]:
+    if optimizer is not None and meta["optimizer"] is None:
         raise DistCheckpointError(f"sg.dist.load: {path} was saved without an optimizer")
     if dst is not None and meta["dst"] is None:
         raise DistCheckpointError(f"sg.dist.load: {path} was saved without a DST state")
@@ -187,6 +211,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer=None, dst=None) ->
         state["model"][f"{PLAN_MODULE}._extra_state"] = json.dumps(meta["plan"])  # strict: every key present
         set_state_dict(model, [] if optimizer is None else [_inner(optimizer)], model_state_dict=state["model"],
                        optim_state_dict=state.get("optimizer", {}))
+    if optimizer is not None:
+        _restore_groups(optimizer, meta["optimizer"], path)
     attach_plan(unwrap(model), plan)  # the model keeps its plan object (DST and SparseOpt hold it) ...
     _adopt(plan, saved)  # ... now equal to the saved one
     if dst is not None:

@@ -123,7 +123,8 @@ def _snapshot(model, opt) -> dict:
     for name, p in inner.named_parameters():
         for key, value in opt.state.get(p, {}).items():
             moments[f"{name}:{key}"] = full(value).detach().clone()
-    return {"state": state, "moments": moments, "plan": sg.plan_of(inner).to_dict()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return {"state": state, "moments": moments, "plan": sg.plan_of(inner).to_dict(), "groups": groups}
 
 
 def _init(rank: int, world: int, port: int, models: dict) -> None:
@@ -214,6 +215,8 @@ def _checkpointed_run(rank: int, world: int, out: str) -> None:
     model = _wrap(_build("sparse_wide"), "fsdp")
     opt, rigl = _trainer(model, "adamw")
     _train(model, opt, rigl, range(SAVE_AT), rank, world)
+    for group in opt.param_groups:  # as a schedule does: a new lr, the base one kept under a key of its own
+        group["initial_lr"], group["lr"] = group["lr"], group["lr"] / 2
     saved = _snapshot(model, opt)
     sg.dist.save(os.path.join(out, "ckpt"), model, opt, rigl, extra={"step": SAVE_AT})
     losses = _train(model, opt, rigl, range(SAVE_AT, TOTAL - 2), rank, world)
@@ -251,7 +254,7 @@ def resumed_runs(parity_runs):
 
 
 def _assert_equal(a: dict, b: dict) -> None:
-    assert a["plan"] == b["plan"]
+    assert a["plan"] == b["plan"] and a["groups"] == b["groups"]
     for part in ("state", "moments"):
         assert a[part].keys() == b[part].keys(), part
         for key in a[part]:
@@ -265,6 +268,7 @@ def test_dcp_round_trip_restores_everything_and_training_continues_identically(r
     saved, fresh = ref["saved"], run["fresh"]
     assert [h["step"] for h in saved["plan"]["history"]] == [2]
     assert saved["moments"] and not fresh["moments"] and not fresh["plan"]["history"]
+    assert "initial_lr" in saved["groups"][0] and "initial_lr" not in fresh["groups"][0]
     assert any(not torch.equal(fresh["state"][k], saved["state"][k]) for k in _masks(saved["state"]))
     assert not torch.equal(fresh["state"]["wte.weight"], saved["state"]["wte.weight"])
     _assert_equal(run["loaded"], saved)  # weights, masks, AdamW moments and plan, bit for bit
@@ -297,6 +301,9 @@ def _trainer_under_ddp(rank: int, world: int, out: str) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     train(_train_config(), os.path.join(out, "train-ddp"), progress=False)
+    resumed = _train_config(fsdp=True, checkpoint_interval=2)  # stopped after the mask update, resumed
+    train(resumed, os.path.join(out, "train-fsdp-resumed"), progress=False, stop_after=2)
+    train(resumed, os.path.join(out, "train-fsdp-resumed"), progress=False, resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +344,14 @@ def test_sparsegraph_train_under_ddp_follows_the_single_process_run(resumed_runs
     meta, state, extra = read(os.path.join(run_dir, "checkpoint.sgm"))  # rank 0's, of the unwrapped model
     assert extra["step"] == 4 and [h["step"] for h in meta["plan"]["history"]] == [2]
     _same_state(state, read(os.path.join(single_train[0], "checkpoint.sgm"))[1])
+
+
+def test_sparsegraph_train_with_fsdp_resumes_from_its_sharded_checkpoint(resumed_runs, single_train):
+    """Stopped at step 2 (just after RigL's update), resumed from checkpoint.dcp by a new train():
+    the same losses as the uninterrupted single-process run; the lr schedule resumes too."""
+    run_dir = os.path.join(resumed_runs, "train-fsdp-resumed")
+    _same_run(run_dir, single_train[1])
+    assert [r["lr"] for r in _metrics(os.path.join(run_dir, "metrics.jsonl"))] == [r["lr"] for r in single_train[1]]
 
 
 def test_sparsegraph_train_under_torchrun_with_fsdp_follows_the_single_process_run(tmp_path, single_train):

@@ -27,6 +27,7 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     fsdp: bool = False
+    owns_group: bool = False  # this object started the process group (and ends it in close())
 
     @classmethod
     def from_env(cls, env=None, fsdp: bool = False) -> "Distributed":
@@ -40,8 +41,9 @@ class Distributed:
         d = cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), fsdp)
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        if not dist.is_initialized():  # a caller's own process group is used as it is
             dist.init_process_group("gloo")
+            d.owns_group = True
         return d
 
     @property
@@ -93,5 +95,5 @@ class Distributed:
     def close(self) -> None:
         import torch.distributed as dist
 
-        if self.active and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
