@@ -3,9 +3,10 @@
 `save(path, model, optimizer, dst)` writes a DCP checkpoint directory: every rank writes its
 shards of the weights, the mask buffers and the optimizer state (DCP's own files), and rank 0 adds
 `sparsegraph.json`, holding the sparsity plan (with its mask-update history), the DST state, the
-optimizer's param-group settings (lr, a scheduler's initial_lr, ...) and your `extra` values as JSON. `load(path, model, optimizer, dst)` restores all of it into a freshly
-built model with the same plan (same model, transform, sparsity and mask settings), sharded or
-not, on the same or another number of ranks. Call both on every rank.
+optimizer's param-group settings (lr, a scheduler's initial_lr, ...) and your `extra` values as
+JSON. `load(path, model, optimizer, dst)` restores all of it into a freshly built model with the
+same plan (same model, transform, sparsity and mask settings), sharded or not, on the same or
+another number of ranks. Call both on every rank; `shard(model)` applies FSDP2 per block.
 
     >>> import os, tempfile, torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -36,7 +37,6 @@ import json
 import os
 import warnings
 
-import torch
 import torch.nn as nn
 
 from .fsutil import atomic_write

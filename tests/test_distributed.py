@@ -92,7 +92,8 @@ def _trainer(model, optimizer: str = "sgd"):
 
 def _batch(step: int, rank: int, world: int):
     g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    x = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
     n = GLOBAL_BATCH // world
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
