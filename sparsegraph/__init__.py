@@ -22,7 +22,7 @@ from .passes.lower import lower
 
 __all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan", "plan_of",
            "ModelGraph", "SparsegraphError", "CaptureError", "dst", "SparseOpt", "supar",
-           "export_onnx", "onnx", "fold", "lower", "from_pretrained"]
+           "export_onnx", "onnx", "fold", "lower", "from_pretrained", "dist"]
 __version__ = "0.1.0"
 
 
@@ -32,6 +32,9 @@ def __getattr__(name: str):
     if name == "onnx":
         import importlib
         return importlib.import_module(".onnx", __name__)
+    if name == "dist":  # torch.distributed.checkpoint is imported on first use
+        import importlib
+        return importlib.import_module(".dist", __name__)
     if name == "export_onnx":
         from .onnx.export import export_onnx
         return export_onnx

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..plan import FAMILIES
 
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the run directory (default: refuse to start over it)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard with FSDP2 (per block, then the root) instead of DDP")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, optimizer=args.optimizer, data=args.data,
                       block_size=args.block_size, update_interval=args.update_interval,
                       eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-                      seed=args.seed, model_options=_options(args.model_option))
+                      seed=args.seed, model_options=_options(args.model_option), fsdp=args.fsdp)
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                     overwrite=args.overwrite)
     last = [m for m in metrics if "val_loss" in m]
@@ -79,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
     if last:
         summary += f"; final val loss {last[-1]['val_loss']:.4f}" + (
             f", val accuracy {last[-1]['val_acc']:.3f}" if "val_acc" in last[-1] else "")
-    console().print(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        console().print(summary)
     return 0

@@ -145,4 +145,13 @@ def bake_masks(model: nn.Module) -> nn.Module:
     return model
 
 
+def __getattr__(name: str) -> type:
+    """`MaskedLinear`, `MaskedConv2d`, ... by name in a process that has not made them yet (unpickling
+    a model in a spawned worker)."""
+    base = getattr(nn, name[len("Masked"):], None) if name.startswith("Masked") else None
+    if isinstance(base, type) and issubclass(base, nn.Module):
+        return masked_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["Masked", "bake_masks", "mask_", "masked_class", "masked_tensor", "standard_masked", "unmask"]

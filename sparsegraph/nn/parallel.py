@@ -41,7 +41,10 @@ class ParallelNorm:
 @functools.cache
 def _subclass(mixin: type, cls: type) -> type:
     name = f"{mixin.__name__.replace('Sparse', '')}{cls.__name__}"
-    return type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+    new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+    if cls.__module__.startswith("torch.nn"):
+        globals().setdefault(name, new)  # importable by name (pickle, spawned processes): ParallelLinear, ...
+    return new
 
 
 def parallel_(layer: nn.Module, branches: list[nn.Module], norms: list[nn.Module] | None = None) -> nn.Module:
@@ -58,6 +61,17 @@ def parallel_(layer: nn.Module, branches: list[nn.Module], norms: list[nn.Module
             first.add_module(f"branch{i}", n)
         first.__class__ = _subclass(ParallelNorm, type(first))
     return layer
+
+
+def __getattr__(name: str) -> type:
+    """`ParallelLinear`, `ParallelNormBatchNorm2d`, ... by name in a process that has not made them yet
+    (unpickling a model in a spawned worker)."""
+    for mixin in (ParallelNorm, SparseParallel):  # the longer prefix first
+        prefix = mixin.__name__.replace("Sparse", "")
+        base = getattr(nn, name[len(prefix):], None) if name.startswith(prefix) else None
+        if isinstance(base, type) and issubclass(base, nn.Module):
+            return _subclass(mixin, base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ParallelNorm", "SparseParallel", "parallel_"]

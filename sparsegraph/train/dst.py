@@ -41,6 +41,10 @@ blocks in every block-row); N:M masks regrow inside the group a weight left, so 
 Distributed: every decision is a deterministic function of the weights (identical on every rank
 under DistributedDataParallel), the gradients (all-reduced by DDP before the optimizer step, where
 they are captured) and seeds derived from (seed, layer name, step). Ties go to the lower index.
+Under FSDP2 (`fully_shard`) weights, gradients and optimizer state are DTensor shards while the
+mask buffers stay whole on every rank: scores are taken on the full tensors (`full_tensor()`, the
+whole dense gradient for RigL's growth), so every rank makes the same decision, and each applies
+it to its own shard (`sparsegraph.sharded`).
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ from ..graph import SparsegraphError
 from ..io import sync_config
 from ..masks import layer_seed
 from ..plan import SparsityPlan, WeightPlan, plan_of
+from ..sharded import full, shard_like
 from ..unwrap import unwrap
 from .mask_units import Units, top_per_pool
 
@@ -226,7 +231,7 @@ class DynamicSparsity:
             self._start()
             for lay in self.layers:  # weight == 0 and optimizer state == 0 where the mask is 0
                 keep = lay.mask != 0
-                lay.param.mul_(keep)
+                lay.param.mul_(shard_like(keep, lay.param))
                 self._zero_state(lay.param, keep)
 
     def _start(self) -> None:
@@ -241,7 +246,7 @@ class DynamicSparsity:
         self.t += 1
         with torch.no_grad():
             for lay in self.layers:  # the optimizer may have moved masked weights (noise, custom rules)
-                lay.param.mul_(lay.mask)
+                lay.param.mul_(shard_like(lay.mask, lay.param))
             if self.is_update_step(self.t):
                 self._update(self.t)
 
@@ -254,7 +259,7 @@ class DynamicSparsity:
                 continue
             new, kept, stats = change  # (units,) bool each: the new mask and the units kept as they were
             new_el, kept_el = lay.units.expand(new, lay.mask), lay.units.expand(kept, lay.param)
-            lay.param.mul_(kept_el)  # dropped and regrown weights start at zero
+            lay.param.mul_(shard_like(kept_el, lay.param))  # dropped and regrown weights start at zero
             lay.mask.copy_(new_el)
             self._zero_state(lay.param, kept_el != 0)
             record["layers"][lay.name] = {**stats, "density": self._density(lay)}
@@ -273,11 +278,11 @@ class DynamicSparsity:
         return float(lay.mask.count_nonzero()) / lay.mask.numel()
 
     def _zero_state(self, param: nn.Parameter, keep: torch.Tensor) -> None:
-        """Zero every optimizer state tensor of the parameter's shape where keep is False."""
+        """Zero every optimizer state tensor of the parameter's shape where keep (a full tensor) is False."""
         state = getattr(self.optimizer, "state", {}).get(param, {})
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(keep.to(value.dtype))
+                value.mul_(shard_like(keep.to(value.dtype), value))
 
     def _record(self, record: dict) -> None:
         self.plan.history.append(record)
@@ -370,7 +375,7 @@ class _DropGrow(DynamicSparsity):
         if k == 0 or n_active == u.count:  # nothing to replace, or a dense layer: nowhere to grow
             return None
         inf = torch.tensor(float("inf"))
-        w_score = u.score(lay.param)  # (units,) mean |w|
+        w_score = u.score(full(lay.param))  # (units,) mean |w|, of the whole weight under FSDP2
         dropped = top_per_pool(torch.where(active, -w_score, -inf.to(w_score)), k)  # k smallest |w|
         kept = active & ~dropped
         g_score = self._grow_score(lay, t)  # (units,)
@@ -453,7 +458,7 @@ class RigL(_DropGrow):
                 g = lay.param.grad
                 self._dense[lay.name] = g.detach().clone() if g is not None else torch.zeros_like(lay.param)
                 if g is not None:
-                    g.mul_(real)  # the optimizer sees the masked gradient, as on any other step
+                    g.mul_(shard_like(real, g))  # the optimizer sees the masked gradient, as on any other step
                 lay.mask.copy_(real)
         self._stash, self._armed, self._captured_for = [], False, self.t + 1
 
@@ -474,7 +479,7 @@ class RigL(_DropGrow):
             self._dense = None
 
     def _grow_score(self, lay: Layer, t: int) -> torch.Tensor:
-        return lay.units.score(self._dense[lay.name])  # mean |dense gradient| per unit
+        return lay.units.score(full(self._dense[lay.name]))  # mean |dense gradient| per unit (all of it)
 
     def load_state_dict(self, state: dict) -> None:
         if self._armed:
@@ -578,7 +583,7 @@ class GMP(DynamicSparsity):
     def _keep(self, lay: Layer, active: torch.Tensor, sparsity: float) -> torch.Tensor:
         u = lay.units
         n = self._target(lay, sparsity)
-        score = u.score(lay.param)
+        score = u.score(full(lay.param))
         score = torch.where(active, score, torch.tensor(-float("inf")).to(score))
         if u.pools is None:
             return top_per_pool(score, min(n, int(active.sum()))) & active

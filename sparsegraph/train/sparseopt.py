@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..graph import SparsegraphError
+from ..sharded import shard_like
 from ..unwrap import unwrap
 from .dst import capture_pending, sparse_layers
 
@@ -160,7 +161,7 @@ class SparseOpt(torch.optim.Optimizer):
         for lay in self.layers:
             f, g = factors[lay.name], lay.param.grad
             if f is not None and g is not None:
-                g.mul_(f.to(g.dtype))
+                g.mul_(shard_like(f.to(g.dtype).expand(lay.mask.shape), g))  # a DTensor shard under FSDP2
 
     def step(self, closure=None):
         if closure is None:

@@ -4,6 +4,9 @@
   checkpoint.sgm   the model (sg.load-able) with optimizer, sparsity-schedule and RNG state
   metrics.jsonl    one JSON object per logged step (train loss, val loss/accuracy, density, lr)
   curves.png       the curves drawn from metrics.jsonl
+  checkpoint.dcp/  instead of checkpoint.sgm with `fsdp` (sharded weights: a sg.dist checkpoint)
+Under torchrun (`torchrun --nproc_per_node N -m sparsegraph.cli train ...`) the run is data-parallel
+with DDP, or FSDP2 with `fsdp`: see sparsegraph/train/distributed.py and docs/distributed.md.
 Checkpoints are written atomically; an interrupted run (Ctrl-C, SIGINT, a kill) keeps the last one,
 and `--resume` continues to the same loss curve as an uninterrupted run with the same seed: it
 refuses a checkpoint trained with other settings, and drops a metrics line torn by a kill. A fresh
@@ -16,6 +19,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,9 +30,11 @@ import torch.nn.functional as F
 
 from ..fsutil import OutputError, atomic_write, check_writable
 from ..graph import SparsegraphError
+from .distributed import Distributed
 from .supar import make_optimizer
 
 CHECKPOINT = "checkpoint.sgm"
+CHECKPOINT_DCP = "checkpoint.dcp"  # a directory: the FSDP2 checkpoint (sg.dist.save)
 METRICS = "metrics.jsonl"
 
 
@@ -57,6 +63,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_interval: int = 100
     seed: int = 0
+    fsdp: bool = False  # under torchrun: FSDP2 (sharded) instead of DDP
     model_options: dict = field(default_factory=dict)  # e.g. {"n_layer": 2} for gpt-mini
 
     def run_settings(self) -> dict:
@@ -88,7 +95,8 @@ class TrainConfig:
             raise SparsegraphError(f"model_options must be a dict, got {type(self.model_options).__name__}")
 
 
-RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches")  # may change on --resume
+RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches", "fsdp")  # may change on --resume (fsdp:
+#                the same arithmetic; its checkpoint format is checked by name)
 POSITIVE_INTS = ("steps", "batch_size", "block_size", "update_interval", "eval_interval", "eval_batches",
                  "checkpoint_interval")
 
@@ -148,8 +156,9 @@ def make_task(cfg: TrainConfig, default: str) -> Task:
 # ---------------------------------------------------------------------------------------------
 # building the model and its optimizer
 # ---------------------------------------------------------------------------------------------
-def build(cfg: TrainConfig):
-    """(model, optimizer, schedule, task) for a config: rewrite, SμPar, DST, SparseOpt."""
+def build(cfg: TrainConfig, dist: Distributed | None = None):
+    """(model, optimizer, schedule, task) for a config: rewrite, SμPar, DST, SparseOpt; under
+    torchrun (`dist`) the model is DDP-wrapped or FSDP2-sharded before its optimizer is made."""
     import sparsegraph as sg
     from ..models import BUILTINS, builtin, load_model
 
@@ -169,6 +178,8 @@ def build(cfg: TrainConfig):
         model = sg.sparsify(spec.model, (x,), "sparse_wide", 0.0, seed=cfg.seed)
     sg.supar.annotate(model, parameterization=cfg.parameterization)
     sg.supar.init_(model)
+    if dist is not None:
+        model = dist.wrap(model)
     groups = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum)
     if cfg.sparseopt:
@@ -220,10 +231,23 @@ def _state(obj) -> Any:
     return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
 
 
-def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, step: int, gen: torch.Generator):
+def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, step: int, gen: torch.Generator,
+                    dist: Distributed | None = None):
+    """checkpoint.sgm, written by rank 0 (DDP: every rank holds the same state); with FSDP2 every rank
+    writes its shards to checkpoint.dcp (sg.dist.save), the rest of the state as JSON."""
     from ..io import save
+    from ..unwrap import unwrap
 
-    save(model, path, extra={"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "step": step,
+    if dist is not None and dist.fsdp:
+        from .. import dist as sgdist
+
+        sgdist.save(os.path.join(os.path.dirname(path), CHECKPOINT_DCP), model, optimizer, schedule,
+                    extra={"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "step": step,
+                           "generator": gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist()})
+        return
+    if dist is not None and not dist.is_main:
+        return
+    save(unwrap(model), path, extra={"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "step": step,
                              "optimizer": optimizer.state_dict(), "schedule": _state(schedule),
                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
 
@@ -236,16 +260,33 @@ def _differences(saved: dict, cfg: TrainConfig) -> str:
     return "; ".join(diffs) or "its settings fingerprint differs"
 
 
+def _fsdp_resume(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
+    from .. import dist as sgdist
+
+    with open(os.path.join(path, sgdist.META)) as f:
+        extra = json.load(f)["extra"]
+    if extra.get("fingerprint") != cfg.fingerprint():
+        raise SparsegraphError(f"{path} is a checkpoint of a different run: {_differences(extra['config'], cfg)} "
+                               "(resume with the same settings, or train into another directory)")
+    sgdist.load(path, model, optimizer, schedule)
+    gen.set_state(torch.tensor(extra["generator"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
+    return int(extra["step"])
+
+
 def load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, gen: torch.Generator) -> int:
     from ..io import read
+    from ..unwrap import unwrap
 
+    if cfg.fsdp:
+        return _fsdp_resume(os.path.join(os.path.dirname(path), CHECKPOINT_DCP), cfg, model, optimizer, schedule, gen)
     _, state, extra = read(path)  # checked, no model built: the run already has its own
     if not isinstance(extra.get("config"), dict) or "step" not in extra:
         raise SparsegraphError(f"{path} is not a checkpoint of `sparsegraph train` (no training state in it)")
     if extra.get("fingerprint") != cfg.fingerprint():
         raise SparsegraphError(f"{path} is a checkpoint of a different run: {_differences(extra['config'], cfg)} "
                                "(resume with the same settings, or train into another directory)")
-    model.load_state_dict(state)
+    unwrap(model).load_state_dict(state)
     optimizer.load_state_dict(extra["optimizer"])
     if schedule is not None and extra.get("schedule") is not None:
         schedule.load_state_dict(extra["schedule"])
@@ -262,36 +303,56 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     """Train as configured; returns the logged metrics. `stop_after` ends early (tests, budgets).
 
     `resume` continues the run in `out_dir` from its checkpoint; otherwise `out_dir` must not hold
-    a run already, unless `overwrite` (its checkpoint, metrics and curves are then replaced)."""
+    a run already, unless `overwrite` (its checkpoint, metrics and curves are then replaced).
+    Under torchrun every rank calls it: data-parallel (DDP, or FSDP2 with `cfg.fsdp`), `batch_size`
+    the global batch, and only rank 0 writes metrics and curves."""
     cfg.validate()
+    dist = Distributed.from_env(fsdp=cfg.fsdp)
+    try:
+        return _train(cfg, out_dir, resume, progress, stop_after, overwrite, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_after: int | None, overwrite: bool,
+           dist: Distributed) -> list[dict]:
+    dist.check_batch(cfg.batch_size)
     ckpt, log_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, METRICS)
-    _check_run_dir(out_dir, resume, overwrite)
-    model, optimizer, schedule, task = build(cfg)
+    _check_run_dir(out_dir, resume, overwrite, cfg.fsdp)
+    model, optimizer, schedule, task = build(cfg, dist)
     gen = torch.Generator().manual_seed(cfg.seed)
-    os.makedirs(out_dir, exist_ok=True)
+    main = dist.is_main
+    dist.barrier()  # every rank has checked the directory before rank 0 changes it
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
     start = 0
     if resume:
         start = load_checkpoint(ckpt, cfg, model, optimizer, schedule, gen)
-        _truncate_log(log_path, start)
-        if start >= cfg.steps:
+        if main:
+            _truncate_log(log_path, start)
+        if start >= cfg.steps and main:
             warnings.warn(f"the run in {out_dir} already finished (step {start} of {cfg.steps}); nothing to train",
                           stacklevel=2)
     elif _run_files(out_dir):
-        warnings.warn(f"replacing the run in {out_dir} ({', '.join(_run_files(out_dir))})", stacklevel=2)
-        for name in _run_files(out_dir):
-            os.unlink(os.path.join(out_dir, name))
+        if main:
+            warnings.warn(f"replacing the run in {out_dir} ({', '.join(_run_files(out_dir))})", stacklevel=2)
+            for name in _run_files(out_dir):
+                _remove(os.path.join(out_dir, name))
+        dist.barrier()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = _progress(progress, cfg, start, end)
+    bar = _progress(progress and main, cfg, start, end)
     try:
         for step in range(start, end):
-            x, y = task.train_batch(cfg.batch_size, gen)
+            x, y = task.train_batch(cfg.batch_size, gen)  # the global batch, the same on every rank
+            x, y = dist.shard_batch(x), dist.shard_batch(y)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * lr_factor(cfg, step)
             optimizer.zero_grad(set_to_none=True)
             loss = task_loss(task, model(x), y)
-            value = loss.item()
+            value = dist.mean(loss).item()  # the global batch's loss
             if not math.isfinite(value):
                 raise SparsegraphError(f"loss is {value} at step {step}; lower --lr")
             loss.backward()
@@ -301,32 +362,39 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             record = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"],
                       "time": time.time()}
             if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
-                record.update(evaluate(model, task))
-            _append(log_path, record)
+                record.update(evaluate(model, task))  # every rank: FSDP2's forward needs them all
+            if main:
+                _append(log_path, record)
             if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == end:
-                save_checkpoint(ckpt, cfg, model, optimizer, schedule, step + 1, gen)
+                save_checkpoint(ckpt, cfg, model, optimizer, schedule, step + 1, gen, dist)
             bar(step + 1, record)
     finally:
         bar(None, None)
+    dist.barrier()  # the last metrics line is written before anyone reads the log
     metrics = read_metrics(log_path)
-    plot_curves(metrics, os.path.join(out_dir, "curves.png"), title=_title(cfg))
+    if main:
+        plot_curves(metrics, os.path.join(out_dir, "curves.png"), title=_title(cfg))
     return metrics
 
 
-RUN_FILES = (CHECKPOINT, METRICS, "curves.png")
+RUN_FILES = (CHECKPOINT, CHECKPOINT_DCP, METRICS, "curves.png")
 
 
 def _run_files(out_dir: str) -> list[str]:
     return [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _check_run_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+def _check_run_dir(out_dir: str, resume: bool, overwrite: bool, fsdp: bool = False) -> None:
     """Before any work: the directory can hold a run, and holds the right one."""
     check_writable(out_dir, directory=True)
     if resume and overwrite:
         raise SparsegraphError("--resume continues a run and --overwrite replaces it: choose one")
-    if resume and not os.path.exists(os.path.join(out_dir, CHECKPOINT)):
-        raise SparsegraphError(f"--resume: no checkpoint in {out_dir}")
+    if resume and not os.path.exists(os.path.join(out_dir, CHECKPOINT_DCP if fsdp else CHECKPOINT)):
+        raise SparsegraphError(f"--resume: no {'FSDP2 ' if fsdp else ''}checkpoint in {out_dir}")
     existing = _run_files(out_dir)
     if not resume and not overwrite and existing:
         raise SparsegraphError(f"{out_dir} already holds a run ({', '.join(existing)}): --resume continues it, "
