@@ -96,6 +96,7 @@ def test_unknown_op_strict(tmp_path):
     assert strict.returncode == 2 and "no dimension rule for op(s) aten.flip.default" in strict.stderr
 
 
+@pytest.mark.slow
 def test_llama_7b_is_analysed_on_meta_without_allocating():
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     r = run("analyze", "hf:llama", "--json")
@@ -131,6 +132,7 @@ def test_rewrite_save_then_analyze_with_spectra(tmp_path, capsys):
     assert {r["weight"] for r in report["spectral"]} == {w["name"] for w in plan["weights"] if w["mask"] != "none"}
 
 
+@pytest.mark.slow
 def test_rewrite_plan_only_llama_without_allocating():
     r = run("rewrite", "hf:llama", "--transform", "sparse_wide", "--sparsity", "0.75", "--plan-only", "--json")
     assert r.returncode == 0, r.stderr

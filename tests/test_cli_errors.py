@@ -114,6 +114,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, args, name):
     assert listing(tmp_path) == {".", name}
 
 
+@pytest.mark.slow
 def test_train_resume_and_run_directories(tmp_path):
     """A finished run: resuming it with another seed is refused, a fresh run over it is refused
     (nothing deleted), --overwrite replaces it and says so."""

@@ -52,8 +52,11 @@ def _outputs(model, inputs):
         return [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
 
 
+SLOW = {"resnet18", "mobilenet_v3"}  # torchvision at full depth: `pytest -m slow` (resnet-mini covers BatchNorm)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
 def test_same_class_shapes_flops_and_outputs_of_the_graph(name, family):
     dense, inputs = MODELS[name]()
     dense.eval()

@@ -130,6 +130,7 @@ def test_graph_form_export_parity(models, tmp_path, model, family):
         assert rel_err(_ort(path, inputs), expected) <= 1e-4, mode
 
 
+@pytest.mark.slow
 def test_module_form_torchvision_resnet18(tmp_path):
     """Stacked parallel branches (Concat, Split, a BatchNorm per chunk) fold like the graph form's."""
     torchvision = pytest.importorskip("torchvision")
@@ -148,7 +149,8 @@ def test_module_form_torchvision_resnet18(tmp_path):
     assert sg.analyze(path).dense_flops == sg.analyze(dense, x).dense_flops
 
 
-@pytest.mark.parametrize("family", FAMILIES[1:])  # Sparse Wide: test_hf_gpt2_parity (graph form)
+@pytest.mark.parametrize("family", [FAMILIES[1]] + [pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES[2:]])
+# (Sparse Wide: test_hf_gpt2_parity, graph form)
 def test_module_form_hf_gpt2(tmp_path, family):
     model = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
     x = (torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)),)
@@ -160,6 +162,7 @@ def test_module_form_hf_gpt2(tmp_path, family):
         assert rel_err(_ort(path, x), _logits(m, x)) <= 1e-4, mode
 
 
+@pytest.mark.slow
 def test_hf_gpt2_parity(tmp_path):
     """Hugging Face GPT-2 (Conv1D weights (in, out): Gemm without transB; 50257-token head)."""
     model = hf_model("gpt2", n_layer=2)
