@@ -52,7 +52,8 @@ def _outputs(model, inputs):
         return [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
 
 
-SLOW = {"resnet18", "mobilenet_v3"}  # torchvision at full depth: `pytest -m slow` (resnet-mini covers BatchNorm)
+SLOW = {"resnet18", "mobilenet_v3", "llama"}  # `pytest -m slow`: resnet-mini covers BatchNorm; test_hf and
+# test_architectures cover Llama in the module form
 
 
 @pytest.mark.parametrize("family", FAMILIES)

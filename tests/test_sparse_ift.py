@@ -47,7 +47,7 @@ def _sgd_lowers_loss(model, inputs, loss):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, pytest.param(0.9, marks=pytest.mark.slow)])
 def test_iso_flops_shapes_and_training(family, sparsity, gpt, resnet):
     for (spec, g), make_loss in ((gpt, lambda x: (lambda y: loss_fn(y, x[0]))),
                                  (resnet, lambda x: (lambda y: F.cross_entropy(y, torch.tensor([1, 3]))))):
@@ -114,7 +114,7 @@ def test_torchvision_resnet18_widths_match_reference(sparsity, width):
     assert plan.sparsity_used > sparsity  # the dense stem and head grew too, so hidden layers pay
 
 
-@pytest.mark.parametrize("sparsity, d_model, d_attn", [(0.5, 1092, 1092), (0.75, 1536, 1536)])
+@pytest.mark.parametrize("sparsity, d_model, d_attn", [(0.5, 1092, 1092), pytest.param(0.75, 1536, 1536, marks=pytest.mark.slow)])
 def test_hf_gpt2_widths_heads_kept(sparsity, d_model, d_attn):
     model = hf_model("gpt2")
     g = sg.capture(model, (torch.randint(0, 1000, (2, 32)),))

@@ -114,6 +114,7 @@ def test_digits_resnet_with_sparseopt_learns(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
+@pytest.mark.slow
 def test_sigint_leaves_the_last_checkpoint_intact(tmp_path):
     cmd = [sys.executable, "-m", "sparsegraph.cli", "train", "gpt-mini", "--model-option", "n_layer=1",
            "--model-option", "n_embd=64", "--model-option", "n_head=2", "--steps", "100000", "--batch-size", "4",
