@@ -53,9 +53,9 @@ def _hint(plan: SparsityPlan) -> str:
 # ---------------------------------------------------------------------------------------------
 class _Values:
     def __init__(self, plan: SparsityPlan, init: str, old_state: dict[str, torch.Tensor],
-                 rebuilt: frozenset[str] = frozenset()):
+                 batch_norm: frozenset[str] = frozenset()):
         self.plan, self.init, self.old = plan, init, old_state
-        self.rebuilt = rebuilt  # BatchNorm parameters: a resized BatchNorm starts fresh, as in the graph form
+        self.batch_norm = batch_norm  # BatchNorm parameters: a resized BatchNorm starts fresh, as in the graph form
         # a bias is initialised from its layer's fan-in (PyTorch: U(±1/√fan_in))
         self.fan_in_of_op = {w.op: w.fan_in for w in plan.weights
                              if w.part in ("weight", "s", "branch0") and w.kind in ("linear", "conv")}
@@ -67,7 +67,7 @@ class _Values:
     def of(self, w: WeightPlan) -> torch.Tensor:
         """Sparse Wide: fresh (init="default"), the old values zero-padded (shape changed), or kept."""
         old = self.old[w.source]
-        if self.init == "default" and w.kind in STANDARD_KINDS or w.name in self.rebuilt and w.shape != w.orig_shape:
+        if (self.init == "default" and w.kind in STANDARD_KINDS) or (w.name in self.batch_norm and w.shape != w.orig_shape):
             return self.fresh(w, old)
         if tuple(w.shape) == tuple(old.shape):
             return old.detach().clone()
