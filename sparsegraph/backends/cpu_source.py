@@ -25,6 +25,22 @@ HEADER = r"""
 #define FN(n) CAT(n, SUF)
 #define CHUNK(items, nt) ((items) / (8 * (nt)) > 1 ? (items) / (8 * (nt)) : 1)
 int sg_abi_version(void) { return 1; }
+/* fp32 FMA throughput probe: `iters` rounds of 12 independent vector FMA chains per thread (enough
+ * to hide the FMA latency on every x86 and Arm core); 384 FLOP per round and thread. */
+float sg_fma_peak(int64_t iters, int nthreads) {
+    typedef float P16 __attribute__((vector_size(64)));
+    float out = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : out)
+    {
+        P16 a[12], m = (P16){0} + 0.999f, c = (P16){0} + 1e-3f;
+        for (int i = 0; i < 12; i++) a[i] = (P16){0} + (float)i;
+        for (int64_t n = 0; n < iters; n++) {
+            _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
+        }
+        for (int i = 0; i < 12; i++) out += a[i][0];
+    }
+    return out;
+}
 """
 
 BODY = r"""
