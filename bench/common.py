@@ -1,4 +1,11 @@
-"""Shared bits for the benchmarks: timing, tables, JSON output. Benchmarks never assert on time."""
+"""Shared bits for the benchmarks: the machine, honest timing, dense baselines, tables, JSON.
+
+Every benchmark states what it ran on (`machine()`: CPU model, threads, the CPU's measured fp32 FMA
+peak) and times its candidates with `medians()`: interleaved rounds, so all of them see the same
+machine state, and the median of each, so one lucky or unlucky round does not decide. Dense
+baselines are the faster of PyTorch's default (MKL) and oneDNN with a pre-packed weight
+(`dense_linear`), printed with their GFLOP/s and fraction of peak. Benchmarks never assert on time.
+"""
 from __future__ import annotations
 
 import json
@@ -8,8 +15,76 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from sparsegraph.backends import cpu
 from sparsegraph.fsutil import atomic_write
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8488C'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), load."""
+    threads = torch.get_num_threads()
+    peak = cpu.fma_peak(threads)
+    return {"cpu": cpu_model(), "threads": threads, "cores": os.cpu_count(),
+            "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None, "torch": torch.__version__,
+            "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
+
+
+def describe(m: dict | None = None) -> str:
+    """One line naming the machine, printed at the top of every benchmark."""
+    m = m or machine()
+    return (f"{m['cpu']}, {m['threads']} thread(s), fp32 FMA peak {m['fp32_peak_gflops']} GFLOP/s, "
+            f"torch {m['torch']}, load {m['load']}")
+
+
+def medians(fns: dict[str, Callable[[], object]], rounds: int = 9, budget_s: float | None = None,
+            inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each callable over interleaved rounds (one warm-up call each first).
+    `inner` back-to-back calls per candidate and round are averaged (for calls of a few microseconds);
+    after three rounds, stop early once `budget_s` has passed."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    for i in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t) / inner)
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, Callable]:
+    """The dense baselines of y = x w^T + bias: PyTorch's default (`mkl`) and oneDNN with the weight
+    pre-packed for this batch (`onednn`, what Inductor's CPU freezing uses), when this build has it."""
+    fns = {"mkl": lambda: F.linear(x, w, bias)}
+    if x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
+            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        except (RuntimeError, AttributeError):
+            pass
+    return fns
+
+
+def gflops(flop: float, seconds: float) -> float:
+    return flop / seconds / 1e9
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -23,11 +98,6 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
-
-
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 def write_json(name: str, rows: list[dict], **extra) -> str:
