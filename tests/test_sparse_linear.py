@@ -99,6 +99,58 @@ def test_float32_against_float64(block, balanced, rows):
     _check(sw, w, (*rows, 150), -1, True, "auto", torch.float32, 7)
 
 
+@pytest.mark.parametrize("n,k,block,rows", [
+    (200, 512, 32, (300,)),    # k * 4 bytes a multiple of 2 KiB: x copied to a padded stride; several chunks
+    (130, 200, 32, (2, 61)),   # ragged n and k, no copy of x
+    (256, 256, 64, (7,)),      # four vectors per block-row
+    (96, 100, 48, (13,)),      # three vectors
+    (200, 96, 96, (33,)),      # two lane groups (64 + 32)
+])
+def test_packed_rows_kernel_against_float64(n, k, block, rows):
+    """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
+    dvalues, with empty block-rows, ragged edges, partial tiles and multi-chunk row counts."""
+    sw, w = _weight(n, k, block, 0.3, 3, balanced=False, empty_rows=1)
+    _check(sw, w, (*rows, k), -1, True, "auto", torch.float32, 3)
+
+
+def _lowered(n=96, k=64, block=16, seed=0):
+    from sparsegraph.nn.lowered import LoweredLinear, SparseLayout
+
+    sw, w = _weight(n, k, block, 0.4, seed, empty_rows=1, dtype=torch.float32)
+    index = dict(crow=sw.crow, col=sw.col, crow_t=sw.crow_t, col_t=sw.col_t, perm_t=sw.perm_t)
+    bias = torch.nn.Parameter(torch.randn(n))
+    return LoweredLinear(torch.nn.Parameter(sw.values.clone()), index, SparseLayout(n, k, block), bias)
+
+
+def test_eager_inference_takes_one_native_call_and_sees_weight_updates():
+    """Under no_grad a lowered linear layer runs `cpu.Prepared` (no op dispatch); an optimizer step
+    (an in-place update of the values, new version) is seen by the next call; with autograd the op runs."""
+    from sparsegraph.nn import lowered
+
+    layer = _lowered()
+    x = torch.randn(3, 5, 64)
+
+    def reference():
+        return x @ cpu.unpack(layer.weight_values.detach(), layer.weight_crow, layer.weight_col, 96, 64, 16).T \
+            + layer.bias.detach()
+
+    with torch.no_grad():
+        y = layer(x)
+    assert isinstance(lowered._prepared.get(layer), cpu.Prepared)
+    torch.testing.assert_close(y, reference(), rtol=1e-5, atol=1e-5)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    out = layer(x)  # autograd: the op, differentiable
+    assert out.requires_grad
+    out.square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        y2 = layer(x)
+    torch.testing.assert_close(y2, reference(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y2, y)
+    with torch.no_grad():
+        assert layer(x.double().float()[:0]).shape == (0, 5, 96)
+
+
 def test_no_blocks_at_all():
     sw, w = _weight(40, 30, 16, 0.0, 0)
     assert sw.nnzb == 0

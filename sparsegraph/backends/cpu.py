@@ -115,6 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     sigs = {
         "sg_rows": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i32],
+        "sg_rows_packed": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i32],
         "sg_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i32],
         "sg_sddmm_rows": [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32],
         "sg_sddmm_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32],
@@ -227,6 +228,93 @@ def _rows(lib, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tenso
     return y
 
 
+def _lanes(t: Tensor) -> int:
+    """Elements per 64-byte vector: blocks of a multiple of this run the packed rows kernel."""
+    return 64 // t.element_size()
+
+
+_transposed: dict[int, tuple] = {}  # id(values) -> (weakref, version, (nnzb, b, b) blocks as (in, out))
+
+
+def _blocks_in_out(values: Tensor) -> Tensor:
+    """`values.transpose(1, 2)`, contiguous: each block of W stored (in, out), as the packed rows
+    kernel reads it. Made once per weight and kept while the weight lives and is unchanged (its
+    version counter), so inference pays for it once and training once per optimizer step."""
+    import weakref
+
+    key = id(values)
+    hit = _transposed.get(key)
+    if hit is not None and hit[0]() is values and hit[1] == values._version:
+        return hit[2]
+    packed = values.detach().transpose(1, 2).contiguous()
+    try:
+        ref = weakref.ref(values, lambda _r, key=key: _transposed.pop(key, None))
+    except TypeError:  # not weak-referenceable: no cache
+        return packed
+    _transposed[key] = (ref, values._version, packed)
+    return packed
+
+
+def _pack_x(k: int, elsize: int) -> int:
+    """Copy x's rows to a padded stride first when its own stride would put a tile's rows in one L1
+    set (a multiple of 2 KiB: 512 or 2048 floats, not 768)."""
+    return int(k * elsize % 2048 == 0)
+
+
+def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, bias: Tensor | None,
+                 out: int, b: int) -> Tensor:
+    M, IN = x.shape
+    y = torch.empty(M, out, dtype=x.dtype)
+    _check(getattr(lib, "sg_rows_packed" + _sfx(x))(M, IN, out, b, _p(x), IN, _p(wp), _p(crow), _p(col), _p(perm),
+                                                    _p(bias), _p(y), out, _pack_x(IN, x.element_size()), _threads()))
+    return y
+
+
+class Prepared:
+    """`linear` for one fixed weight as a single native call: pointers, kernel and packed blocks are
+    resolved once, so a call costs one `torch.empty` and one ctypes call (the eager inference path
+    of lowered layers, where the op's Python dispatch would cost more than a small product).
+    `valid(x, bias)` says whether it still applies: x a plain CPU tensor of the weight's dtype, the
+    same bias, and weight and bias unchanged since (their version counters)."""
+
+    __slots__ = ("fn", "src", "versions", "keep", "args", "n", "k", "dtype")
+
+    def __init__(self, lib, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int, b: int):
+        wp, crow, col = _blocks_in_out(values), _i32(crow), _i32(col)
+        bias_c = bias.detach().contiguous() if bias is not None else None
+        self.fn = getattr(lib, "sg_rows_packed" + _sfx(values))
+        self.src = (values, bias)
+        self.versions = (values._version, bias._version if bias is not None else 0)
+        self.keep = (wp, crow, col, bias_c)  # the buffers the pointers point into
+        self.n, self.k, self.dtype = n, k, values.dtype
+        self.args = (k, n, b, wp.data_ptr(), crow.data_ptr(), col.data_ptr(), _p(bias_c),
+                     _pack_x(k, values.element_size()))
+
+    @classmethod
+    def make(cls, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
+             b: int) -> "Prepared | None":
+        """None where the packed native kernel does not apply (no library, dtype, block size)."""
+        lib = _native(values, bias)
+        if lib is None or values.dim() != 3 or b % _lanes(values):
+            return None
+        return cls(lib, values, crow, col, bias, n, k, b)
+
+    def valid(self, x: Tensor, bias: Tensor | None) -> bool:
+        values, b0 = self.src
+        return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == self.dtype and bias is b0
+                and (values._version, bias._version if bias is not None else 0) == self.versions)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.k).contiguous()  # (M, k)
+        M = x2.shape[0]
+        y = torch.empty(M, self.n, dtype=x.dtype)  # (M, n)
+        if M:
+            k, n, b, wp, crow, col, bias, pack = self.args
+            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, bias, y.data_ptr(), n, pack,
+                           _threads()))
+        return y.view(*x.shape[:-1], self.n)
+
+
 def _cols(lib, X: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, so: int, si: int,
           bias: Tensor | None, out: int, b: int) -> Tensor:
     P, IN, L = X.shape
@@ -300,6 +388,8 @@ def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     bias = bias.contiguous() if bias is not None else None
     if M == 0:
         return x.new_zeros(0, n)
+    if b % _lanes(x) == 0:
+        return _rows_packed(lib, x, _blocks_in_out(values), crow, col, None, bias, n, b)
     if M < SMALL_M:  # dot products along W's rows, x read as (M, k, 1)
         return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
     if b < TRANSPOSE_BELOW_BLOCK:  # lanes along M: y^T = W x^T, in chunks of rows
@@ -323,6 +413,8 @@ def linear_grad_input(dy: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor,
     values, crow_t, col_t, perm_t = values.contiguous(), _i32(crow_t), _i32(col_t), _i32(perm_t)
     if M == 0:
         return dy.new_zeros(0, k)
+    if b % _lanes(dy) == 0:  # W's blocks are W^T's blocks stored (in, out): read in place through perm_t
+        return _rows_packed(lib, dy, values, crow_t, col_t, perm_t, None, k, b)
     if b < TRANSPOSE_BELOW_BLOCK and M >= SMALL_M:  # element (o=kk, i=nn) of a W^T block at nn*b + kk
         dx = dy.new_empty(M, k)
         for m0 in range(0, M, TRANSPOSE_ROWS):

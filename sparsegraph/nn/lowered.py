@@ -12,11 +12,13 @@ Gradients reach the stored blocks only, so a lowered model fine-tunes with its s
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..backends import cpu
 from ..backends import sparse_linear as _ops  # noqa: F401 - registers torch.ops.sparsegraph.*
 
 INDEX = ("crow", "col", "crow_t", "col_t", "perm_t")
@@ -53,9 +55,29 @@ def is_lowered(module: nn.Module) -> bool:
     return "weight_values" in module._parameters
 
 
+_prepared: "weakref.WeakKeyDictionary[nn.Module, cpu.Prepared | None]" = weakref.WeakKeyDictionary()
+
+
+def _fast(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> "cpu.Prepared | None":
+    """The one-native-call product of an eager CPU inference step (no autograd, no tracing), or None."""
+    if torch.is_grad_enabled() or module.weight_layout.impl not in ("auto", "cpu") or torch.compiler.is_compiling():
+        return None
+    prep = _prepared.get(module)
+    if prep is None or not prep.valid(x, bias):
+        lay, buf = module.weight_layout, module._buffers
+        prep = cpu.Prepared.make(module.weight_values, buf["weight_crow"], buf["weight_col"], bias, lay.n, lay.k,
+                                 lay.block)
+        _prepared[module] = prep
+    return prep if prep is not None and prep.valid(x, bias) else None
+
+
 def sparse_product(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`module`'s lowered weight applied to x: (..., k) -> (..., n), or a convolution (N, C, H, W) -> (N, n, H', W')."""
+    """`module`'s lowered weight applied to x: (..., k) -> (..., n), or a convolution (N, C, H, W) -> (N, n, H', W').
+    Eager CPU inference of a linear layer takes one native call (`cpu.Prepared`); everything else
+    (autograd, tracing, export, other devices) runs the op."""
     lay = module.weight_layout
+    if lay.kernel is None and (prep := _fast(module, x, bias)) is not None:
+        return prep(x)
     idx = [module._buffers[f"weight_{key}"] for key in INDEX]
     if lay.kernel is None:
         return torch.ops.sparsegraph.sparse_linear(x, module.weight_values, *idx, bias, lay.n, lay.k, lay.block, -1,
