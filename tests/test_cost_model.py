@@ -24,7 +24,7 @@ def calibrations(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEGRAPH_CACHE", str(tmp_path))
     monkeypatch.delenv(cm.ENV, raising=False)
     monkeypatch.setattr(cm, "_loaded", {})
-    monkeypatch.setattr(cm, "LINEAR_SHAPE", (96, 64))
+    monkeypatch.setattr(cm, "LINEAR_SHAPES", ((96, 64),))
     monkeypatch.setattr(cm, "CONV_SHAPES", ((1, 16, 6),))
     monkeypatch.setattr(cm, "BUDGET_S", 0.1)
     monkeypatch.setattr(cm, "QUICK_BUDGET_S", 0.05)
