@@ -274,8 +274,8 @@ def cpu_name() -> str:
         platform.processor() or platform.machine()
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _sha(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
 
 
 def kernel_key() -> str:
@@ -285,11 +285,11 @@ def kernel_key() -> str:
     from . import sparse_linear
     from .cpu_source import source
 
-    parts = [source(), torch.__version__, "native" if cpu.available() else "fallback"]
+    parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback"]
     for module in (cpu, sparse_linear):
-        with open(module.__file__) as f:
+        with open(module.__file__, "rb") as f:
             parts.append(f.read())
-    return _sha("\0".join(parts))
+    return _sha(b"\0".join(parts))
 
 
 def machine_key(threads: int | None = None) -> dict:
@@ -315,8 +315,8 @@ def _read_cache(path: str, key: dict) -> CostModel:
     if not isinstance(data, dict) or "key" not in data or "model" not in data:
         raise CostModelError(f"cost model cache {path} is not a cache file (no key and model)")
     if data["key"] != key:
-        differ = sorted(k for k in set(key) | set(data["key"] if isinstance(data["key"], dict) else {})
-                        if not isinstance(data["key"], dict) or data["key"].get(k) != key.get(k))
+        stored = data["key"] if isinstance(data["key"], dict) else {}
+        differ = sorted(k for k in set(key) | set(stored) if stored.get(k) != key.get(k))
         raise CostModelError(f"cost model cache {path} was measured for another machine or build "
                              f"({', '.join(differ)} differ)")
     return CostModel.from_dict(data["model"], path)
