@@ -2,9 +2,17 @@
 
 Doctests run in a fresh temporary directory, so the files their examples write (`wide.onnx`,
 `notes.txt`, ...) land there and nowhere else, with the same seed every time.
+
+Lowering decisions come from the shipped cost model constants (SPARSEGRAPH_COST_MODEL=builtin), for
+this process and the command-line runs it starts: the suite never calibrates implicitly, and its
+choices are the same on every machine. Tests of the calibration unset it themselves.
 """
+import os
+
 import pytest
 import torch
+
+os.environ["SPARSEGRAPH_COST_MODEL"] = "builtin"
 
 
 @pytest.fixture(autouse=True)

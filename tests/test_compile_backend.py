@@ -17,14 +17,6 @@ from .test_lower import _sparse_wins
 SPARSE = "sparsegraph.sparse_linear"
 
 
-@pytest.fixture(autouse=True)
-def _shipped_cost_model(monkeypatch):
-    """Decisions from the shipped constants, not from a calibration cached on this machine."""
-    from sparsegraph.backends import cost_model
-
-    monkeypatch.setattr(cost_model, "load", lambda: cost_model.CostModel())
-
-
 def _count(graph_module, name):
     return sum(1 for n in graph_module.graph.nodes if name in str(n.target))
 

@@ -1,247 +1,572 @@
 """Cost model for lowering: predicted wall time of a layer dense and in each sparse format.
 
-Roofline-style, with constants measured on the machine (`calibrate`):
+Every prediction is one formula, a fixed cost per call plus the layer's useful multiply-adds
+(MACs) at a rate measured on this machine (`predict`):
 
-    dense linear    t = c_dense + max(4 n k / bw_dense,  2 M n k / flops_dense)
-    sparse linear   t = c_sparse + M 4 nnzb b^2 / bw_sparse (bw_csr for b < 16)   (M < cpu.SMALL_M: dot products)
-                    t = c_sparse + 2 (M + m0) nnzb b^2 / flops_sparse[b]            (otherwise: register tiles)
-                        (+ 8 M (n + k) / bw_copy for the transposes when b < cpu.TRANSPOSE_BELOW_BLOCK,
-                         and x (1 + 1.4 M / (M + 4096)) for the cache misses of that path)
-    dense conv      t = c_dense + 2 N L n k / flops_conv
-    sparse conv     t = c_sparse + 2 N L nnzb b^2 / flops_cols[b]            (direct kernel, copies included)
+    t = c + 2 MACs / F
 
-with M rows (tokens) for linear layers, N images and L output positions for convolutions, n x k
-the weight's matrix view and nnzb blocks of b x b stored. `path` is the kernel the CPU backend
-runs at that M (`cpu.linear`: dot products below `cpu.SMALL_M` rows, x^T lanes for b < 8, the
-register-tiled rows kernel otherwise). A format is chosen only if its predicted time is below
-`MARGIN` x the dense time, so noise in the constants errs towards dense.
+    dense linear    c_dense,   MACs = M n k,          F = flops_dense(M)       F.linear (MKL)
+    sparse linear   c_sparse,  MACs = M nnzb b^2,     F = flops_sparse(b, M)   sparsegraph::sparse_linear
+    dense conv      c_dense,   MACs = N L n k,        F = flops_conv           F.conv2d (oneDNN)
+    sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(b)        sparsegraph::sparse_conv2d
 
-The constants below were measured on the development machine (2-core AMD EPYC, AVX-512, PyTorch
-2.14 with MKL/oneDNN; `python -m sparsegraph.backends.cost_model --calibrate` re-measures them on
-yours and caches them, per thread count, in the sparsegraph cache folder, where `load()` finds them;
-from Python: `sparsegraph.backends.cost_model.calibrate()`).
+with M rows (tokens) of a linear layer, N images and L output positions of a convolution, n x k
+the weight's matrix view and nnzb stored blocks of b x b. The rates are measured on the public ops
+as a lowered model runs them, never on kernel internals, at rows M in `ROWS` and blocks b in
+`BLOCKS`. Between measured points a rate follows a power law (log F linear in log M and in log b);
+beyond them it is held at the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's, which
+errs towards dense, larger blocks running faster). Each table is capped so that predicted times
+never fall as M grows. A sparse format is chosen only if its predicted time is below `MARGIN` x
+the dense time, so noise in the rates errs towards dense.
 
-    >>> m = load()
+Calibration (CPU)
+-----------------
+`load()` returns the model lowering uses. The first time on a machine it calibrates (`calibrate`,
+a few seconds, announced by one line on stderr) and caches the result in `cpu.cache_dir()`, keyed
+by `machine_key()`: the CPU model, its feature flags, the thread count and the kernels' build (the
+native library's source, the op's Python path, the PyTorch version), so another CPU, another
+thread count or a changed kernel recalibrates. A corrupt or foreign cache file is named in a
+warning and replaced by a new calibration.
+
+How it measures: the fixed costs from the smallest possible call (a 16 x 16 weight, one row);
+the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
+3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
+at every M in `ROWS`, dense and each block size alternating in rounds so all see the same machine
+state; the convolution rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the
+minimum over its rounds (robust to other processes on the cores), a rate is the work over the
+time minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
+sparse rate, so that its errors lean towards dense (a small layer's GEMV runs from cache and is
+several times faster per FLOP than a large one's).
+
+`sparsegraph calibrate` reruns it and prints the constants; `sparsegraph calibrate --check` times
+dense against sparse on a grid of GPT-2 layers (`check`) and reports, wherever the model picks
+sparse, whether sparse was in fact faster. `SPARSEGRAPH_COST_MODEL` pins the model (`ENV`):
+`builtin` for the shipped constants (`CostModel()`, measured on a 2-core AMD EPYC with AVX-512 at
+2 threads), or the path of a JSON file (`sparsegraph calibrate -o FILE`, `CostModel.save`); unset
+or `auto` means the calibration above. The test suite pins `builtin`.
+
+    >>> m = load()                              # the tests pin SPARSEGRAPH_COST_MODEL=builtin
+    >>> m.source.startswith("builtin")
+    True
     >>> m.linear_dense(64, 3072, 768) > m.linear_sparse(64, 3072, 768, nnzb=230, block=32)
     True
+    >>> m.save("pinned.json")                   # what SPARSEGRAPH_COST_MODEL=pinned.json loads
+    >>> read("pinned.json") == m
+    True
+
+GPU (Triton)
+------------
+The GPU constants are **not measured on this machine** (it has no GPU). On CUDA tensors,
+target="auto" uses Triton BSR for the largest exact block of 16 or more when at most
+`GPU_MAX_STORED_BLOCKS` of the blocks are stored: a fixed threshold, not a calibration. To measure
+it on a GPU:
+
+1. For blocks b in (16, 32, 64), stored-block fractions in (0.05, 0.1, 0.25, 0.5, 0.75), rows M in
+   `ROWS` and the GPT-2 shapes 768 x 768 and 3072 x 768, build a balanced block mask and its
+   `SparseWeight` on the GPU; time `F.linear` (cuBLAS) against
+   `sparse_linear(..., impl="triton")` with CUDA events (`torch.cuda.Event(enable_timing=True)`,
+   synchronised), after a warm-up call that compiles and autotunes the Triton kernel, taking
+   the median of at least 20 calls.
+2. `GPU_MAX_STORED_BLOCKS` is the largest fraction at which Triton beats cuBLAS by `MARGIN` at every
+   b, M and shape; record it with the GPU model and the CUDA, PyTorch and Triton versions.
+3. A per-rate GPU model would fill the same tables (`flops_dense`, `flops_sparse`) from those
+   timings and `decide` would compare predictions as it does on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 import torch
 
+from ..graph import SparsegraphError
 from . import cpu
 
 MARGIN = 0.9  # sparse must be predicted at least 10% faster than dense
-CSR_ROWS_SLOWDOWN, CSR_ROWS_HALF = 1.4, 4096  # CSR's slowdown with many rows (see CostModel.linear_sparse)
+GPU_MAX_STORED_BLOCKS = 0.5  # CUDA: Triton when at most this fraction of blocks is stored; NOT measured (see above)
+ENV = "SPARSEGRAPH_COST_MODEL"  # builtin | auto (default) | path of a JSON model
+
+ROWS = (1, 8, 64, 512)  # M at which linear rates are measured (held at 512 rows beyond)
+BLOCKS = (1, 8, 16, 32)  # block sizes at which sparse rates are measured (1 = CSR)
+LINEAR_SHAPES = ((768, 768), (3072, 768))  # (n, k): GPT-2's attention projection (cached) and MLP expansion
+CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages, 3 x 3
+DENSITY = 0.1  # fraction of the weights stored in the calibration's sparse layers
+BUDGET_S = 4.0  # seconds of timing in a calibration (building the layers adds about a second)
+QUICK_BUDGET_S = 1.5
+
+
+class CostModelError(SparsegraphError):
+    """A cost model that cannot be used: a bad SPARSEGRAPH_COST_MODEL, an unreadable model file."""
+
+
+def _interp(table: dict, x: float) -> float:
+    """The rate of {str(x_i): y_i} at x: a power law between neighbouring x_i (log y linear in log x),
+    held beyond them. A power law keeps the predicted time M / F(M) rising with M between measured
+    points whenever it rises at them."""
+    keys = sorted(int(k) for k in table)
+    if x <= keys[0]:
+        return table[str(keys[0])]
+    if x >= keys[-1]:
+        return table[str(keys[-1])]
+    lo, hi = next((lo, hi) for lo, hi in zip(keys, keys[1:]) if lo <= x <= hi)
+    f = math.log(x / lo) / math.log(hi / lo)
+    return table[str(lo)] ** (1 - f) * table[str(hi)] ** f
+
+
+def predict(fixed: float, macs: float, rate: float) -> float:
+    """Seconds of one call: its fixed cost plus 2 FLOP per multiply-add at `rate` FLOP/s."""
+    return fixed + 2 * macs / rate
+
+
+def _rate(macs: float, seconds: float, fixed: float) -> float:
+    """`predict` solved for the rate. When the work is lost in the noise of the fixed cost, at least a
+    tenth of the call counts as work, so the rate stays finite."""
+    return 2 * macs / max(seconds - fixed, 0.1 * seconds)
+
+
+def _rising(table: dict) -> dict:
+    """Rates by rows M, capped so that the work time M / F(M) never falls as M grows (timing noise
+    can make a larger call look faster than a smaller one)."""
+    out, prev = {}, None
+    for M in sorted(table, key=int):
+        out[M] = table[M] if prev is None else min(table[M], out[prev] * int(M) / int(prev))
+        prev = M
+    return out
 
 
 @dataclass
 class CostModel:
-    c_dense: float = 1.5e-6  # s, fixed cost of a dense call
-    c_sparse: float = 21e-6  # s, fixed cost of a sparse_linear call (dispatch, checks, ctypes)
-    bw_dense: float = 5.8e10  # B/s, weight streaming of a dense GEMV
-    bw_sparse: float = 3.2e10  # B/s, value streaming of the sparse dot-product path (blocks)
-    bw_csr: float = 1.0e10  # B/s, the same for CSR (one gathered x element per value)
-    bw_copy: float = 1.4e10  # B/s, transposes
-    flops_dense: float = 1.75e11  # FLOP/s, dense GEMM (MKL)
-    flops_conv: float = 3.6e11  # FLOP/s-equivalent, dense 3x3 convolution (oneDNN, Winograd)
-    m0_sparse: float = 0.0  # rows: the tiled sparse kernel runs at rate F * M / (M + m0)
-    flops_sparse: dict = field(default_factory=lambda: {"1": 4.9e10, "8": 5.5e10, "16": 1.2e11, "32": 2.4e11,
-                                                        "64": 3.1e11})
-    flops_cols: dict = field(default_factory=lambda: {"1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11,
-                                                      "64": 1.3e11})
-    source: str = "defaults: 2 threads on the development machine (2-core AMD EPYC, AVX-512)"
+    """Fixed costs (s) and rates (FLOP/s); tables are keyed by str(M) or str(b) (JSON keys)."""
+    c_dense: float = 1.5e-6  # a dense call
+    c_sparse: float = 2.1e-5  # a sparse_linear call (dispatch, checks, native call)
+    flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
+    flops_sparse: dict = field(default_factory=lambda: {  # by block size, then M
+        "1": {"1": 5.0e9, "8": 4.0e10, "64": 3.9e10, "512": 3.5e10},
+        "8": {"1": 5.0e9, "8": 5.5e10, "64": 5.5e10, "512": 5.5e10},
+        "16": {"1": 1.6e10, "8": 1.2e11, "64": 1.2e11, "512": 1.2e11},
+        "32": {"1": 1.6e10, "8": 2.4e11, "64": 2.4e11, "512": 2.4e11}})
+    flops_conv: float = 3.6e11  # FLOP/s-equivalent of oneDNN's 3 x 3 convolution (Winograd)
+    flops_cols: dict = field(default_factory=lambda: {"1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11})
+    source: str = "builtin: measured on a 2-core AMD EPYC (AVX-512), 2 threads"
 
-    # -- lookups -------------------------------------------------------------------------------
-    @staticmethod
-    def _by_block(table: dict, block: int) -> float:
-        """Interpolate a per-block-size rate in log2(b) between measured sizes."""
-        keys = sorted(int(k) for k in table)
-        if block <= keys[0]:
-            return table[str(keys[0])] * (block / keys[0] if block < keys[0] else 1.0)
-        if block >= keys[-1]:
-            return table[str(keys[-1])]
-        lo, hi = next((lo, hi) for lo, hi in zip(keys, keys[1:]) if lo <= block <= hi)
-        f = (math.log2(block) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-        return table[str(lo)] * (1 - f) + table[str(hi)] * f
+    # -- rates ---------------------------------------------------------------------------------
+    def rate_dense(self, M: int) -> float:
+        return _interp(self.flops_dense, M)
+
+    def rate_sparse(self, M: int, block: int) -> float:
+        by_block = {b: _interp(table, M) for b, table in self.flops_sparse.items()}
+        return _interp(by_block, block)
 
     # -- predictions ---------------------------------------------------------------------------
     def linear_dense(self, M: int, n: int, k: int) -> float:
-        return self.c_dense + max(4 * n * k / self.bw_dense, 2 * M * n * k / self.flops_dense)
+        return predict(self.c_dense, M * n * k, self.rate_dense(M))
 
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
-        stored = nnzb * block * block
-        if M < cpu.SMALL_M:  # the shuffle-reduced dot path needs blocks of at least 16 (a vector of lanes)
-            return self.c_sparse + M * 4 * stored / (self.bw_sparse if block >= 16 else self.bw_csr)
-        t = self.c_sparse + 2 * (M + self.m0_sparse) * stored / self._by_block(self.flops_sparse, block)
-        if block < cpu.TRANSPOSE_BELOW_BLOCK:
-            t += 8 * M * (n + k) / self.bw_copy
-            # the x^T lanes path gathers from x rows that stop fitting in cache from a few thousand rows
-            # on: measured 1.3x / 1.7x / 2.2x / 2.3x slower than the rate above at 1k / 4k / 16k / 64k
-            # rows (bench/kernels.py, ResNet-18 im2col shapes)
-            t *= 1 + CSR_ROWS_SLOWDOWN * M / (M + CSR_ROWS_HALF)
-        return t
+        return predict(self.c_sparse, M * nnzb * block * block, self.rate_sparse(M, block))
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:
-        return self.c_dense + 2 * N * L * n * k / self.flops_conv
+        return predict(self.c_dense, N * L * n * k, self.flops_conv)
 
     def conv_sparse(self, N: int, L: int, n: int, k: int, nnzb: int, block: int) -> float:
-        return self.c_sparse + 2 * N * L * nnzb * block * block / self._by_block(self.flops_cols, block)
+        return predict(self.c_sparse, N * L * nnzb * block * block, _interp(self.flops_cols, block))
 
+    # -- files ---------------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
+    def save(self, path: str) -> None:
+        """Write the model as JSON (atomically), for `read` and SPARSEGRAPH_COST_MODEL=path."""
+        _write_json(path, asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> "CostModel":
+        """A model from its JSON form; CostModelError naming `where` and the first bad entry."""
+        if not isinstance(data, dict):
+            raise CostModelError(f"{where}: expected a JSON object of cost model constants")
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            missing, extra = sorted(names - set(data)), sorted(set(data) - names)
+            problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown {', '.join(extra)}"] if extra else [])
+            raise CostModelError(f"{where}: " + "; ".join(problems))
+        for name in ("c_dense", "c_sparse"):
+            _check_number(data[name], f"{where}: {name}", positive=False)
+        _check_number(data["flops_conv"], f"{where}: flops_conv")
+        for name in ("flops_dense", "flops_cols"):
+            _check_table(data[name], f"{where}: {name}")
+        _check_table(data["flops_sparse"], f"{where}: flops_sparse", nested=True)
+        if not isinstance(data["source"], str):
+            raise CostModelError(f"{where}: source must be a string")
+        return cls(**data)
+
+
+def _check_number(v: object, what: str, positive: bool = True) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise CostModelError(f"{what} must be a finite {'positive' if positive else 'non-negative'} number, got {v!r}")
+
+
+def _check_table(t: object, what: str, nested: bool = False) -> None:
+    if not isinstance(t, dict) or not t:
+        raise CostModelError(f"{what} must be a non-empty object keyed by sizes")
+    for key, v in t.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) > 0):
+            raise CostModelError(f"{what}: key {key!r} is not a positive integer")
+        if nested:
+            _check_table(v, f"{what}[{key}]")
+        else:
+            _check_number(v, f"{what}[{key}]")
+
+
+def read(path: str) -> CostModel:
+    """The model in a JSON file written by `CostModel.save`, `sparsegraph calibrate -o` or the cache."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise CostModelError(f"cannot read cost model {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CostModelError(f"{path} is not JSON ({e})") from None
+    if isinstance(data, dict) and "model" in data and "key" in data:  # a cache file
+        data = data["model"]
+    return CostModel.from_dict(data, path)
+
+
+def _write_json(path: str, data: dict) -> None:
+    from ..fsutil import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    atomic_write(path, write)
+
 
 # ---------------------------------------------------------------------------------------------
-# calibration
+# the machine and the cache
 # ---------------------------------------------------------------------------------------------
-def _path(threads: int | None = None) -> str:
-    return os.path.join(cpu.cache_dir(), f"cost_model-t{threads or torch.get_num_threads()}.json")
+def _cpuinfo(*fields_: str) -> dict[str, str]:
+    """The first value of each named /proc/cpuinfo field (x86 and Arm names), empty if unavailable."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in fields_ and name.strip() not in out:
+                    out[name.strip()] = value.strip()
+    except OSError:
+        pass
+    return out
 
 
-_cached: dict[int, CostModel] = {}
+def cpu_name() -> str:
+    """The CPU's model name, e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8488C'."""
+    info = _cpuinfo("model name", "CPU part")
+    return info.get("model name") or (f"Arm part {info['CPU part']}" if "CPU part" in info else "") or \
+        platform.processor() or platform.machine()
+
+
+def _sha(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def kernel_key() -> str:
+    """What the measured speed of the ops depends on besides the CPU: the native library's source,
+    the Python entry points (cpu.py, sparse_linear.py), PyTorch's version and whether the native
+    kernels are available here (otherwise the op runs PyTorch's sparse kernels)."""
+    from . import sparse_linear
+    from .cpu_source import source
+
+    parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback"]
+    for module in (cpu, sparse_linear):
+        with open(module.__file__, "rb") as f:
+            parts.append(f.read())
+    return _sha(b"\0".join(parts))
+
+
+def machine_key(threads: int | None = None) -> dict:
+    """The cache key of a calibration: CPU model, a hash of its feature flags, threads, kernel build."""
+    flags = _cpuinfo("flags", "Features")
+    return {"cpu": cpu_name(), "arch": platform.machine(), "flags": _sha(" ".join(flags.values())),
+            "threads": threads or torch.get_num_threads(), "kernels": kernel_key()}
+
+
+def cache_path(key: dict) -> str:
+    return os.path.join(cpu.cache_dir(), f"cost_model-t{key['threads']}-{_sha(json.dumps(key, sort_keys=True))}.json")
+
+
+def _read_cache(path: str, key: dict) -> CostModel:
+    """The cached model at `path`; FileNotFoundError if there is none, CostModelError if it is unusable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CostModelError(f"cost model cache {path} is unreadable ({e})") from None
+    if not isinstance(data, dict) or "key" not in data or "model" not in data:
+        raise CostModelError(f"cost model cache {path} is not a cache file (no key and model)")
+    if data["key"] != key:
+        stored = data["key"] if isinstance(data["key"], dict) else {}
+        differ = sorted(k for k in set(key) | set(stored) if stored.get(k) != key.get(k))
+        raise CostModelError(f"cost model cache {path} was measured for another machine or build "
+                             f"({', '.join(differ)} differ)")
+    return CostModel.from_dict(data["model"], path)
+
+
+_loaded: dict[tuple[str, int], CostModel] = {}  # (SPARSEGRAPH_COST_MODEL, threads) -> model
 
 
 def load() -> CostModel:
-    """The model calibrated on this machine for the current thread count (`calibrate`), else the defaults."""
-    threads = torch.get_num_threads()
-    if threads not in _cached:
-        model = CostModel()
-        try:
-            with open(_path(threads)) as f:
-                model = CostModel(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            pass
-        _cached[threads] = model
-    return _cached[threads]
+    """The model for this process's thread count: as SPARSEGRAPH_COST_MODEL pins it, else cached for
+    this machine, else calibrated now (a few seconds, once per machine, thread count and kernel build)."""
+    setting = os.environ.get(ENV, "").strip() or "auto"
+    memo = (setting, torch.get_num_threads())
+    if memo not in _loaded:
+        if setting == "builtin":
+            _loaded[memo] = CostModel()
+        elif setting == "auto":
+            _loaded[memo] = _cached_or_calibrated()
+        elif os.path.isfile(setting):
+            _loaded[memo] = read(setting)
+        else:
+            raise CostModelError(f"{ENV}={setting!r}: no such file; use 'builtin', 'auto' or the path of a JSON "
+                                 "model written by `sparsegraph calibrate -o FILE`")
+    return _loaded[memo]
 
 
-def _best(fn, repeat: int, rounds: int = 3) -> float:
-    """Minimum wall time of fn() over `rounds` x `repeat` runs, the rounds a few milliseconds apart
-    (the minimum is robust to other processes competing for the cores)."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        for _ in range(repeat):
+def _cached_or_calibrated() -> CostModel:
+    key = machine_key()
+    path = cache_path(key)
+    try:
+        return _read_cache(path, key)
+    except FileNotFoundError:
+        pass
+    except CostModelError as e:
+        warnings.warn(f"{e}; recalibrating", RuntimeWarning, stacklevel=3)
+    print(f"sparsegraph: calibrating the lowering cost model for this machine ({key['cpu']}, {key['threads']} "
+          f"threads; once, a few seconds) ...", end="", file=sys.stderr, flush=True)
+    start, busy_before = time.perf_counter(), busy()
+    model = calibrate(save=False)
+    try:
+        save_cache(model, key)
+        where = f"cached in {path}"
+    except SparsegraphError as e:  # an unwritable cache folder: use it for this process only
+        where = f"not cached ({e})"
+    note = f"; {busy_before}: rerun `sparsegraph calibrate` when it is idle" if busy_before else ""
+    print(f" done in {time.perf_counter() - start:.1f} s, {where}{note}", file=sys.stderr, flush=True)
+    return model
+
+
+def save_cache(model: CostModel, key: dict | None = None) -> str:
+    """Write `model` as this machine's calibration (`cache_path`); returns the path."""
+    key = key or machine_key()
+    path = cache_path(key)
+    _write_json(path, {"key": key, "model": asdict(model)})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+def _timed(fns: dict, seconds: float, stat: Callable[[list[float]], float], min_rounds: int = 1) -> dict:
+    """stat(wall times) of each callable over rounds that alternate them (one warm-up call each
+    first), until `seconds` have passed and at least `min_rounds` rounds ran."""
+    for f in fns.values():
+        f()
+    times: dict = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or (time.perf_counter() - start < seconds and rounds < 10000):
+        for name, f in fns.items():
             t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        time.sleep(0.005)
-    return best
+            f()
+            times[name].append(time.perf_counter() - t)
+        rounds += 1
+    return {name: stat(v) for name, v in times.items()}
 
 
-def _sparse_weight(n: int, k: int, b: int, density: float, gen: torch.Generator):
-    """A SparseWeight: uniform for b = 1, balanced b x b blocks otherwise."""
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def _block_mask(n: int, k: int, block: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Which blocks of an (n, k) weight are stored: `density` of them, uniformly for block 1,
+    balanced otherwise (the same number in every block-row)."""
+    R, C = -(-n // block), -(-k // block)
+    if block == 1:
+        return torch.rand(R, C, generator=gen) < density
+    keep = torch.rand(R, C, generator=gen).argsort(dim=1)[:, :max(1, round(density * C))]
+    return torch.zeros(R, C, dtype=torch.bool).scatter_(1, keep, True)
+
+
+def sparse_weight(n: int, k: int, block: int, density: float, gen: torch.Generator):
+    """A random SparseWeight (n, k) of b x b blocks, `density` of them stored (`_block_mask`), built
+    from its layout directly (no dense weight)."""
+    from .sparse_linear import SparseWeight, layout_tensors
+
+    layout = layout_tensors(_block_mask(n, k, block, density, gen))
+    return SparseWeight(torch.randn(layout[1].shape[0], block, block, generator=gen), *layout, n, k, block)
+
+
+def _mask(n: int, k: int, block: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """The (n, k) element mask of `_block_mask`."""
+    bm = _block_mask(n, k, block, density, gen)
+    return bm.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+
+
+def _weight_of(mask: torch.Tensor, block: int, gen: torch.Generator):
     from .sparse_linear import SparseWeight
 
-    if b == 1:
-        mask = torch.rand(n, k, generator=gen) < density
-    else:
-        R, C = -(-n // b), -(-k // b)
-        per_row = max(1, round(density * C))
-        bm = torch.zeros(R, C, dtype=torch.bool)
-        for r in range(R):
-            bm[r, torch.randperm(C, generator=gen)[:per_row]] = True
-        mask = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
-    return SparseWeight.from_dense(torch.randn(n, k, generator=gen) * mask, b, mask=mask)
+    return SparseWeight.from_dense(torch.randn(mask.shape, generator=gen) * mask, block, mask=mask)
 
 
-LINEAR_SHAPES = ((3072, 768), (768, 3072))  # GPT-2 MLP projections
-CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages
+def busy() -> str | None:
+    """Why timings taken now would be unreliable (other processes keep the cores busy), or None."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"the machine is busy (load average {load:.1f} on {cores} cores)" if load >= cores else None
 
 
-def calibrate(save: bool = True, repeat: int = 20, verbose: bool = True) -> CostModel:
-    """Measure the constants on this machine (a minute or two) and cache them (`save`).
+def calibrate(budget_s: float | None = None, save: bool = True, log: Callable[[str], object] | None = None
+              ) -> CostModel:
+    """Measure the constants on this machine at PyTorch's thread count (see the module docstring),
+    spending about `budget_s` seconds timing (default `BUDGET_S`); `save` caches them for `load()`;
+    `log` gets one line per measured group."""
+    from torch.utils._python_dispatch import _disable_current_modes
 
-    Every rate is the best of several rounds (robust to other processes on the machine). Rates are
-    measured on two shapes each; the model keeps the faster dense and the slower sparse rate, so
-    its errors lean towards keeping layers dense.
-    """
+    budget_s = BUDGET_S if budget_s is None else budget_s
+    log = log or (lambda line: None)
+    threads = torch.get_num_threads()
+    # real tensors and no autograd, even when called from a compiler backend
+    with _disable_current_modes(), torch.no_grad():
+        model = _measure(budget_s, log)
+    model.source = (f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {cpu_name()}, {threads} threads"
+                    f"{'' if cpu.available() else ' (PyTorch fallback kernels)'}")
+    if save:
+        save_cache(model)
+    _loaded[("auto", threads)] = model
+    return model
+
+
+def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
-    m = CostModel(source=f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, "
-                         f"{torch.get_num_threads()} threads")
-    log = print if verbose else (lambda *a: None)
-    tiny_w, tiny_x = torch.randn(16, 16), torch.randn(1, 16)
-    m.c_dense = _best(lambda: F.linear(tiny_x, tiny_w), repeat * 5)
-    tiny_sw = _sparse_weight(16, 16, 16, 1.0, gen)
-    m.c_sparse = _best(lambda: tiny_sw.apply(tiny_x), repeat * 5)
-    bw_dense, flops_dense, bw_sparse, bw_csr = [], [], [], []
+    slots = 1 + len(LINEAR_SHAPES) * len(ROWS) + len(CONV_SHAPES)  # timed groups, an equal share of time each
+    share = budget_s / slots
+    tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
+    tiny_sw = sparse_weight(16, 16, 16, 1.0, gen)
+    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share, min)
+    m = CostModel(c_dense=fixed["dense"], c_sparse=fixed["sparse"], flops_sparse={}, flops_cols={})
+    log(f"fixed cost per call: dense {m.c_dense * 1e6:.1f} us, sparse {m.c_sparse * 1e6:.1f} us")
+
+    dense: dict = {str(M): [] for M in ROWS}
+    sparse: dict = {str(b): {str(M): [] for M in ROWS} for b in BLOCKS}
     for n, k in LINEAR_SHAPES:
         w = torch.randn(n, k, generator=gen)
-        x1, x256 = torch.randn(1, k, generator=gen), torch.randn(256, k, generator=gen)
-        bw_dense.append(4 * n * k / max(1e-9, _best(lambda: F.linear(x1, w), repeat) - m.c_dense))
-        flops_dense.append(2 * 256 * n * k / _best(lambda: F.linear(x256, w), repeat))
-        sw = _sparse_weight(n, k, 32, 0.1, gen)
-        bw_sparse.append(4 * sw.nnzb * 1024 / max(1e-9, _best(lambda: sw.apply(x1), repeat) - m.c_sparse))
-        csr = _sparse_weight(n, k, 1, 0.1, gen)
-        bw_csr.append(4 * csr.nnzb / max(1e-9, _best(lambda: csr.apply(x1), repeat) - m.c_sparse))
-    m.bw_dense, m.flops_dense, m.bw_sparse, m.bw_csr = max(bw_dense), max(flops_dense), min(bw_sparse), min(bw_csr)
-    xt = torch.randn(8192, 768, generator=gen)  # a transpose larger than the caches
-    m.bw_copy = 8 * 8192 * 768 / _best(lambda: xt.t().contiguous(), max(3, repeat // 4))
-    log(f"dense: call {m.c_dense * 1e6:.1f} us, GEMV {m.bw_dense / 1e9:.1f} GB/s, GEMM {m.flops_dense / 1e9:.0f} "
-        f"GFLOP/s; sparse: call {m.c_sparse * 1e6:.1f} us, dot path {m.bw_sparse / 1e9:.1f} GB/s (CSR "
-        f"{m.bw_csr / 1e9:.1f})")
-    # the tiled kernel's rate per block size, and the rows at which it reaches half of it
-    n, k = LINEAR_SHAPES[0]
-    sw = _sparse_weight(n, k, 32, 0.1, gen)
-    x16, x256 = torch.randn(16, k, generator=gen), torch.randn(256, k, generator=gen)
-    t16, t256 = (_best(lambda x=x: sw.apply(x), repeat) - m.c_sparse for x in (x16, x256))
-    m.m0_sparse = max(0.0, min(64.0, (16 * t256 - 256 * t16) / max(1e-12, t16 - t256)))  # t = a (M + m0)
-    log(f"sparse linear reaches half its rate at {m.m0_sparse:.1f} rows")
-    for b in (1, 8, 16, 32, 64):
-        rates = []
-        rows = 2048 if b < 8 else 256  # the transposed (CSR) path degrades with many rows: measure it there
-        for n, k in LINEAR_SHAPES:
-            swb = _sparse_weight(n, k, b, 0.1, gen)
-            x = torch.randn(rows, k, generator=gen)
-            t = _best(lambda: swb.apply(x), repeat) - m.c_sparse
-            if b < 8:
-                t -= 8 * rows * (n + k) / m.bw_copy
-            rates.append(2 * (rows + m.m0_sparse) * swb.nnzb * b * b / max(1e-9, t))
-        m.flops_sparse[str(b)] = min(rates)
-        log(f"sparse linear b={b}: {m.flops_sparse[str(b)] / 1e9:.0f} GFLOP/s")
-    conv_dense = []
-    conv_sparse = {str(b): [] for b in (1, 8, 16, 32, 64)}
+        sws = {b: sparse_weight(n, k, b, DENSITY, gen) for b in BLOCKS}
+        for M in ROWS:
+            x = torch.randn(M, k, generator=gen)
+            fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
+            t = _timed(fns, share, min)
+            dense[str(M)].append(_rate(M * n * k, t["dense"], m.c_dense))
+            for b, sw in sws.items():
+                sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], m.c_sparse))
+            log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s, sparse " +
+                ", ".join(f"b={b} {sparse[str(b)][str(M)][-1] / 1e9:.1f}" for b in BLOCKS))
+    m.flops_dense = _rising({M: max(r) for M, r in dense.items()})
+    m.flops_sparse = {b: _rising({M: min(r) for M, r in t.items()}) for b, t in sparse.items()}
+
+    conv_dense, conv_sparse = [], {b: [] for b in BLOCKS}
     for N, C, H in CONV_SHAPES:
         xc, wc = torch.randn(N, C, H, H, generator=gen), torch.randn(C, C, 3, 3, generator=gen)
-        conv_dense.append(2 * N * H * H * C * C * 9 / _best(lambda: F.conv2d(xc, wc, padding=1), repeat))
-        for b in (1, 8, 16, 32, 64):
-            swc = _sparse_weight(C, C * 9, b, 0.1, gen)
-            t = _best(lambda: swc.conv2d(xc, None, (3, 3), 1, 1, 1), repeat) - m.c_sparse
-            conv_sparse[str(b)].append(2 * N * H * H * swc.nnzb * b * b / max(1e-9, t))
+        swc = {b: sparse_weight(C, C * 9, b, DENSITY, gen) for b in BLOCKS}
+        fns = {"dense": lambda: F.conv2d(xc, wc, padding=1)}
+        fns |= {b: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for b, sw in swc.items()}
+        t = _timed(fns, share, min)
+        conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], m.c_dense))
+        for b, sw in swc.items():
+            conv_sparse[b].append(_rate(N * H * H * sw.nnzb * b * b, t[b], m.c_sparse))
     m.flops_conv = max(conv_dense)
-    m.flops_cols = {b: min(r) for b, r in conv_sparse.items()}
-    log(f"dense conv: {m.flops_conv / 1e9:.0f} GFLOP/s; sparse conv: " +
-        ", ".join(f"b={b} {r / 1e9:.0f}" for b, r in m.flops_cols.items()) + " GFLOP/s")
-    if save:
-        from ..fsutil import atomic_write
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(m.to_json())
-
-        atomic_write(_path(), write)
-        log(f"wrote {_path()}")
-    _cached[torch.get_num_threads()] = m
+    m.flops_cols = {str(b): min(r) for b, r in conv_sparse.items()}
+    log(f"conv 3x3: dense {m.flops_conv / 1e9:.1f} GFLOP/s, sparse " +
+        ", ".join(f"b={b} {r / 1e9:.1f}" for b, r in m.flops_cols.items()))
     return m
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="sparsegraph lowering cost model")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine and cache the constants")
-    p.add_argument("--repeat", type=int, default=20)
-    args = p.parse_args()
-    print((calibrate(repeat=args.repeat) if args.calibrate else load()).to_json())
+# ---------------------------------------------------------------------------------------------
+# checking the model's promise: never slower than dense where it picks sparse
+# ---------------------------------------------------------------------------------------------
+CHECK_SHAPES = ((768, 768), (3072, 768))  # GPT-2: attention projection, MLP expansion
+CHECK_ROWS = (1, 8, 64, 512)
+CHECK_BLOCKS = (1, 16, 32)  # the masks' block structure (1: uniform)
+CHECK_SPARSITIES = (0.75, 0.9)
+
+
+def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[str], object] | None = None
+          ) -> list[dict]:
+    """Time dense (F.linear) against the op on a grid of GPT-2 layers (`CHECK_*`), in the format
+    `decide` picks for each (for a layer it keeps dense: the mask's own block format), medians of
+    interleaved rounds over about `seconds` each. One row per configuration: `picked` says whether
+    the model lowers it, `ok` whether it was right to (sparse faster, or dense kept)."""
+    model = model or load()
+    log = log or (lambda line: None)
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    with torch.no_grad():
+        for n, k in CHECK_SHAPES:
+            w = torch.randn(n, k, generator=gen)
+            for s in CHECK_SPARSITIES:
+                for mb in CHECK_BLOCKS:
+                    mask, weights = _mask(n, k, mb, 1 - s, gen), {}
+                    for M in CHECK_ROWS:
+                        rows.append(_check_one(model, w, mask, mb, M, weights, seconds, gen) | {"sparsity": s})
+                        r = rows[-1]
+                        log(f"{r['layer']} M={M} s={s} mask b={mb}: {r['choice']}, predicted {r['predicted_x']}x, "
+                            f"measured {r['measured_x']}x")
+    return rows
+
+
+def _check_one(model: CostModel, w: torch.Tensor, mask: torch.Tensor, mask_block: int, M: int, weights: dict,
+               seconds: float, gen: torch.Generator) -> dict:
+    """One configuration of `check`; `weights` caches the SparseWeight of `mask` per block size."""
+    import torch.nn.functional as F
+    from ..passes.lower import decide
+
+    (n, k), cpu_ = w.shape, torch.device("cpu")
+    choice = decide("check", "linear", "linear", mask, (M, 1), "cpu", cpu_, model)
+    picked = choice.format != "dense"
+    b = choice.block if picked else mask_block
+    sw = weights.setdefault(b, _weight_of(mask, b, gen))
+    x = torch.randn(M, k, generator=gen)
+    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds, _median, min_rounds=3)
+    measured = t["dense"] / t["sparse"]
+    return {"layer": f"{n}x{k}", "batch": M, "mask_block": mask_block,
+            "choice": choice.format + (f" b={b}" if choice.format == "bsr" else ""), "picked": picked,
+            "predicted_x": round(model.linear_dense(M, n, k) / model.linear_sparse(M, n, k, sw.nnzb, b), 2),
+            "measured_x": round(measured, 2), "dense_us": round(t["dense"] * 1e6, 1),
+            "sparse_us": round(t["sparse"] * 1e6, 1), "ok": measured >= 1 or not picked}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sparsegraph.backends.cost_model`: print the model `load()` gives as JSON;
+    `--calibrate [options]` is `sparsegraph calibrate [options]`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--calibrate" in argv:
+        from ..cli import main as cli_main
+        return cli_main(["calibrate", *(a for a in argv if a != "--calibrate")])
+    argparse.ArgumentParser(description="print the lowering cost model as JSON (--calibrate: remeasure it; "
+                                        "see `sparsegraph calibrate --help`)").parse_args(argv)
+    print(load().to_json())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

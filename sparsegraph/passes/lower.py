@@ -4,9 +4,9 @@ The pass finds `linear/addmm/mm/matmul/conv2d(x, weight * mask, ...)` (`products
 mask's values, and per layer picks dense, CSR (block 1), BSR(b) (b in `BLOCKS`, used only where the
 mask is exactly b x b-block structured, so training the values keeps the pattern) or Triton:
 
-  target="auto"    CPU tensors: the cost model (`backends/cost_model.py`) over dense, CSR and BSR(b);
-                   CUDA tensors: Triton BSR for the largest exact block >= 16 if at most half the
-                   blocks are stored
+  target="auto"    CPU tensors: the cost model (`backends/cost_model.py`, measured on this machine)
+                   over dense, CSR and BSR(b); CUDA tensors: Triton BSR for the largest exact block
+                   >= 16 if at most `cost_model.GPU_MAX_STORED_BLOCKS` (half) of the blocks are stored
   target="cpu"     the CPU kernels, chosen by the cost model
   target="triton"  Triton kernels for every layer with an exact block structure b >= 16 (on CPU
                    tensors this needs TRITON_INTERPRET=1, for testing)
@@ -173,7 +173,7 @@ def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int,
         for b in TRITON_BLOCKS:
             if b in exact:
                 stored = float(exact[b].float().mean())
-                if target == "triton" or stored <= 0.5:
+                if target == "triton" or stored <= cm.GPU_MAX_STORED_BLOCKS:
                     return LayerChoice(**base, format="triton", block=b, balanced=_balanced(exact[b]),
                                        reason=f"{'target=triton' if target == 'triton' else 'CUDA'}: BSR b={b}, "
                                               f"{stored:.3f} of the blocks stored")

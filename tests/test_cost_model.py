@@ -1,0 +1,212 @@
+"""The lowering cost model: calibration on first use, its per-machine cache, pinning, `sparsegraph calibrate`.
+
+Calibrations here run on tiny layers with a tiny budget (the mechanics, not the numbers); no test
+asserts on time.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from sparsegraph.backends import cost_model as cm
+from sparsegraph.backends import cpu
+from sparsegraph.cli import main
+from sparsegraph.passes.lower import decide
+
+
+@pytest.fixture
+def calibrations(monkeypatch, tmp_path):
+    """A fresh cache folder, SPARSEGRAPH_COST_MODEL unset, tiny calibration layers, and a count of the
+    calibrations run (the list of models they returned)."""
+    cpu.library()  # built (or found) in the usual cache before the cache folder moves
+    monkeypatch.setenv("SPARSEGRAPH_CACHE", str(tmp_path))
+    monkeypatch.delenv(cm.ENV, raising=False)
+    monkeypatch.setattr(cm, "_loaded", {})
+    monkeypatch.setattr(cm, "LINEAR_SHAPES", ((96, 64),))
+    monkeypatch.setattr(cm, "CONV_SHAPES", ((1, 16, 6),))
+    monkeypatch.setattr(cm, "BUDGET_S", 0.1)
+    monkeypatch.setattr(cm, "QUICK_BUDGET_S", 0.05)
+    monkeypatch.setattr(cm, "CHECK_SHAPES", ((64, 64),))
+    monkeypatch.setattr(cm, "CHECK_ROWS", (1, 64))
+    runs = []
+    calibrate = cm.calibrate
+
+    def counted(*args, **kwargs):
+        runs.append(calibrate(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(cm, "calibrate", counted)
+    return runs
+
+
+def _cache_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith("cost_model-") and f.endswith(".json"))
+
+
+def _rates(m):
+    return [*m.flops_dense.values(), *(r for t in m.flops_sparse.values() for r in t.values()), m.flops_conv,
+            *m.flops_cols.values()]
+
+
+def test_first_load_calibrates_and_caches_per_cpu(calibrations, tmp_path, capsys):
+    m = cm.load()
+    assert len(calibrations) == 1 and cm.load() is m
+    assert all(math.isfinite(r) and r > 0 for r in _rates(m)) and m.c_sparse > 0 and m.c_dense > 0
+    assert set(m.flops_dense) == {str(M) for M in cm.ROWS} and set(m.flops_sparse) == {str(b) for b in cm.BLOCKS}
+    t = [m.linear_sparse(M, 3072, 768, 230, 32) for M in range(1, 600)]
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(t, t[1:]))  # more rows never predicted faster
+    assert cm.cpu_name() in m.source
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibrating the lowering cost model" in err[0] and "cached in" in err[0], err
+    [name] = _cache_files(tmp_path)
+    assert name.startswith(f"cost_model-t{torch.get_num_threads()}-")
+    data = json.loads((tmp_path / name).read_text())
+    assert data["key"] == cm.machine_key() and data["key"]["cpu"] == cm.cpu_name()
+    assert cm.CostModel.from_dict(data["model"], name) == m
+    cm._loaded.clear()  # a new process: the cache is read, nothing is measured
+    assert cm.load() == m and len(calibrations) == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("change", ["cpu_name", "kernel_key"])
+def test_another_cpu_or_kernel_build_misses_the_cache(calibrations, tmp_path, monkeypatch, change):
+    first = cm.load()
+    monkeypatch.setattr(cm, change, lambda: "something else")
+    cm._loaded.clear()
+    second = cm.load()
+    assert len(calibrations) == 2 and second is not first
+    assert len(_cache_files(tmp_path)) == 2  # both kept: a shared cache folder serves several machines
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "unreadable"),
+    ('{"model": {}}', "not a cache file"),
+    ("FOREIGN", "another machine or build (cpu differ)"),
+    ("NEGATIVE", "flops_conv must be a finite positive number"),
+])
+def test_corrupt_or_foreign_cache_warns_and_recalibrates(calibrations, content, reason):
+    key = cm.machine_key()
+    path = cm.cache_path(key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if content == "FOREIGN":
+        content = json.dumps({"key": {**key, "cpu": "Other CPU"}, "model": json.loads(cm.CostModel().to_json())})
+    elif content == "NEGATIVE":
+        content = json.dumps({"key": key, "model": {**json.loads(cm.CostModel().to_json()), "flops_conv": -1.0}})
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.warns(RuntimeWarning, match="recalibrating") as w:
+        m = cm.load()
+    assert reason in str(w[0].message) and path in str(w[0].message)
+    assert len(calibrations) == 1
+    assert cm._read_cache(path, key) == m  # replaced by the new calibration
+
+
+def test_environment_pins_the_model(calibrations, tmp_path, monkeypatch):
+    monkeypatch.setenv(cm.ENV, "builtin")
+    assert cm.load() == cm.CostModel()
+    mine = cm.CostModel(c_sparse=1e-3, source="mine")
+    mine.save(str(tmp_path / "mine.json"))
+    monkeypatch.setenv(cm.ENV, str(tmp_path / "mine.json"))
+    assert cm.load() == mine
+    cache = cm.save_cache(mine)  # a cache file pins too (copied from another machine, say)
+    monkeypatch.setenv(cm.ENV, cache)
+    assert cm.load() == mine
+    assert calibrations == []
+    monkeypatch.setenv(cm.ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(cm.CostModelError, match="SPARSEGRAPH_COST_MODEL=.*missing.json.*no such file"):
+        cm.load()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("c_sparse"), "missing c_sparse"),
+    (lambda d: d.update(bw_copy=1.0), "unknown bw_copy"),
+    (lambda d: d["flops_sparse"]["32"].update({"x": 1.0}), "flops_sparse[32]: key 'x' is not a positive integer"),
+    (lambda d: d["flops_dense"].update({"8": "fast"}), "flops_dense[8] must be a finite positive number"),
+    (lambda d: d.update(c_dense=float("nan")), "c_dense must be a finite non-negative number"),
+])
+def test_bad_model_file_names_the_entry(tmp_path, monkeypatch, edit, message):
+    data = json.loads(cm.CostModel().to_json())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(cm, "_loaded", {})
+    monkeypatch.setenv(cm.ENV, str(path))
+    with pytest.raises(cm.CostModelError) as e:
+        cm.load()
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_rates_interpolate_in_log_rows_and_log_block():
+    m = cm.CostModel(flops_dense={"1": 1.0, "16": 5.0},
+                     flops_sparse={"1": {"1": 1.0, "16": 3.0}, "16": {"1": 5.0, "16": 7.0}})
+    assert m.rate_dense(4) == pytest.approx(5 ** 0.5)  # a power law: halfway in log M, halfway in log F
+    assert m.rate_dense(1000) == 5.0 and m.rate_dense(1) == 1.0  # held beyond the measured rows
+    assert m.rate_sparse(4, 4) == pytest.approx((1 * 3 * 5 * 7) ** 0.25)  # halfway in both
+    assert m.rate_sparse(16, 64) == 7.0  # larger blocks than measured: the largest measured block's rate
+
+
+def test_decisions_follow_the_model():
+    bm = torch.zeros(24, 24, dtype=torch.bool)
+    bm[:, :3] = True
+    mask = bm.repeat_interleave(32, 0).repeat_interleave(32, 1)  # 768 x 768, 1/8 of the blocks stored
+    args = ("w", "op", "linear", mask, (64, 1), "auto", torch.device("cpu"))
+    base = cm.CostModel()
+    slow = cm.CostModel(flops_sparse={b: {M: r / 100 for M, r in t.items()} for b, t in base.flops_sparse.items()})
+    fast = cm.CostModel(flops_dense={M: r / 100 for M, r in base.flops_dense.items()})
+    assert decide(*args, model=slow).format == "dense"
+    choice = decide(*args, model=fast)
+    assert (choice.format, choice.block) == ("bsr", 32)
+    assert choice.predicted_speedup == pytest.approx(fast.linear_dense(64, 768, 768) /
+                                                     fast.linear_sparse(64, 768, 768, 72, 32), rel=1e-2)
+
+
+def test_cli_calibrate_caches_and_prints(calibrations, tmp_path, capsys):
+    before = torch.get_num_threads()
+    assert main(["calibrate", "--quick", "--threads", "1", "-o", str(tmp_path / "pinned.json")]) == 0
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == before
+    assert "linear rates" in out and "fp32 FMA peak" in out and "dense GEMM at 512 rows" in out
+    [name] = _cache_files(tmp_path)
+    assert name.startswith("cost_model-t1-") and f"cached in {tmp_path / name}" in out.replace("\n", "")
+    assert cm.read(str(tmp_path / "pinned.json")) == calibrations[0]
+
+
+def test_cli_calibrate_check_json(calibrations, capsys):
+    assert main(["calibrate", "--quick", "--check", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert cm.CostModel.from_dict(data["model"], "out") == calibrations[0] and os.path.isfile(data["cache"])
+    rows = data["check"]
+    assert len(rows) == len(cm.CHECK_SHAPES) * len(cm.CHECK_ROWS) * len(cm.CHECK_BLOCKS) * len(cm.CHECK_SPARSITIES)
+    for r in rows:
+        assert r["picked"] == (r["choice"] != "dense") and r["ok"] == (r["measured_x"] >= 1 or not r["picked"])
+
+
+def test_cli_check_only_uses_the_pinned_model(calibrations, monkeypatch, capsys):
+    monkeypatch.setenv(cm.ENV, "builtin")
+    assert main(["calibrate", "--check-only", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert calibrations == [] and cm.CostModel().source in out and "the model picks sparse in" in out
+
+
+def test_module_entry_routes_to_the_command(calibrations, capsys):
+    assert cm.main(["--calibrate", "--quick", "--json"]) == 0
+    assert len(calibrations) == 1 and json.loads(capsys.readouterr().out)["model"]["source"].startswith("calibrated")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--check", "--check-only"], "not both"),
+    (["--check-only", "-o", "m.json"], "--check-only does not calibrate"),
+])
+def test_cli_calibrate_bad_options(calibrations, capsys, args, message):
+    assert main(["calibrate", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsegraph calibrate: error: ") and message in err[0], err
+    assert calibrations == []
+
+
+def test_cli_calibrate_unparsable_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--threads", "two"])
+    assert e.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
