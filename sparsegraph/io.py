@@ -225,7 +225,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = None,
          with_extra: bool = False) -> nn.Module:
     """Load a model written by `save`: the dense original is rebuilt from its recipe (or `model`,
-    a freshly constructed dense model of your own class), the plan re-applied, the tensors loaded.
+    a freshly constructed dense model of your own class), the plan re-applied (a model saved lowered
+    is lowered again with its recorded choices and stored layouts), the tensors loaded.
     `.plan` and `.example_inputs` are restored (and `.extra` with `with_extra=True`)."""
     from .sparsify import sparsify
 
@@ -241,6 +242,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     if plan.supar.get("parameterization"):  # the forward multipliers, as the saved model had them
         from .train.supar import apply_forward
         apply_forward(out, inputs)
+    out = _relower(out, plan, state, inputs)
     try:
         out.load_state_dict(state)
     except RuntimeError as e:
@@ -252,6 +254,28 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     if with_extra:
         out.extra = extra
     return out
+
+
+def _relower(model: nn.Module, plan: SparsityPlan, state: dict[str, torch.Tensor], inputs: tuple) -> nn.Module:
+    """A model saved lowered (`<weight>_values` and index buffers in its state) is lowered again with
+    the plan's recorded choices, each mask first set to the saved layout (RigL / SET move blocks)."""
+    layers = {name: rec for name, rec in plan.lowering.get("layers", {}).items() if f"{name}_values" in state}
+    if not layers:
+        return model
+    from .passes.lower import lower
+
+    with torch.no_grad():
+        for name, rec in layers.items():
+            (n, k), b = rec["shape"], rec["block"]
+            crow, col = state[f"{name}_crow"].long(), state[f"{name}_col"].long()
+            R, C = -(-n // b), -(-k // b)
+            grid = torch.zeros(R, C, dtype=torch.bool)  # (R, C) stored blocks
+            grid[torch.repeat_interleave(torch.arange(R), torch.diff(crow)), col] = True
+            matrix = grid.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]  # (n, k), W's matrix view
+            mask = model.get_buffer(name + "_mask")
+            matrix = matrix.t() if plan.weight(name).out_axis == 1 else matrix  # Conv1D keeps W^T
+            mask.copy_(matrix.reshape(mask.shape).to(mask.dtype))
+    return lower(model, plan.lowering.get("target", "auto"), inputs, recorded=layers)
 
 
 # ---------------------------------------------------------------------------------------------

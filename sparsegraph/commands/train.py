@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", default="sparse_wide", choices=[*FAMILIES, "dense"])
     p.add_argument("--sparsity", type=float, default=0.75)
     p.add_argument("--mask", default="uniform")
+    p.add_argument("--storage", default="masked", choices=["masked", "compact"],
+                   help="compact: sparse weights stored as their blocks (sg.lower), optimizer state per stored "
+                        "value; RigL/SET update them in place (block masks)")
     p.add_argument("--dst", default="static", choices=["static", "rigl", "set", "gmp"])
     p.add_argument("--parameterization", default="sp", choices=["sp", "mup", "supar"])
     p.add_argument("--sparseopt", action="store_true", help="SparseOpt gradient correction (BatchNorm nets)")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import TrainConfig, train
 
     cfg = TrainConfig(model=args.model, transform=None if args.transform == "dense" else args.transform,
-                      sparsity=args.sparsity, mask=args.mask, dst=args.dst, parameterization=args.parameterization,
+                      sparsity=args.sparsity, mask=args.mask, storage=args.storage, dst=args.dst, parameterization=args.parameterization,
                       sparseopt=args.sparseopt, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, optimizer=args.optimizer, data=args.data,

@@ -449,9 +449,10 @@ def _free(gm: nn.Module, want: str) -> str:
     return name
 
 
-def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callable, model: cm.CostModel | None = None
-                ) -> list[LayerChoice]:
-    """Decide and rewrite every masked product of `gm` in place; returns the choices."""
+def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callable, model: cm.CostModel | None = None,
+                recorded: dict[str, dict] | None = None) -> list[LayerChoice]:
+    """Decide and rewrite every masked product of `gm` in place; returns the choices. A weight in
+    `recorded` (a plan's `lowering["layers"]`) takes its recorded choice instead of a new decision."""
     if target not in TARGETS:
         raise LoweringError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
     choices = []
@@ -461,8 +462,11 @@ def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callabl
                                        c.rows[0] * c.rows[1], round(float((c.mask != 0).float().mean()), 6),
                                        "dense", 0, False, f"kept dense: {c.skip}", res.name(c.weight.mask)))
             continue
-        choice = decide(c.name, c.product.node.name, c.kind, c.matrix_mask, c.rows, target, c.W.device, model,
-                        c.shape_known)
+        if recorded and c.name in recorded:
+            choice = LayerChoice(**recorded[c.name])
+        else:
+            choice = decide(c.name, c.product.node.name, c.kind, c.matrix_mask, c.rows, target, c.W.device, model,
+                            c.shape_known)
         choice.mask = res.name(c.weight.mask)
         choices.append(choice)
         c.product = as_product(c.product.node)  # its input may be an earlier rewrite's output now (U then V)
@@ -485,7 +489,8 @@ def summary(choices: list[LayerChoice], target: str, model: cm.CostModel) -> dic
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
-def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None) -> nn.Module:
+def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None, *,
+          recorded: dict[str, dict] | None = None) -> nn.Module:
     """Lower every masked product of `model` to the format its cost model prefers (see module doc).
 
     The module form of `sg.sparsify` (your own class, with its plan) gives a copy of itself, same
@@ -494,6 +499,8 @@ def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None) ->
     module (captured with `example_inputs`), gives a new `fx.GraphModule`. The input is not
     modified; the result's plan records the choices in `plan.lowering`. `example_inputs` (default:
     the model's own) tell how many rows each layer sees; the lowered model runs at any batch size.
+    `recorded` (a plan's `lowering["layers"]`) repeats earlier choices instead of deciding anew
+    (`sg.load` of a lowered model).
     """
     if target not in TARGETS:
         raise LoweringError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
@@ -502,12 +509,12 @@ def lower(model: nn.Module, target: str = "auto", example_inputs: Any = None) ->
     costs = cm.load()
     if module_form(model):  # decided on the captured graph, applied to a copy of the model's own modules
         out = copy.deepcopy(model)
-        choices = lower_graph(gm, Resolver(gm), target, functools.partial(rewrite_layer, out), costs)
+        choices = lower_graph(gm, Resolver(gm), target, functools.partial(rewrite_layer, out), costs, recorded)
         if target == "dense":
             bake_masks(out)
     else:
         out = gm
-        choices = lower_graph(gm, Resolver(gm), target, rewrite_module, costs)
+        choices = lower_graph(gm, Resolver(gm), target, rewrite_module, costs, recorded)
         _prune(gm)
         gm.example_inputs = getattr(model, "example_inputs", inputs)
     plan = copy.deepcopy(plan) if plan is not None else None

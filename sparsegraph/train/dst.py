@@ -38,6 +38,14 @@ parameter's shape (momentum, Adam moments, ...) at regrown and pruned positions.
 Block and balanced-block masks change whole blocks (a balanced mask keeps the same number of
 blocks in every block-row); N:M masks regrow inside the group a weight left, so N:M holds.
 
+Compact storage: on a model lowered by `sg.lower`, a block-masked weight stored as its blocks
+(`weight_values` and BSR index buffers, a `LoweredLinear` / `LoweredConv2d`) is updated in place by
+RigL and SET with the same decisions (`sparsegraph.train.compact`): the stored-block count never
+changes, kept blocks keep their values and optimizer state, regrown blocks and their state start at
+zero, and RigL's gradient on blocks that are not stored comes from SDDMM on candidate layouts, so
+no dense weight or gradient is formed. Static leaves such layers alone; GMP, which changes the
+count, needs masked-dense weights.
+
 Distributed: every decision is a deterministic function of the weights (identical on every rank
 under DistributedDataParallel), the gradients (all-reduced by DDP before the optimizer step, where
 they are captured) and seeds derived from (seed, layer name, step). Ties go to the lower index.
@@ -52,7 +60,7 @@ import functools
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -60,9 +68,11 @@ import torch.nn as nn
 from ..graph import SparsegraphError
 from ..io import sync_config
 from ..masks import layer_seed
+from ..nn.lowered import is_lowered
 from ..plan import SparsityPlan, WeightPlan, plan_of
 from ..sharded import full, shard_like
 from ..unwrap import unwrap
+from .compact import CompactLayer, compact_layer
 from .mask_units import Units, top_per_pool
 
 __all__ = ["DSTError", "DynamicSparsity", "RigL", "SET", "GMP", "Static", "drop_fraction_at", "gmp_sparsity",
@@ -107,12 +117,25 @@ def gmp_sparsity(t: int, s_0: float, s_f: float, t_0: int, n: int, dt: int) -> f
 # ---------------------------------------------------------------------------------------------
 # plumbing: layers, wrappers, the registry SparseOpt asks for a pending dense-gradient capture
 # ---------------------------------------------------------------------------------------------
+def zero_state(optimizer, param: nn.Parameter, keep: torch.Tensor) -> None:
+    """Zero every optimizer state tensor of the parameter's shape where keep (a full tensor) is False."""
+    state = getattr(optimizer, "state", {}).get(param, {})
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.mul_(shard_like(keep.to(value.dtype), value))
+
+
 @dataclass
 class Layer:
+    """A masked sparse weight: a dense parameter and its `<name>_mask` buffer (the compact form of a
+    lowered weight is `compact.CompactLayer`, with the same methods)."""
     name: str
     param: nn.Parameter
     mask: torch.Tensor  # the `<name>_mask` buffer, updated in place (DDP and state_dict hold it)
     plan: WeightPlan
+    stash: torch.Tensor | None = field(default=None, repr=False)  # the real mask while RigL runs it at ones
+
+    storage = "masked"
 
     @functools.cached_property
     def units(self) -> Units:
@@ -120,9 +143,64 @@ class Layer:
         holds a pool index per element, which SparseOpt, sharing these layers, never needs."""
         return Units(self.param.shape, self.plan.out_axis, self.plan.in_axes, self.plan.mask)
 
+    def active(self) -> torch.Tensor:
+        """(units,) bool: units with a nonzero mask entry."""
+        return self.units.active(self.mask)
 
-def sparse_layers(model: nn.Module, who: str, *, exc=DSTError) -> tuple[SparsityPlan, list[Layer]]:
-    """(plan, layers) of a sparsegraph model; one clear error for a model without masks."""
+    def weight_score(self) -> torch.Tensor:
+        """(units,) mean |w| per unit, of the whole weight under FSDP2."""
+        return self.units.score(full(self.param))
+
+    def density(self) -> float:
+        return float(self.mask.count_nonzero()) / self.mask.numel()
+
+    def clamp_(self) -> None:
+        """weight *= mask: the optimizer may have moved masked weights (noise, custom rules)."""
+        self.param.mul_(shard_like(self.mask, self.param))
+
+    def zero_state_(self, optimizer) -> None:
+        """Weight and optimizer state at zero wherever the mask is."""
+        keep = self.mask != 0
+        self.param.mul_(shard_like(keep, self.param))
+        zero_state(optimizer, self.param, keep)
+
+    def apply_(self, new: torch.Tensor, kept: torch.Tensor, optimizer) -> None:
+        """The mask becomes `new` (units,); weights and optimizer state outside `kept` start at zero."""
+        new_el, kept_el = self.units.expand(new, self.mask), self.units.expand(kept, self.param)
+        self.param.mul_(shard_like(kept_el, self.param))  # dropped and regrown weights start at zero
+        self.mask.copy_(new_el)
+        zero_state(optimizer, self.param, kept_el != 0)
+
+    # -- RigL: the dense gradient ---------------------------------------------------------------
+    def arm(self) -> None:
+        """Run the next forward with the mask at ones (in place: DDP broadcasts and autograd saves this
+        very tensor); the forward is unchanged since masked weights are zero."""
+        self.stash = self.mask.clone()
+        self.mask.fill_(1.0)
+
+    def disarm(self) -> None:
+        if self.stash is not None:
+            self.mask.copy_(self.stash)
+            self.stash = None
+
+    def capture(self) -> torch.Tensor:
+        """The dense gradient of the effective weight; the gradient is masked and the mask restored."""
+        g = self.param.grad
+        dense = g.detach().clone() if g is not None else torch.zeros_like(self.param)
+        if g is not None:
+            g.mul_(shard_like(self.stash, g))  # the optimizer sees the masked gradient, as on any other step
+        self.disarm()
+        return dense
+
+    def growth_score(self, captured: torch.Tensor) -> torch.Tensor:
+        """(units,) mean |dense gradient| per unit (all of it, under FSDP2 too)."""
+        return self.units.score(full(captured))
+
+
+def sparse_layers(model: nn.Module, who: str, *, exc=DSTError, compact: bool = False
+                  ) -> tuple[SparsityPlan, list[Layer | CompactLayer]]:
+    """(plan, layers) of a sparsegraph model; one clear error for a model without masks. With
+    `compact`, a weight `sg.lower` stored as blocks is a `CompactLayer`."""
     if not isinstance(model, nn.Module):
         raise exc(f"{who}: expected an nn.Module made by sg.sparsify, got {type(model).__name__}")
     plan = plan_of(model)
@@ -132,6 +210,16 @@ def sparse_layers(model: nn.Module, who: str, *, exc=DSTError) -> tuple[Sparsity
     module = unwrap(model)
     layers = []
     for w in plan.sparse_weights:
+        holder = _submodule(module, w.name.rpartition(".")[0])
+        if holder is not None and w.name.endswith(".weight") and is_lowered(holder):
+            if not compact:
+                raise exc(f"{who}: {w.name} is stored compactly (lowered by sg.lower); {who} works on masked-dense "
+                          "weights: apply it to the model before lowering")
+            try:
+                layers.append(compact_layer(w.name, holder, w, who))
+            except ValueError as e:
+                raise exc(str(e)) from None
+            continue
         try:
             param = module.get_parameter(w.name)
             mask = module.get_buffer(w.name + "_mask")
@@ -145,6 +233,16 @@ def sparse_layers(model: nn.Module, who: str, *, exc=DSTError) -> tuple[Sparsity
         raise exc(f"{who}: the model {plan.model!r} has no sparse weights (every weight is dense); "
                   "sparsify it with a sparsity > 0 first")
     return plan, layers
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    """`module.get_submodule(name)`, or None if there is none (or no name: the root holds no lowered weight)."""
+    if not name:
+        return None
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
@@ -216,7 +314,7 @@ class DynamicSparsity:
         self.end_fraction = _check_fraction(end_fraction, "end_fraction", who, closed_right=True)
         self.t_end = int(self.end_fraction * self.total_steps)  # no updates at t >= t_end
         self.model, self.module = model, unwrap(model)
-        self.plan, self.layers = sparse_layers(model, who)
+        self.plan, self.layers = sparse_layers(model, who, compact=True)
         self.optimizer = optimizer
         self.seed = self.plan.seed if seed is None else int(seed)
         self.t = 0  # optimizer steps completed
@@ -230,9 +328,7 @@ class DynamicSparsity:
         with torch.no_grad():
             self._start()
             for lay in self.layers:  # weight == 0 and optimizer state == 0 where the mask is 0
-                keep = lay.mask != 0
-                lay.param.mul_(shard_like(keep, lay.param))
-                self._zero_state(lay.param, keep)
+                lay.zero_state_(self.optimizer)
 
     def _start(self) -> None:
         """Prepare the masks before training (GMP starts dense)."""
@@ -246,7 +342,7 @@ class DynamicSparsity:
         self.t += 1
         with torch.no_grad():
             for lay in self.layers:  # the optimizer may have moved masked weights (noise, custom rules)
-                lay.param.mul_(shard_like(lay.mask, lay.param))
+                lay.clamp_()
             if self.is_update_step(self.t):
                 self._update(self.t)
 
@@ -255,14 +351,11 @@ class DynamicSparsity:
         for lay in self.layers:
             change = self._update_layer(lay, t)
             if change is None:
-                record["layers"][lay.name] = {"dropped": 0, "grown": 0, "changed": 0, "density": self._density(lay)}
+                record["layers"][lay.name] = {"dropped": 0, "grown": 0, "changed": 0, "density": lay.density()}
                 continue
             new, kept, stats = change  # (units,) bool each: the new mask and the units kept as they were
-            new_el, kept_el = lay.units.expand(new, lay.mask), lay.units.expand(kept, lay.param)
-            lay.param.mul_(shard_like(kept_el, lay.param))  # dropped and regrown weights start at zero
-            lay.mask.copy_(new_el)
-            self._zero_state(lay.param, kept_el != 0)
-            record["layers"][lay.name] = {**stats, "density": self._density(lay)}
+            lay.apply_(new, kept, self.optimizer)  # dropped and regrown units start at zero, state too
+            record["layers"][lay.name] = {**stats, "density": lay.density()}
         self._record(record)
 
     def _update_info(self, t: int) -> dict:
@@ -273,17 +366,6 @@ class DynamicSparsity:
         return None
 
     # -- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _density(lay: Layer) -> float:
-        return float(lay.mask.count_nonzero()) / lay.mask.numel()
-
-    def _zero_state(self, param: nn.Parameter, keep: torch.Tensor) -> None:
-        """Zero every optimizer state tensor of the parameter's shape where keep (a full tensor) is False."""
-        state = getattr(self.optimizer, "state", {}).get(param, {})
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(shard_like(keep.to(value.dtype), value))
-
     def _record(self, record: dict) -> None:
         self.plan.history.append(record)
         self._measure()
@@ -296,7 +378,7 @@ class DynamicSparsity:
 
     def densities(self) -> dict[str, float]:
         """Current density of every sparse layer."""
-        return {lay.name: self._density(lay) for lay in self.layers}
+        return {lay.name: lay.density() for lay in self.layers}
 
     def state_dict(self) -> dict:
         """The step counter (masks live in the model's state_dict, history in its plan)."""
@@ -369,16 +451,16 @@ class _DropGrow(DynamicSparsity):
 
     def _update_layer(self, lay: Layer, t: int):
         u = lay.units
-        active = u.active(lay.mask)  # (units,) bool
+        active = lay.active()  # (units,) bool
         n_active = int(active.sum())
         k = int(self.drop_fraction_at(t) * n_active)  # floor, as RigL's reference code
         if k == 0 or n_active == u.count:  # nothing to replace, or a dense layer: nowhere to grow
             return None
         inf = torch.tensor(float("inf"))
-        w_score = u.score(full(lay.param))  # (units,) mean |w|, of the whole weight under FSDP2
+        w_score = lay.weight_score().to(active.device)  # (units,) mean |w|
         dropped = top_per_pool(torch.where(active, -w_score, -inf.to(w_score)), k)  # k smallest |w|
         kept = active & ~dropped
-        g_score = self._grow_score(lay, t)  # (units,)
+        g_score = self._grow_score(lay, t).to(active.device)  # (units,)
         g_score = torch.where(kept, -inf.to(g_score), g_score)  # grow outside the kept set
         if u.pools is None:
             grown = top_per_pool(g_score, k)
@@ -404,7 +486,9 @@ class RigL(_DropGrow):
     weights are zero — so the backward pass (and DDP's all-reduce) produces the gradient of the
     effective weight at every position. An optimizer step pre-hook stashes it, multiplies the
     gradients by the real masks and restores the masks, so the optimizer never sees a dense gradient.
-    Other iterations cost one in-place `weight *= mask` per sparse layer.
+    Other iterations cost one in-place `weight *= mask` per sparse layer. A compact (lowered) layer
+    instead keeps its input and output gradient on that iteration, and the pre-hook computes the
+    gradient on the blocks it does not store by SDDMM (`sparsegraph.train.compact`).
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -424,13 +508,18 @@ class RigL(_DropGrow):
                  seed: int | None = None):
         super().__init__(model, optimizer, total_steps, update_interval, drop_fraction, schedule, end_fraction,
                          seed=seed)
-        self._armed = False  # masks are set to ones for a dense-gradient pass
-        self._stash: list[torch.Tensor] = []  # the real masks while armed
-        self._dense: dict[str, torch.Tensor] | None = None  # captured dense gradients
+        self._armed = False  # masks are set to ones (compact layers hooked) for a dense-gradient pass
+        self._dense: dict[str, torch.Tensor] | None = None  # captured per layer: what `growth_score` reads
         self._captured_for = -1  # the update step the captured gradients belong to
         if not hasattr(self.optimizer, "register_step_pre_hook"):
             raise DSTError(f"RigL: {type(self.optimizer).__name__} is not a torch.optim.Optimizer "
                            "(RigL hooks its step to capture the dense gradient)")
+        compact = [lay.name for lay in self.layers if lay.storage == "compact"]
+        if compact and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise DSTError(f"RigL: {compact[0]} is stored compactly, whose growth gradient comes from this rank's "
+                           "inputs only (it is not all-reduced); under several ranks use SET, or RigL on the "
+                           "masked-dense model")
         self._handles.append(self.optimizer.register_step_pre_hook(_WeakHook(self, "_capture_hook")))
         self._handles.append(self.module.register_forward_pre_hook(_WeakHook(self, "_arm")))
 
@@ -441,9 +530,8 @@ class RigL(_DropGrow):
                 or not self.is_update_step(t_next):
             return
         with torch.no_grad():
-            self._stash = [lay.mask.clone() for lay in self.layers]
             for lay in self.layers:
-                lay.mask.fill_(1.0)  # in place: DDP broadcasts and autograd saves this very tensor
+                lay.arm()
         self._armed = True
 
     def _capture_hook(self, optimizer, args, kwargs) -> None:
@@ -453,14 +541,8 @@ class RigL(_DropGrow):
         if not self._armed:
             return
         with torch.no_grad():
-            self._dense = {}
-            for lay, real in zip(self.layers, self._stash):
-                g = lay.param.grad
-                self._dense[lay.name] = g.detach().clone() if g is not None else torch.zeros_like(lay.param)
-                if g is not None:
-                    g.mul_(shard_like(real, g))  # the optimizer sees the masked gradient, as on any other step
-                lay.mask.copy_(real)
-        self._stash, self._armed, self._captured_for = [], False, self.t + 1
+            self._dense = {lay.name: lay.capture() for lay in self.layers}
+        self._armed, self._captured_for = False, self.t + 1
 
     def step(self) -> None:
         if self._armed:  # the model ran armed, but the optimizer we hooked did not step
@@ -479,15 +561,23 @@ class RigL(_DropGrow):
             self._dense = None
 
     def _grow_score(self, lay: Layer, t: int) -> torch.Tensor:
-        return lay.units.score(full(self._dense[lay.name]))  # mean |dense gradient| per unit (all of it)
+        return lay.growth_score(self._dense[lay.name])  # mean |dense gradient| per unit (all of it)
 
-    def load_state_dict(self, state: dict) -> None:
+    def _disarm(self) -> None:
+        """Back to the real masks (and no hooks on compact layers) without capturing."""
         if self._armed:
             with torch.no_grad():
-                for lay, real in zip(self.layers, self._stash):
-                    lay.mask.copy_(real)
-            self._stash, self._armed = [], False
+                for lay in self.layers:
+                    lay.disarm()
+            self._armed = False
+
+    def load_state_dict(self, state: dict) -> None:
+        self._disarm()
         super().load_state_dict(state)
+
+    def remove(self) -> None:
+        self._disarm()
+        super().remove()
 
 
 class SET(_DropGrow):
@@ -555,6 +645,10 @@ class GMP(DynamicSparsity):
         self.n = max(1, (self.t_end - self.t_0) // self.update_interval)
         self.final_units: dict[str, int] = {}  # per layer (or per pool) the unit count at the end
         for lay in self.layers:
+            if lay.storage == "compact":
+                raise DSTError(f"GMP: {lay.name} is stored compactly (lowered by sg.lower), with a fixed number of "
+                               "blocks, and GMP changes that number: run GMP on the masked-dense model and lower it "
+                               "after pruning")
             if lay.units.kind.name == "nm":
                 raise DSTError(f"GMP: {lay.name} has an {lay.units.kind} mask, whose density is fixed; "
                                "use RigL/SET/Static or a uniform/block mask")

@@ -33,8 +33,7 @@ class Units:
         self.block = self.kind.block
         if self.block:
             self.brows, self.bcols = math.ceil(self.rows / self.block), math.ceil(self.cols / self.block)
-            ones = torch.ones(self.rows, self.cols)
-            self.size = self._block_sum(ones)  # (units,) entries per block
+            self.size = block_sizes(self.rows, self.cols, self.block)  # (units,) entries per block
         else:
             self.size = None
         self.pools = self._pools()  # (units,) int64 pool id, or None for a single pool
@@ -93,6 +92,18 @@ class Units:
         if self.block:
             return int(self.size.to(units.device)[units].sum())
         return int(units.sum())
+
+
+def block_sizes(rows: int, cols: int, block: int) -> torch.Tensor:
+    """(ceil(rows/b) * ceil(cols/b),) float32: entries of each b x b block of a (rows, cols) matrix,
+    row-major; blocks at ragged edges hold fewer than b².
+
+    >>> block_sizes(5, 3, 2).tolist()
+    [4.0, 2.0, 4.0, 2.0, 2.0, 1.0]
+    """
+    r = (rows - torch.arange(0, rows, block)).clamp(max=block)  # (brows,) rows inside each block-row
+    c = (cols - torch.arange(0, cols, block)).clamp(max=block)  # (bcols,)
+    return (r[:, None] * c[None, :]).reshape(-1).float()
 
 
 def top_per_pool(score: torch.Tensor, k: int | torch.Tensor, pools: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..io import sync_config
 from ..masks import layer_seed
+from ..passes.lower import pack_weight
 from ..passes.manager import PassManager
 from ..passes.supar import HOLDER, PARAMETERIZATIONS, PRESETS, SuparError, annotate_plan, supar_pass
 from ..passes.supar_module import apply_supar_module, forward_sites
@@ -152,7 +153,9 @@ def init_(model: nn.Module, seed: int | None = None) -> nn.Module:
     """Re-initialise every planned parameter with its SμPar/μP/SP distribution (in place).
 
     Each parameter draws from its own generator, seeded from (seed or plan seed, name), so the
-    result does not depend on parameter order and is the same on every rank.
+    result does not depend on parameter order and is the same on every rank. A weight `sg.lower`
+    stores as blocks (`<name>_values`) draws the same numbers and keeps those on its stored blocks,
+    so the masked and the lowered form of a model initialise alike.
 
     >>> import sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -172,18 +175,32 @@ def init_(model: nn.Module, seed: int | None = None) -> nn.Module:
             init = w.supar.get("init", {"dist": "keep"})
             if init["dist"] == "keep":
                 continue
-            p = gm.get_parameter(w.name)
+            lowered = _lowered(gm, w.name)
+            p = gm.get_parameter(w.name) if lowered is None else lowered[0]
+            shape = tuple(w.shape) if lowered is not None else p.shape
             gen = torch.Generator().manual_seed(layer_seed(base_seed, w.name + ":supar"))
             if init["dist"] == "ones":
-                t = torch.ones(p.shape)
+                t = torch.ones(shape)
             elif init["dist"] == "zeros":
-                t = torch.zeros(p.shape)
+                t = torch.zeros(shape)
             elif init["dist"] == "normal":
-                t = torch.randn(p.shape, generator=gen) * init["std"]
+                t = torch.randn(shape, generator=gen) * init["std"]
             else:  # uniform with standard deviation std: U(±√3·std)
-                t = (torch.rand(p.shape, generator=gen) * 2 - 1) * (math.sqrt(3) * init["std"])
+                t = (torch.rand(shape, generator=gen) * 2 - 1) * (math.sqrt(3) * init["std"])
+            if lowered is not None:  # the stored blocks of t's matrix view (padding at ragged edges stays zero)
+                values, crow, col = lowered
+                rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), torch.diff(crow.long().cpu()))
+                t = pack_weight(t, rows, col.long().cpu(), values.shape[-1], transpose=w.out_axis == 1)
             p.copy_(t.to(p.dtype))
     return model
+
+
+def _lowered(gm: nn.Module, name: str) -> tuple[nn.Parameter, torch.Tensor, torch.Tensor] | None:
+    """(values, crow, col) of plan weight `name` if `sg.lower` stored it as blocks, else None."""
+    try:
+        return gm.get_parameter(name + "_values"), gm.get_buffer(name + "_crow"), gm.get_buffer(name + "_col")
+    except AttributeError:
+        return None
 
 
 def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float = 0.0,
@@ -195,7 +212,8 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
     decoupled decay per step lr·wd does not change with width or density. Parameters of at most one
     dimension (biases, norm gains) get no weight decay, as in nanoGPT and Hugging Face's `Trainer`;
     `decay_1d=True` decays them too (as mup's optimizers do). Every group carries the parameter
-    names under "names". `lr=None` uses the plan's eta_base.
+    names under "names". `lr=None` uses the plan's eta_base. A weight `sg.lower` stores as blocks
+    (`<name>_values`) gets the multipliers of its plan weight `<name>`.
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -222,6 +240,8 @@ def param_groups(model: nn.Module, lr: float | None = None, weight_decay: float 
     for full, p in model.named_parameters():
         name = unwrapped_name(full)
         w = by_name.get(name)
+        if w is None and name.endswith("_values"):  # a lowered weight's stored blocks
+            w = by_name.get(name.removesuffix("_values"))
         if w is None:
             unplanned.append(name)
             num, den = 1.0, 1.0

@@ -44,6 +44,7 @@ class TrainConfig:
     transform: str | None = "sparse_wide"  # None: train the dense original
     sparsity: float = 0.75
     mask: str = "uniform"
+    storage: str = "masked"  # masked (weight * mask) | compact (sg.lower: stored blocks, optimizer state per value)
     dst: str = "static"  # static | rigl | set | gmp
     parameterization: str = "sp"  # sp | mup | supar
     sparseopt: bool = False
@@ -69,7 +70,7 @@ class TrainConfig:
     def run_settings(self) -> dict:
         """What a resumed run must share with its checkpoint: everything but the logging and saving
         cadence (model, rewrite, seed, data, optimizer, schedules, steps), as JSON values."""
-        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in RESUME_FREE}))
+        return run_settings(asdict(self))
 
     def fingerprint(self) -> str:
         """A hash of `run_settings()`: a checkpoint of another run is refused."""
@@ -91,6 +92,11 @@ class TrainConfig:
             raise SparsegraphError(f"--lr must be positive, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise SparsegraphError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or constant")
+        if self.storage not in STORAGES:
+            raise SparsegraphError(f"unknown --storage {self.storage!r}; choose {' or '.join(STORAGES)}")
+        if self.storage == "compact" and self.fsdp:
+            raise SparsegraphError("--storage compact does not shard with --fsdp (FSDP2 would split the stored "
+                                   "blocks across ranks); use DDP (no --fsdp) or --storage masked")
         if not isinstance(self.model_options, dict):
             raise SparsegraphError(f"model_options must be a dict, got {type(self.model_options).__name__}")
 
@@ -99,6 +105,17 @@ RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches", "fsdp")  
 #                the same arithmetic; its checkpoint format is checked by name)
 POSITIVE_INTS = ("steps", "batch_size", "block_size", "update_interval", "eval_interval", "eval_batches",
                  "checkpoint_interval")
+
+
+STORAGES = ("masked", "compact")
+
+
+def run_settings(config: dict) -> dict:
+    """The settings of a config dict that a resumed run must share, as JSON values (see TrainConfig)."""
+    settings = {k: v for k, v in config.items() if k not in RESUME_FREE}
+    if settings.get("storage") == "masked":  # the default keeps the fingerprint of runs from before the option
+        del settings["storage"]
+    return json.loads(json.dumps(settings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +195,8 @@ def build(cfg: TrainConfig, dist: Distributed | None = None):
         model = sg.sparsify(spec.model, (x,), "sparse_wide", 0.0, seed=cfg.seed)
     sg.supar.annotate(model, parameterization=cfg.parameterization)
     sg.supar.init_(model)
+    if cfg.storage == "compact":  # judged at the training batch; layers the cost model keeps dense stay masked
+        model = sg.lower(model, example_inputs=(task.train_batch(cfg.batch_size, torch.Generator().manual_seed(0))[0],))
     if dist is not None:
         model = dist.wrap(model)
     groups = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer)
@@ -253,8 +272,7 @@ def save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, schedule, ste
 
 
 def _differences(saved: dict, cfg: TrainConfig) -> str:
-    theirs = json.loads(json.dumps({k: v for k, v in saved.items() if k not in RESUME_FREE}))
-    mine = cfg.run_settings()
+    theirs, mine = run_settings(saved), cfg.run_settings()
     diffs = [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(theirs) | set(mine))
              if theirs.get(k) != mine.get(k)]
     return "; ".join(diffs) or "its settings fingerprint differs"
