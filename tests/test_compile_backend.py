@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 import sparsegraph as sg
@@ -35,9 +36,12 @@ def _grads(model):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """A fresh Dynamo, and no AOTAutograd cache: a hit would skip Inductor, and with it the graphs
+    the tests read from `sgc.LOG` (Inductor's own FX graph cache still speeds up the compiles)."""
     torch._dynamo.reset()
     sgc.LOG.clear()
-    yield
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -294,6 +298,22 @@ def test_frozen_inference_folds_the_packing_and_follows_weight_updates(block):
             y = fast(x)
     assert any("changed" in str(r.message) for r in rec)
     assert torch.allclose(y, wide(x), rtol=1e-4, atol=1e-5)
+
+
+def test_freezing_leaves_written_buffers_as_inputs():
+    """BatchNorm in train mode under no_grad writes its running statistics: they stay graph inputs
+    (neither frozen nor watched), the weights are frozen; outputs and statistics follow eager."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train()
+    twin = copy.deepcopy(m)
+    fast = torch.compile(m, backend=sgc.make_backend(compiler=lambda gm, inputs, record: gm, freeze=True))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert torch.allclose(fast(x), twin(x), atol=1e-5)
+    assert not [r for r in rec if "sparsegraph backend" in str(r.message)]
+    assert sgc.LOG[-1]["frozen"] == 4  # conv and BatchNorm weights and biases
+    assert torch.equal(m[1].running_mean, twin[1].running_mean) and int(m[1].num_batches_tracked) == 2
 
 
 def _train_twins(model, fast, twin, batches):

@@ -66,7 +66,8 @@ from . import cost_model as cm
 FREEZE = ("auto", True, False)
 # the last compilations (for inspection and tests): {"lowered": aten GraphModule handed on,
 # "lowering": plan-style summary, "frozen": how many parameters and buffers became constants,
-# "compiled": the graphs Inductor compiled (AOT forward/backward, or the frozen inference graph)}
+# "compiled": the graphs Inductor compiled (AOT forward/backward, or the frozen inference graph;
+# none when AOTAutograd's cache served the compilation)}
 LOG: collections.deque = collections.deque(maxlen=16)
 
 
@@ -136,7 +137,8 @@ def _as_attributes(gm: fx.GraphModule, which: dict[int, tuple[str, torch.Tensor]
 
 
 def _mutated(gm: fx.GraphModule) -> set[int]:
-    """Indices of the placeholders an op of `gm` writes to (e.g. BatchNorm running statistics)."""
+    """Indices of the placeholders an op of `gm` writes to: arguments its schema marks as written,
+    and the running statistics of a batch norm in training mode (which its schema does not mark)."""
     index = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
     out = set()
     for node in gm.graph.nodes:
@@ -144,9 +146,10 @@ def _mutated(gm: fx.GraphModule) -> set[int]:
         if node.op != "call_function" or schema is None:
             continue
         given = dict(zip((a.name for a in schema.arguments), node.args)) | node.kwargs
-        for a in schema.arguments:
-            if a.alias_info is not None and a.alias_info.is_write and given.get(a.name) in index:
-                out.add(index[given[a.name]])
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if given.get("training") is True:
+            written += ["running_mean", "running_var"]
+        out.update(index[given[w]] for w in written if given.get(w) in index)
     return out
 
 
@@ -196,7 +199,8 @@ class _Compiled:
         graph, inputs, self.keep, frozen = (lowered if masks else gm), list(example_inputs), None, []
         if _should_freeze(freeze, self.state, example_inputs):
             graph = lowered
-            const = {i: (name, example_inputs[i]) for i, (name, _) in self.state.items() if i not in _mutated(lowered)}
+            written = _mutated(lowered)  # e.g. BatchNorm statistics in train mode: stay inputs
+            const = {i: (name, example_inputs[i]) for i, (name, _) in self.state.items() if i not in written}
             _as_attributes(lowered, const)
             self.keep = [i for i in range(len(example_inputs)) if i not in const]
             inputs, frozen = [example_inputs[i] for i in self.keep], sorted(const)
