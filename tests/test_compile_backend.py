@@ -254,17 +254,20 @@ def _launches(code: str) -> list[str]:
 
 
 def test_inductor_fuses_the_elementwise_work_around_sparse_ops(block):
-    """Masked-dense module form, inference: each sparse product is one extern call of the op, and
-    LayerNorm, GELU, bias/residual adds and softmax run in a few fused C++ kernels."""
+    """Masked-dense module form, inference with a dynamic batch: each sparse product is one extern
+    call of the op, and LayerNorm, GELU, bias/residual adds and softmax run in a few fused C++
+    kernels; another batch size runs the same compiled code."""
     from torch._inductor.utils import run_and_get_code
 
     wide, x = block
     n_sparse = len(sg.plan_of(wide).sparse_weights)
-    fast = torch.compile(wide, backend="sparsegraph", dynamic=False)
+    fast = torch.compile(wide, backend="sparsegraph", dynamic=True)
     with torch.no_grad():
         y, codes = run_and_get_code(fast, x)
         assert torch.allclose(y, wide(x), rtol=1e-4, atol=1e-5)
-    assert sgc.LOG[-1]["lowering"]["formats"] == {"bsr": n_sparse}
+        x6 = torch.randn(6, 16, 32, generator=torch.Generator().manual_seed(6))
+        assert torch.allclose(fast(x6), wide(x6), rtol=1e-4, atol=1e-5)
+    assert len(sgc.LOG) == 1 and sgc.LOG[-1]["lowering"]["formats"] == {"bsr": n_sparse}
     launches = _launches(codes[-1])
     assert sum(OP_CALL in c for c in launches) == n_sparse, launches
     kernels = [c for c in launches if c.startswith("cpp_fused_")]
@@ -332,13 +335,13 @@ def _train_twins(model, fast, twin, batches):
 
 def test_lowered_module_through_inductor_training_and_inference(block):
     """sg.lower's module form: Dynamo sees the op itself and Inductor keeps it extern; training
-    (forward + backward, dynamic batch) and then inference with freezing."""
+    (forward + backward, dynamic=False) and then inference with freezing."""
     wide, x = block
     low = sg.lower(wide).train()
     n_sparse = len(sg.plan_of(wide).sparse_weights)
     twin = copy.deepcopy(low)
-    fast = torch.compile(low, backend="sparsegraph", dynamic=True, options={"freezing": True})
-    _train_twins(low, fast, twin, (4, 6))
+    fast = torch.compile(low, backend="sparsegraph", dynamic=False, options={"freezing": True})
+    _train_twins(low, fast, twin, (4,))
     assert any(k.endswith("weight_values") for k in _grads(low))
     fw, bw = sgc.LOG[-1]["compiled"][:2]
     assert _count(fw, SPARSE + ".default") == n_sparse and _count(bw, "sparse_linear_grad_values") == n_sparse

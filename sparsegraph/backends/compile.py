@@ -195,7 +195,6 @@ class _Compiled:
         self.fakes, self.state = _fakes(gm, example_inputs), _dynamo_state(gm)
         lowered, choices, masks = lower_dynamo_graph(gm, example_inputs, target, self.fakes, self.state)
         entry = {"lowered": lowered, "lowering": summary(choices, target, cm.load()), "frozen": 0, "compiled": []}
-        LOG.append(entry)
         graph, inputs, self.keep, frozen = (lowered if masks else gm), list(example_inputs), None, []
         if _should_freeze(freeze, self.state, example_inputs):
             graph = lowered
@@ -211,6 +210,7 @@ class _Compiled:
                 frozen = [t for *_, t in _attributes(gm)]  # Dynamo made them attributes; Inductor folds them
             self.fn = compiler(graph, inputs, entry["compiled"])
         entry["frozen"] = len(frozen)
+        LOG.append(entry)  # once compiled: Dynamo may restart the analysis from inside the compiler
         self.frozen = frozen
         self._watch(masks, example_inputs)
         self.warned = False
