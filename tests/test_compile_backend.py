@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 import sparsegraph as sg
@@ -27,9 +28,12 @@ def _grads(model):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """A fresh Dynamo, and no AOTAutograd cache: a hit would skip Inductor, and with it the graphs
+    the tests read from `sgc.LOG` (Inductor's own FX graph cache still speeds up the compiles)."""
     torch._dynamo.reset()
     sgc.LOG.clear()
-    yield
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -196,3 +200,156 @@ def test_module_form_hf_gpt2(monkeypatch):
     dense = hf_model("gpt2", n_layer=1, n_embd=128, n_head=4, vocab_size=100, n_positions=32)
     x = torch.randint(0, 100, (2, 16))
     _check_compiled(sg.sparsify(dense, (x,), "sparse_parallel", 0.75, mask="balanced_block:16").eval(), (x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# fused end to end: the lowered graph goes to Inductor, the sparse op stays an extern call and
+# the elementwise work around it is fused; inference (frozen or not) and training
+# ---------------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    """LayerNorm, an MLP with GELU, a residual add, a head with softmax: elementwise work around the products."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = x + self.proj(nn.functional.gelu(self.fc(self.ln(x))))
+        return torch.softmax(self.head(h), -1)
+
+
+@pytest.fixture
+def block(monkeypatch):
+    """A Sparse Wide block (module form, every masked layer lowered) and an input."""
+    from sparsegraph.backends import cost_model
+
+    monkeypatch.setattr(cost_model, "load", _sparse_wins)
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0))
+    wide = sg.sparsify(_Block(), (x,), "sparse_wide", 0.75, mask="balanced_block:16", include_head=True, seed=1)
+    return wide.eval(), x
+
+
+OP_CALL = "torch.ops.sparsegraph.sparse_linear.default("
+POINTWISE = ("aten.add", "aten.sub", "aten.mul", "aten.div", "aten.erf", "aten.exp", "aten.rsqrt", "aten.amax",
+             "aten.sum", "aten.var_mean")
+
+
+def _launches(code: str) -> list[str]:
+    """What the generated `call()` runs, in order: its C++ kernels and extern calls."""
+    body = code[code.index("def call(self, args):"):]
+    body = body[:body.index("\n        return ")]
+    return [s for s in (ln.strip() for ln in body.splitlines()) if not s.startswith(("assert", "#")) and
+            (s.startswith("cpp_fused_") or "extern_kernels." in s or "torch.ops." in s)]
+
+
+def test_inductor_fuses_the_elementwise_work_around_sparse_ops(block):
+    """Masked-dense module form, inference with a dynamic batch: each sparse product is one extern
+    call of the op, and LayerNorm, GELU, bias/residual adds and softmax run in a few fused C++
+    kernels; another batch size runs the same compiled code."""
+    from torch._inductor.utils import run_and_get_code
+
+    wide, x = block
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    fast = torch.compile(wide, backend="sparsegraph", dynamic=True)
+    with torch.no_grad():
+        y, codes = run_and_get_code(fast, x)
+        assert torch.allclose(y, wide(x), rtol=1e-4, atol=1e-5)
+        x6 = torch.randn(6, 16, 32, generator=torch.Generator().manual_seed(6))
+        assert torch.allclose(fast(x6), wide(x6), rtol=1e-4, atol=1e-5)
+    assert len(sgc.LOG) == 1 and sgc.LOG[-1]["lowering"]["formats"] == {"bsr": n_sparse}
+    launches = _launches(codes[-1])
+    assert sum(OP_CALL in c for c in launches) == n_sparse, launches
+    kernels = [c for c in launches if c.startswith("cpp_fused_")]
+    others = [c for c in launches if not c.startswith("cpp_fused_") and OP_CALL not in c]
+    assert all(c.startswith("extern_kernels.") for c in others), others  # the dense fc's GEMM, no aten fallbacks
+    assert any("gelu" in c for c in kernels) and any("layer_norm" in c for c in kernels) and \
+        any("softmax" in c for c in kernels), kernels
+    graph = sgc.LOG[-1]["compiled"][0]  # what Inductor received
+    pointwise = [n for n in graph.graph.nodes if any(str(n.target).startswith(p) for p in POINTWISE)]
+    assert 3 * len(kernels) <= len(pointwise), (kernels, [str(n.target) for n in pointwise])
+
+
+def test_frozen_inference_folds_the_packing_and_follows_weight_updates(block):
+    """requires_grad off and no_grad: parameters compiled in as constants (Inductor freezing), so
+    `pack(weight * mask)` is folded away; an in-place weight update is seen."""
+    wide, x = block
+    wide.requires_grad_(False)
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    fast = torch.compile(wide, backend="sparsegraph")
+    with torch.no_grad():
+        assert torch.allclose(fast(x), wide(x), rtol=1e-4, atol=1e-5)
+    entry = sgc.LOG[-1]
+    assert entry["frozen"] == len(list(wide.parameters())) + len(list(wide.buffers()))
+    frozen = entry["compiled"][0]
+    assert _count(frozen, SPARSE + ".default") == n_sparse
+    assert _count(frozen, "aten.index") == 0 and _count(frozen, "constant_pad") == 0  # no packing left per call
+    with torch.no_grad():
+        wide.proj.weight.mul_(-1)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            y = fast(x)
+    assert any("changed" in str(r.message) for r in rec)
+    assert torch.allclose(y, wide(x), rtol=1e-4, atol=1e-5)
+
+
+def test_freezing_leaves_written_buffers_as_inputs():
+    """BatchNorm in train mode under no_grad writes its running statistics: they stay graph inputs
+    (neither frozen nor watched), the weights are frozen; outputs and statistics follow eager."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train()
+    twin = copy.deepcopy(m)
+    fast = torch.compile(m, backend=sgc.make_backend(compiler=lambda gm, inputs, record: gm, freeze=True))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert torch.allclose(fast(x), twin(x), atol=1e-5)
+    assert not [r for r in rec if "sparsegraph backend" in str(r.message)]
+    assert sgc.LOG[-1]["frozen"] == 4  # conv and BatchNorm weights and biases
+    assert torch.equal(m[1].running_mean, twin[1].running_mean) and int(m[1].num_batches_tracked) == 2
+
+
+def _train_twins(model, fast, twin, batches):
+    """Forward + backward through `fast` and its eager `twin` at each batch size: equal gradients."""
+    for batch in batches:
+        xb = torch.randn(batch, 16, 32, generator=torch.Generator().manual_seed(batch))
+        model.zero_grad()
+        twin.zero_grad()
+        fast(xb).log().mean().backward()
+        twin(xb).log().mean().backward()
+        compiled, eager = _grads(model), _grads(twin)
+        assert compiled.keys() == eager.keys()
+        for k in eager:
+            assert torch.allclose(compiled[k], eager[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_lowered_module_through_inductor_training_and_inference(block):
+    """sg.lower's module form: Dynamo sees the op itself and Inductor keeps it extern; training
+    (forward + backward, dynamic=False) and then inference with freezing."""
+    wide, x = block
+    low = sg.lower(wide).train()
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    twin = copy.deepcopy(low)
+    fast = torch.compile(low, backend="sparsegraph", dynamic=False, options={"freezing": True})
+    _train_twins(low, fast, twin, (4,))
+    assert any(k.endswith("weight_values") for k in _grads(low))
+    fw, bw = sgc.LOG[-1]["compiled"][:2]
+    assert _count(fw, SPARSE + ".default") == n_sparse and _count(bw, "sparse_linear_grad_values") == n_sparse
+    low.eval()
+    twin.eval()
+    with torch.inference_mode():  # grad off: an inference graph, frozen
+        assert torch.allclose(fast(x), twin(x), rtol=1e-4, atol=1e-5)
+    assert sgc.LOG[-1]["frozen"] > 0 and _count(sgc.LOG[-1]["compiled"][0], SPARSE + ".default") == n_sparse
+
+
+@pytest.mark.slow
+def test_masked_module_form_trains_through_inductor_at_changing_batch_sizes(block):
+    """Training the masked-dense module form with the default dynamic=None: static first, then
+    recompiled with a dynamic batch for a new batch size; gradients reach the dense weights."""
+    wide, x = block
+    wide.train()
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    _train_twins(wide, torch.compile(wide, backend="sparsegraph"), copy.deepcopy(wide), (4, 6))
+    assert [e["lowering"]["formats"] for e in sgc.LOG] == [{"bsr": n_sparse}, {"bsr": n_sparse}]
