@@ -5,22 +5,33 @@ dense product unless the graph itself skips the zeros. Two lowerings:
 
 ort-block (`BlockSparseMatMulPass`, standard ops only: any execution provider). For y = x W with
 W (K, N) cut into b x b blocks and every output block-column n reading r nonzero input blocks
-idx[n, :] (block-columns with fewer are padded with zero blocks), x2 = x.reshape(M, K):
+idx[n, :] (block-columns with fewer are padded with zero blocks), x2 = x.reshape(M, K), and
+Wp[n] = [W[idx[n, j], n]]_j (Nb, r*b, b) the nonzero blocks packed, three formulations:
 
-  rows layout (M > 1 or unknown)                                   shapes
+  rows (r > 1)                                                     shapes
     g  = Gather(x2.reshape(M, Kb, b), idx, axis=1)                 (M, Nb, r, b)   the needed input blocks
-    g3 = g.reshape(M, Nb, r*b).transpose(1, 0, 2)                  (Nb, M, r*b)
-    yb = MatMul(g3, Wp)                                            (Nb, M, b)      Wp[n] = [W[idx[n, j], n]]_j
+    g3 = g.reshape(M, Nb, r*b).transpose(1, 0, 2)                  (Nb, M, r*b)    (ORT: FusedMatMul transBatchA)
+    yb = MatMul(g3, Wp)                                            (Nb, M, b)
     y  = yb.transpose(1, 0, 2).reshape(*lead, N)                   (..., N)
-  column layout (a single static row, M = 1: the transposes are free reshapes)
+  blocks (r = 1: one input block per output block)
+    xt = x2.reshape(M, Kb, b).transpose(1, 0, 2)                   (Kb, M, b)      each input block contiguous
+    g  = Gather(xt, idx[:, 0], axis=0)                             (Nb, M, b)
+    yb = MatMul(g, Wp)                                             (Nb, M, b)
+    y  = yb.transpose(1, 0, 2).reshape(*lead, N)
+    (forced with r > 1: Gather(xt, idx) (Nb, r, M, b), a MatMul per block, ReduceSum over r)
+  column (a single static row, M = 1: the transposes are free reshapes)
     g  = Gather(x2^T.reshape(Kb, b*M), idx, axis=0)                (Nb, r, b*M)
     yb = MatMul(Wp^T, g.reshape(Nb, r*b, M))                       (Nb, b, M)
     y  = yb.reshape(N, M)^T.reshape(*lead, N)
 
 so the batched MatMul does r*b/K of the dense FLOPs (the padded block density). Balanced block
 masks (the same r in every block-row of the PyTorch weight = block-column of W) pad nothing. When
-b does not divide K or N, W gets zero rows/columns, x a Pad and y a Slice. Measured on ONNX
-Runtime CPU (bench/onnx_runtime.py), the rows layout is the faster one from a few dozen rows on.
+b does not divide K or N, W gets zero rows/columns, x a Pad and y a Slice. `layout="auto"`
+(`auto_layout`) picks column for one static row, blocks for r = 1, rows otherwise: profiled on
+ONNX Runtime 1.32 CPU (bench/onnx_runtime.py), the strided FusedMatMul that the rows layout
+becomes runs its K = b products (r = 1) at half the speed of blocks' contiguous MatMul, while
+for r > 1 the per-block products and the ReduceSum of the blocks layout cost more than rows saves;
+column's two 2-D Transposes are slow in ONNX Runtime from a few dozen rows on.
 
 ort-sparse (`SparseToDenseMatMulPass`): com.microsoft SparseToDenseMatMul(A, B) = A B, where A
 must be a *sparse tensor run-time input* (a 2-D COO or CSR `sparse_tensor(float)`; ONNX Runtime
@@ -44,6 +55,7 @@ from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_ope
                            opset_of, redirect, weight_source)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
+LAYOUTS = ("rows", "blocks", "column")  # ort-block's three formulations (module docstring)
 DEFAULT_MAX_DENSITY = 0.5  # lower a layer only if its padded block density (ort-block) or density is at most this
 
 
@@ -157,19 +169,92 @@ def pack_blocks(W: np.ndarray, idx: np.ndarray, b: int) -> np.ndarray:
     return np.ascontiguousarray(picked.reshape(Nb, r * b, b))
 
 
+def auto_layout(rows: int | None, r: int) -> str:
+    """The layout `BlockSparseMatMulPass(layout="auto")` uses for M rows (None: unknown) and r blocks
+    per output block-column: column for a single static row, blocks when every output block reads one
+    input block, rows otherwise (see the module docstring for the measurements behind this)."""
+    if rows == 1:
+        return "column"
+    return "blocks" if r == 1 else "rows"
+
+
+def _slice_columns(bld: Builder, y: ir.Value, n: int, axis: int) -> ir.Value:
+    """y[..., :n] along `axis` (ragged edges: the padded outputs dropped)."""
+    return bld.op("Slice", [y, bld.const("start", [0], np.int64), bld.const("end", [n], np.int64),
+                            bld.const("axis", [axis], np.int64)])
+
+
+def _padded_rows(bld: Builder, shapes: "_Shapes", Kp: int) -> ir.Value:
+    """x as (M, Kp): flattened, zero columns appended up to a multiple of the block."""
+    x2 = shapes.flat()
+    if Kp != shapes.K:
+        x2 = bld.op("Pad", [x2, bld.const("pad_in", [0, 0, 0, Kp - shapes.K], np.int64)])
+    return x2
+
+
+def _rows_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                 b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    Kp, Np = -(-K // b) * b, Nb * b
+    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
+    g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
+    g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, rb], np.int64)])  # (M, Nb, r*b)
+    g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b): ONNX Runtime fuses it into the MatMul
+    yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
+    yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
+    y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
+    return _slice_columns(bld, y, N, 1) if Np != N else y
+
+
+def _blocks_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                   b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    r = rb // b
+    Kp, Np = -(-K // b) * b, Nb * b
+    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
+    xt = bld.op("Transpose", [xb], {"perm": [1, 0, 2]})  # (Kb, M, b): each input block contiguous
+    g = bld.op("Gather", [xt, index], {"axis": 0})  # (Nb, M, b) for r = 1, else (Nb, r, M, b)
+    if r == 1:
+        yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
+    else:
+        p = bld.op("MatMul", [g, bld.const("blocks", wp.reshape(Nb, r, b, b))])  # (Nb, r, M, b)
+        yb = bld.op("ReduceSum", [p, bld.const("slots", [1], np.int64)], {"keepdims": 0})  # (Nb, M, b)
+    yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
+    y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
+    return _slice_columns(bld, y, N, 1) if Np != N else y
+
+
+def _column_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                   b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    Kp, Np = -(-K // b) * b, Nb * b
+    xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M)
+    if Kp != K:
+        xt = bld.op("Pad", [xt, bld.const("pad_in", [0, 0, Kp - K, 0], np.int64)])  # (Kp, M)
+    xb = bld.op("Reshape", [xt, bld.const("blocks_in", [Kp // b, -1], np.int64)])  # (Kb, b*M)
+    g = bld.op("Gather", [xb, index], {"axis": 0})  # (Nb, r, b*M)
+    g = bld.op("Reshape", [g, bld.const("gathered", [Nb, rb, -1], np.int64)])  # (Nb, r*b, M)
+    wt = np.ascontiguousarray(wp.transpose(0, 2, 1))  # (Nb, b, r*b)
+    yb = bld.op("MatMul", [bld.const("blocks", wt), g])  # (Nb, b, M)
+    yt = bld.op("Reshape", [yb, bld.const("blocks_out", [Np, -1], np.int64)])  # (Np, M)
+    if Np != N:
+        yt = _slice_columns(bld, yt, N, 0)  # (N, M)
+    return shapes.transpose(yt, [1, N])  # (M, N)
+
+
 class BlockSparseMatMulPass(ir.passes.InPlacePass):
     """ort-block: MatMul/Gemm with a block-sparse constant weight -> Gather + batched MatMul over the
     nonzero blocks (see the module docstring). `block`: the block size (default: the plan's block
     mask, else the largest of 64/32/16/8 whose padded density is within 10% of the best);
-    layers whose padded block density exceeds `max_density` stay dense; `layout`: "rows", "column"
-    or "auto" (column for a single static row)."""
+    layers whose padded block density exceeds `max_density` stay dense; `layout`: one of `LAYOUTS`,
+    "auto" choosing per layer (`auto_layout`)."""
 
     def __init__(self, block: int | None = None, max_density: float | None = None, layout: str = "auto"):
         super().__init__()
         if block is not None and (not isinstance(block, int) or block < 1):
             raise ValueError(f"block must be a positive integer, got {block!r}")
-        if layout not in ("auto", "rows", "column"):
-            raise ValueError(f"layout must be 'auto', 'rows' or 'column', got {layout!r}")
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         self.block, self.layout = block, layout
         self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
 
@@ -215,36 +300,10 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
             shapes = _Shapes(bld, x, K, N, opset)
             wp = pack_blocks(Wp, idx, b) * alpha  # (Nb, r*b, b)
-            layout = self.layout if self.layout != "auto" else ("column" if shapes.rows == 1 else "rows")
-            index = bld.const("block_index", idx, np.int64)
-            if layout == "rows":
-                x2 = shapes.flat()  # (M, K)
-                if Kp != K:
-                    x2 = bld.op("Pad", [x2, bld.const("pad_in", [0, 0, 0, Kp - K], np.int64)])  # (M, Kp)
-                xb = bld.op("Reshape", [x2, bld.const("blocks_in", [-1, Kb, b], np.int64)])  # (M, Kb, b)
-                g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
-                g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, r * b], np.int64)])  # (M, Nb, r*b)
-                g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b)
-                yb = bld.op("MatMul", [g, bld.const("blocks", wp.astype(dtype))])  # (Nb, M, b)
-                yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
-                y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
-                if Np != N:
-                    y = bld.op("Slice", [y, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
-                                         bld.const("axis", [1], np.int64)])  # (M, N)
-            else:
-                xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M)
-                if Kp != K:
-                    xt = bld.op("Pad", [xt, bld.const("pad_in", [0, 0, Kp - K, 0], np.int64)])  # (Kp, M)
-                xb = bld.op("Reshape", [xt, bld.const("blocks_in", [Kb, -1], np.int64)])  # (Kb, b*M)
-                g = bld.op("Gather", [xb, index], {"axis": 0})  # (Nb, r, b*M)
-                g = bld.op("Reshape", [g, bld.const("gathered", [Nb, r * b, -1], np.int64)])  # (Nb, r*b, M)
-                wt = np.ascontiguousarray(wp.transpose(0, 2, 1)).astype(dtype)  # (Nb, b, r*b)
-                yb = bld.op("MatMul", [bld.const("blocks", wt), g])  # (Nb, b, M)
-                yt = bld.op("Reshape", [yb, bld.const("blocks_out", [Np, -1], np.int64)])  # (Np, M)
-                if Np != N:
-                    yt = bld.op("Slice", [yt, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
-                                          bld.const("axis", [0], np.int64)])  # (N, M)
-                y = shapes.transpose(yt, [1, N])  # (M, N)
+            layout = self.layout if self.layout != "auto" else auto_layout(shapes.rows, r)
+            index = idx[:, 0] if layout == "blocks" and r == 1 else idx  # (Nb,): one block each, no sum
+            emit = {"rows": _rows_layout, "column": _column_layout, "blocks": _blocks_layout}[layout]
+            y = emit(bld, shapes, bld.const("block_index", index, np.int64), wp.astype(dtype), K, N, b)
             y = _add_bias(bld, y, C, dtype)
             y = shapes.unflat(y)
             bld.insert_after(node)
@@ -302,4 +361,5 @@ class SparseToDenseMatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(choices))
 
 
-__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "BLOCK_SIZES"]
+__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "auto_layout",
+           "BLOCK_SIZES", "LAYOUTS"]
