@@ -343,6 +343,9 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> lowered = sg.onnx.lower(path, "ort-sparse")
     >>> sorted({c["target"] for c in sg.onnx.read_lowering(lowered).values()})
     ['ort-sparse']
+    >>> blocks = sg.onnx.lower(path, "ort-block", layout="blocks")
+    >>> {c["layout"] for c in sg.onnx.read_lowering(blocks).values()}
+    {'blocks'}
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
     """

@@ -172,7 +172,11 @@ def pack_blocks(W: np.ndarray, idx: np.ndarray, b: int) -> np.ndarray:
 def auto_layout(rows: int | None, r: int) -> str:
     """The layout `BlockSparseMatMulPass(layout="auto")` uses for M rows (None: unknown) and r blocks
     per output block-column: column for a single static row, blocks when every output block reads one
-    input block, rows otherwise (see the module docstring for the measurements behind this)."""
+    input block, rows otherwise (see the module docstring for the measurements behind this).
+
+    >>> auto_layout(1, 3), auto_layout(64, 1), auto_layout(None, 4)
+    ('column', 'blocks', 'rows')
+    """
     if rows == 1:
         return "column"
     return "blocks" if r == 1 else "rows"
