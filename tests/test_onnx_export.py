@@ -149,6 +149,8 @@ def test_ort_block_layouts_match_pytorch(tmp_path):
         lowered = sg.onnx.read_lowering(path)
         assert sparse <= set(lowered)
         assert {c["layout"] for c in lowered.values()} == {"blocks" if layout == "auto" else layout}
+        handed = {k for k, c in lowered.items() if "input_from" in c}  # GELU(c_fc) read in block layout
+        assert handed == ({"h.0.mlp.c_proj.weight"} if layout in ("auto", "blocks") else set())
         assert rel_err(_ort(path, spec.example_inputs), expected) <= 1e-4, layout
 
 

@@ -270,6 +270,54 @@ def test_blocks_layout_gathers_contiguous_blocks():
         sg.onnx.lower(m, "ort-block", layout="diagonal")
 
 
+def _mlp(between, d=64, hidden=160, x_shape=(3, 7, 64), seed=0):
+    """x -> MatMul(W1) + b1 -> `between` nodes (reading "h", writing "a") -> MatMul(W2) + b2, both
+    weights balanced block-16 (hidden = 160: 10 blocks), as exported linears are."""
+    from sparsegraph.masks import make_mask
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((hidden, d)) * make_mask("balanced_block:16", (hidden, d), 0.25, seed=0, name="w1").numpy()
+    w2 = rng.standard_normal((d, hidden)) * make_mask("balanced_block:16", (d, hidden), 0.2, seed=0, name="w2").numpy()
+    inits = [numpy_helper.from_array(w1.T.astype(np.float32), "w1"), numpy_helper.from_array(w2.T.astype(np.float32), "w2"),
+             _w("b1", (hidden,), 1), _w("b2", (d,), 2), numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]), *between,
+             helper.make_node("MatMul", ["a", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["y"])]
+    return _graph(nodes, inits, list(x_shape), opset=20)
+
+
+@pytest.mark.parametrize("between, handed", [
+    ([helper.make_node("Gelu", ["h"], ["g"]), helper.make_node("Mul", ["g", "half"], ["a"])], True),
+    ([helper.make_node("Relu", ["h"], ["a"])], True),
+    ([helper.make_node("Sub", ["half", "h"], ["a"])], True),  # the constant first: operand order kept
+    ([helper.make_node("Softmax", ["h"], ["a"], axis=-1)], False),  # mixes features: stays in row layout
+    ([helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Add", ["r", "h"], ["a"])], False)])  # h read twice
+def test_block_major_output_handed_to_the_next_layer(between, handed):
+    """A layer fed by another lowered layer through elementwise ops (bias, GELU, a scale) reads its
+    block-major output directly: no Transpose between the two MatMuls; the result is unchanged."""
+    m = _mlp(between)
+    lowered = sg.onnx.lower(m, "ort-block")
+    choices = sg.onnx.read_lowering(lowered)
+    assert choices["w2"].get("input_from") == ("w1" if handed else None)
+    assert choices["w1"]["layout"] == "blocks" and choices["w2"]["blocks_per_column"] == 2
+    assert choices["w2"]["layout"] == ("blocks" if handed else "rows")
+    ops = [n.op_type for n in lowered.graph]
+    # w1 (one block per column: blocks) transposes x in and yb out, w2 (rows) its gathered blocks and yb;
+    # handed over, only w1's input and w2's output Transposes are left
+    assert ops.count("Transpose") == (2 if handed else 4), ops
+    x = np.random.default_rng(5).standard_normal((3, 7, 64)).astype(np.float32)
+    np.testing.assert_allclose(sg.onnx.Session(lowered)(x), sg.onnx.Session(m)(x), rtol=1e-4, atol=1e-4)
+
+
+def test_no_hand_over_with_a_symbolic_batch_or_a_fixed_layout():
+    """The hand-over needs static leading sizes and the automatic layout choice."""
+    between = [helper.make_node("Relu", ["h"], ["a"])]
+    for model, kw in ((_mlp(between, x_shape=("B", 7, 64)), {}), (_mlp(between), {"layout": "rows"})):
+        lowered = sg.onnx.lower(model, "ort-block", **kw)
+        assert not any("input_from" in c for c in sg.onnx.read_lowering(lowered).values())
+        x = np.random.default_rng(6).standard_normal((3, 7, 64)).astype(np.float32)
+        np.testing.assert_allclose(sg.onnx.Session(lowered)(x), sg.onnx.Session(model)(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("target", ["ort-block", "ort-sparse"])
 def test_single_row_needs_no_transpose(target):
     """With one static row (batch 1, GEMV) the transposes of x and y are Reshapes (no copies)."""

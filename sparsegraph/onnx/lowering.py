@@ -33,6 +33,14 @@ becomes runs its K = b products (r = 1) at half the speed of blocks' contiguous 
 for r > 1 the per-block products and the ReduceSum of the blocks layout cost more than rows saves;
 column's two 2-D Transposes are slow in ONNX Runtime from a few dozen rows on.
 
+Between layers: rows and blocks both compute yb (Nb, M, b) and transpose it back; blocks reads x as
+(Kb, M, b). When a layer's input is another lowered layer's output through a bias, GELU, a scale
+or any such per-feature elementwise chain (`feature_chain`: each value read once, static leading
+sizes, b dividing the shared width), the chain is rebuilt on yb and the next layer's Gather reads
+it (`hand_over_blocks`): a transformer MLP's c_fc -> GELU -> c_proj runs without the two
+Transposes of the widest activation. With layout="auto" such a consumer uses blocks whatever
+its r (recorded as "input_from" in the lowering metadata).
+
 ort-sparse (`SparseToDenseMatMulPass`): com.microsoft SparseToDenseMatMul(A, B) = A B, where A
 must be a *sparse tensor run-time input* (a 2-D COO or CSR `sparse_tensor(float)`; ONNX Runtime
 rejects sparse initializers and Constant sparse_value there, because it densifies them) and B
@@ -51,8 +59,8 @@ import onnx_ir as ir
 
 from ..masks import parse_mask
 from ..plan import plan_of
-from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_operands, infer_shapes,
-                           opset_of, redirect, weight_source)
+from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, add_initializer, cleanup, const_array,
+                           gemm_operands, infer_shapes, is_constant, opset_of, redirect, weight_source)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
 LAYOUTS = ("rows", "blocks", "column")  # ort-block's three formulations (module docstring)
@@ -246,6 +254,83 @@ def _column_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndar
     return shapes.transpose(yt, [1, N])  # (M, N)
 
 
+ELEMENTWISE = {"Relu", "Gelu", "Tanh", "Sigmoid", "Erf", "Neg", "Abs", "Exp", "Softplus", "Softsign", "LeakyRelu",
+               "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Mish", "Identity"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+def feature_chain(x: ir.Value, K: int, stop) -> tuple[list[ir.Node], ir.Node] | None:
+    """The nodes between a layer's input x and the node `stop(node)` accepts, walking back through
+    Reshapes, unary elementwise ops and binary ops with a constant scalar or per-feature operand
+    (a bias, GELU, a scale), every value read once and the feature axis (K) last throughout:
+    (chain from x backwards, the stop node), or None."""
+    chain, v = [], x
+    while True:
+        node = v.producer()
+        if node is None or len(v.uses()) != 1 or v.is_graph_output() or node.domain not in ("", "ai.onnx"):
+            return None
+        if stop(node):
+            return chain, node
+        if v.shape is None or not v.shape.dims or v.shape[-1] != K:
+            return None
+        if node.op_type in _BINARY and len(node.inputs) == 2:
+            consts = [const_array(i) if is_constant(i) else None for i in node.inputs]
+            if sum(c is None for c in consts) != 1:
+                return None
+            c = next(c for c in consts if c is not None)
+            if c.size != 1 and (c.shape[-1:] != (K,) or c.size != K):
+                return None  # only scalars and per-feature vectors keep their meaning in block layout
+            v = node.inputs[consts.index(None)]
+        elif node.op_type == "Reshape" or node.op_type in ELEMENTWISE:
+            v = node.inputs[0]
+        else:
+            return None
+        chain.append(node)
+
+
+def _is_block_transpose(node: ir.Node, blocks_out: dict) -> bool:
+    perm = node.attributes.get("perm")
+    return (node.op_type == "Transpose" and perm is not None and list(perm.value) == [1, 0, 2]
+            and id(node.inputs[0]) in blocks_out)
+
+
+def hand_over_blocks(graph: ir.Graph, namer: Namer, x: ir.Value, gather: ir.Node, blocks_out: dict, K: int,
+                     b: int) -> str | None:
+    """A blocks-layout layer whose input x comes from another lowered layer's block-major output
+    yb (Nb, M, b) through a `feature_chain`: the chain is rebuilt on yb itself (per-feature
+    constants as (Nb, 1, b)) and the Gather reads it, so neither the producer's output Transpose
+    nor this layer's input Transpose runs. Returns the producer's weight name, or None (nothing
+    changed)."""
+    found = feature_chain(x, K, lambda n: _is_block_transpose(n, blocks_out))
+    if found is None or blocks_out[id(found[1].inputs[0])][1:] != (K, b):
+        return None
+    chain, transpose = found
+    cur = transpose.inputs[0]  # yb (Nb, M, b)
+    new = []
+    for node in reversed(chain):
+        if node.op_type == "Reshape":
+            continue
+        inputs = [cur]
+        if node.op_type in _BINARY:
+            inputs = []
+            for i in node.inputs:
+                c = const_array(i) if is_constant(i) else None
+                if c is None:
+                    inputs.append(cur)
+                else:
+                    c = c.reshape(()) if c.size == 1 else c.reshape(K // b, 1, b)
+                    inputs.append(add_initializer(graph, namer, f"{node.name or node.op_type}/blocks", c))
+        out = ir.Value(name=namer(f"{node.name or node.op_type}/blocks_out"))
+        new.append(ir.node(node.op_type, inputs, {a.name: a for a in node.attributes.values()}, domain=node.domain,
+                           outputs=[out], name=namer(f"{node.name or node.op_type}/blocks"),
+                           metadata_props=dict(node.metadata_props)))
+        cur = out
+    if new:
+        graph.insert_before(gather, new)
+    gather.replace_input_with(0, cur)
+    return blocks_out[id(transpose.inputs[0])][0]
+
+
 class BlockSparseMatMulPass(ir.passes.InPlacePass):
     """ort-block: MatMul/Gemm with a block-sparse constant weight -> Gather + batched MatMul over the
     nonzero blocks (see the module docstring). `block`: the block size (default: the plan's block
@@ -288,7 +373,7 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
         plan_block = _plan_block(model)
         namer = Namer(model.graph)
         opset = opset_of(model)
-        choices = {}
+        plans = []  # (node, x, W, name, alpha, C, b, idx, r, layout)
         for node, x, W, name, alpha, C in _candidates(model):
             if np.count_nonzero(W) > self.max_density * W.size:  # cannot pass: skip the block analysis
                 continue
@@ -296,6 +381,22 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             if chosen is None:
                 continue
             b, idx, r = chosen
+            rows = _Shapes(None, x, *W.shape, opset).rows
+            layout = self.layout if self.layout != "auto" else auto_layout(rows, r)
+            plans.append([node, x, W, name, alpha, C, b, idx, r, layout])
+        if self.layout == "auto":  # a layer fed by another's block-major output reads it as it is
+            block_major = {id(p[0]): p for p in plans if p[9] != "column" and p[2].shape[1] % p[6] == 0}
+            for p in plans:
+                node, x, W, b = p[0], p[1], p[2], p[6]
+                if p[9] != "rows" or W.shape[0] % b or _Shapes(None, x, *W.shape, opset).rows is None:
+                    continue
+                found = feature_chain(x, W.shape[0], lambda n: id(n) in block_major)
+                if found is not None and block_major[id(found[1])][6] == b:
+                    p[9] = "blocks"
+        choices = {}
+        blocks_out: dict[int, tuple[str, int, int]] = {}  # id(yb) -> (weight, N, b)
+        blocks_in: list[tuple[str, ir.Value, ir.Node, int, int]] = []  # (weight, x, Gather, K, b)
+        for node, x, W, name, alpha, C, b, idx, r, layout in plans:
             K, N = W.shape
             Wp = pad_to_blocks(W.astype(np.float64), b)  # ragged edges: zero rows/columns up to (Kp, Np)
             Kp, Np = Wp.shape
@@ -304,10 +405,14 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
             shapes = _Shapes(bld, x, K, N, opset)
             wp = pack_blocks(Wp, idx, b) * alpha  # (Nb, r*b, b)
-            layout = self.layout if self.layout != "auto" else auto_layout(shapes.rows, r)
             index = idx[:, 0] if layout == "blocks" and r == 1 else idx  # (Nb,): one block each, no sum
             emit = {"rows": _rows_layout, "column": _column_layout, "blocks": _blocks_layout}[layout]
             y = emit(bld, shapes, bld.const("block_index", index, np.int64), wp.astype(dtype), K, N, b)
+            if layout != "column" and Np == N:  # y reads yb (Nb, M, b) through Transpose [1, 0, 2]
+                out_transpose = next(n for n in reversed(bld.nodes) if n.op_type == "Transpose")
+                blocks_out[id(out_transpose.inputs[0])] = (name, N, b)
+            if layout == "blocks" and Kp == K:  # the Gather reads x as (Kb, M, b)
+                blocks_in.append((name, x, next(n for n in bld.nodes if n.op_type == "Gather"), K, b))
             y = _add_bias(bld, y, C, dtype)
             y = shapes.unflat(y)
             bld.insert_after(node)
@@ -315,6 +420,12 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             choices[name] = {"target": "ort-block", "layout": layout, "block": b, "blocks_per_column": r, "k_blocks": Kb,
                              "n_blocks": Nb, "density": r * b / K, "weight_density": float(np.count_nonzero(W)) / W.size,
                              "shape": [K, N], "node": node.name}
+        if blocks_in and blocks_out:
+            cleanup(model)  # shapes of the new values: the hand-over follows the feature axis
+        for name, x, gather, K, b in blocks_in:
+            source = hand_over_blocks(model.graph, Namer(model.graph), x, gather, blocks_out, K, b)
+            if source is not None:
+                choices[name]["input_from"] = source
         if choices:
             cleanup(model)
             _record(model, choices)
