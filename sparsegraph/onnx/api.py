@@ -346,6 +346,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> blocks = sg.onnx.lower(path, "ort-block", layout="blocks")
     >>> {c["layout"] for c in sg.onnx.read_lowering(blocks).values()}
     {'blocks'}
+    >>> sorted(k for k, c in sg.onnx.read_lowering(blocks).items() if "input_from" in c)  # GELU(c_fc) as it is
+    ['h.0.mlp.c_proj.weight', 'h.1.mlp.c_proj.weight']
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
     """
