@@ -1,18 +1,23 @@
-"""ONNX Runtime (CPU): dense MatMul vs the `ort-block` and `ort-sparse` lowerings, side by side.
+"""ONNX Runtime (CPU): dense MatMul against the `ort-block` formulations and `ort-sparse`, side by side.
 
-Single layers: y = x W^T for PyTorch-layout weights W (out, in) with balanced block masks, as the
-lowering passes produce them (`sg.onnx.lower(model, "ort-block" | "ort-sparse")` on a one-MatMul
-model with the masked weight as an initializer); GPT-2 small's projections and ResNet-18's
-im2col GEMMs (rows = batch x output pixels). End to end: the built-in gpt-mini and CIFAR ResNet-18,
-dense and Sparse Wide (balanced block masks), exported with `sg.export_onnx` in every lower mode.
+Single layers: y = x W^T for PyTorch-layout weights W (out, in) with balanced block masks, lowered
+by the same passes as `sg.onnx.lower(model, "ort-block", layout=...)` on a one-MatMul model with the
+masked weight as an initializer: GPT-2 small's projections and the Sparse Wide gpt-mini's own
+layers (d 256 at s = 0.75, 416 at s = 0.9), plus ResNet-18's im2col GEMMs in the full grid.
+End to end: the built-in gpt-mini, dense original against Sparse Wide (balanced_block:32, s = 0.75
+and 0.9) exported with `sg.export_onnx` as a dense file and with `ort-block`, at batch 1 (1 x 64
+tokens) and 16 x 128 tokens.
 
     eta = t_dense(same shape) * rho / t_sparse     (rho = the weight's density; 1 is the physical limit)
 
-All variants of one configuration are timed in the same process, interleaved round by round
-(best of the rounds: the machine is shared), on the same inputs.
+Every candidate of one configuration is timed in the same process with `common.medians`
+(interleaved rounds, the median of each) on the same inputs, after its output was checked against
+the dense session. The dense MatMul's GFLOP/s and its fraction of the CPU's measured fp32 FMA peak
+are printed beside it. Nothing here asserts on time.
 
-    python bench/onnx_runtime.py            # the full grid (about 20 minutes on 2 cores)
-    python bench/onnx_runtime.py --quick    # a few configurations (about 2 minutes)
+    python bench/onnx_runtime.py                # the full grid (about 15 minutes on 2 cores)
+    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 3 minutes)
+    python bench/onnx_runtime.py --threads 1
 """
 from __future__ import annotations
 
@@ -29,44 +34,47 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, write_json  # noqa: E402
+from common import describe, machine, medians, print_table, write_json  # noqa: E402
 
 import sparsegraph as sg  # noqa: E402
 from sparsegraph.masks import make_mask  # noqa: E402
 from sparsegraph.models import builtin  # noqa: E402
+from sparsegraph.onnx.lowering import LAYOUTS  # noqa: E402
 
-GPT2 = [("gpt2 attn.c_proj", 768, 768, 1), ("gpt2 mlp.c_fc", 3072, 768, 1), ("gpt2 mlp.c_proj", 768, 3072, 1)]
+GPT2 = [("gpt2 c_attn", 2304, 768, 1), ("gpt2 c_fc", 3072, 768, 1), ("gpt2 mlp.c_proj", 768, 3072, 1)]
+# the Sparse Wide gpt-mini's layers (n_embd 128 widened to 256 / 416): (name, out, in, sparsity)
+MINI = {0.75: [("mini75 c_attn", 768, 256), ("mini75 c_fc", 1024, 256), ("mini75 mlp.c_proj", 256, 1024)],
+        0.9: [("mini90 c_attn", 1248, 416), ("mini90 c_fc", 1632, 416), ("mini90 mlp.c_proj", 416, 1632)]}
 # ResNet-18 (CIFAR, 32x32) 3x3 convolutions as im2col GEMMs: (out channels, in channels * 9, output pixels)
-RESNET = [("resnet18 layer1 3x3", 64, 576, 1024), ("resnet18 layer2 3x3", 128, 1152, 256),
-          ("resnet18 layer3 3x3", 256, 2304, 64), ("resnet18 layer4 3x3", 512, 4608, 16)]
+RESNET = [("resnet18 layer2", 128, 1152, 256), ("resnet18 layer4", 512, 4608, 16)]
+TOLERANCE = 1e-4  # relative to the largest output, as in the tests
 
 
-# ---------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------
-def side_by_side(calls: dict[str, callable], budget: float, rounds: int = 9) -> dict[str, float]:
-    """Seconds per call of every callable: interleaved rounds (each callable runs back to back for a
-    fraction of the budget, in turn), the best round of each. The machine is shared, so the fastest
-    round is the least disturbed estimate; all variants get the same treatment."""
-    per_call = {}
-    for name, fn in calls.items():  # warm up, and size each round to ~budget / rounds
-        fn()
-        t = time.perf_counter()
-        fn()
-        per_call[name] = max(time.perf_counter() - t, 1e-7)
-    reps = {name: max(1, int(budget / rounds / len(calls) / t)) for name, t in per_call.items()}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            t = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t) / reps[name])
-    return {name: float(np.min(s)) for name, s in samples.items()}
+class Mismatch(RuntimeError):
+    pass
 
 
-def _session(model, threads: int):
+def _session(model, threads: int) -> sg.onnx.Session:
     return sg.onnx.Session(model, threads=threads)
+
+
+def _timed(calls: dict, budget: float) -> dict[str, float]:
+    """Median seconds per call, interleaved; calls of well under a millisecond are repeated per round."""
+    once = {}
+    for k, f in calls.items():
+        f()
+        t = time.perf_counter()
+        f()
+        once[k] = time.perf_counter() - t
+    inner = max(1, int(2e-3 / max(min(once.values()), 1e-7)))
+    rounds = max(5, min(41, int(budget / max(sum(once.values()) * inner, 1e-7))))
+    return medians(calls, rounds=rounds, budget_s=budget, inner=inner)
+
+
+def _check(name: str, out: np.ndarray, ref: np.ndarray) -> None:
+    err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+    if err > TOLERANCE:
+        raise Mismatch(f"{name}: relative error {err:.2e} against the dense session (tolerance {TOLERANCE})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,111 +91,125 @@ def _layer_model(W: np.ndarray, rows: int):
 
 
 def bench_layer(name: str, out_f: int, in_f: int, rows: int, sparsity: float, block: int, threads: int,
-                budget: float, modes: tuple[str, ...]) -> dict:
+                budget: float, sparse_too: bool, peak: float | None) -> dict:
     mask = make_mask(f"balanced_block:{block}", (out_f, in_f), 1 - sparsity, seed=0, name=name).numpy()
     W = (np.random.default_rng(0).standard_normal((out_f, in_f)) * mask).astype(np.float32)
     rho = float(np.count_nonzero(W)) / W.size
     x = np.random.default_rng(1).standard_normal((rows, in_f)).astype(np.float32)
     dense = _layer_model(W, rows)
     models = {"dense": dense}
-    if "ort-block" in modes:
-        models["ort-block"] = sg.onnx.lower(dense, "ort-block", fold=False, block=block, max_density=1.0, check=False)
-    if "ort-sparse" in modes:
+    for layout in ("auto", *LAYOUTS):
+        models[layout] = sg.onnx.lower(dense, "ort-block", fold=False, block=block, max_density=1.0, layout=layout,
+                                       check=False)
+    if sparse_too:
         models["ort-sparse"] = sg.onnx.lower(dense, "ort-sparse", fold=False, max_density=1.0, check=False)
+    auto = next(iter(sg.onnx.read_lowering(models["auto"]).values()))
     sessions = {k: _session(m, threads) for k, m in models.items()}
     ref = sessions["dense"](x)
-    for k, s in sessions.items():  # the lowering is exact
-        assert np.abs(s(x) - ref).max() <= 1e-3 * np.abs(ref).max(), k
-    t = side_by_side({k: (lambda s=s: s(x)) for k, s in sessions.items()}, budget)
+    for k, s in sessions.items():
+        _check(f"{name} rows={rows} {k}", s(x), ref)
+    t = _timed({k: (lambda s=s: s(x)) for k, s in sessions.items()}, budget)
+    flop = 2.0 * rows * out_f * in_f
     row = {"layer": name, "shape": f"{out_f}x{in_f}", "rows": rows, "sparsity": sparsity, "block": block,
-           "density": round(rho, 4), "dense_us": t["dense"] * 1e6}
-    for k in modes:
+           "density": round(rho, 4), "r": auto["blocks_per_column"], "auto": auto["layout"],
+           "dense_us": t["dense"] * 1e6, "dense_gflops": flop / t["dense"] / 1e9,
+           "dense_peak": flop / t["dense"] / peak if peak else float("nan")}
+    for k in models:
+        if k == "dense":
+            continue
         row[f"{k}_us"] = t[k] * 1e6
         row[f"eta_{k}"] = t["dense"] * rho / t[k]
-        row[f"speedup_{k}"] = t["dense"] / t[k]
+    row["speedup_auto"] = t["dense"] / t["auto"]
     return row
 
 
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
-def bench_model(name: str, batch: int, sparsities: list[float], block: int, threads: int, budget: float,
-                folder: str) -> list[dict]:
-    spec = builtin(name)
-    inputs = spec.make_input((batch, *spec.example_inputs[0].shape[1:]))
-    feed = [x.numpy() for x in inputs]
+def bench_gpt_mini(shape: tuple[int, int], sparsities: list[float], threads: int, budget: float, folder: str,
+                   rows_too: bool) -> list[dict]:
+    spec = builtin("gpt-mini")
     spec.model.eval()
-    sessions, flops = {}, {}
-    sessions["original dense"] = _session(sg.export_onnx(spec.model, inputs, os.path.join(folder, f"{name}.onnx")),
-                                          threads)
-    flops["original dense"] = sg.analyze(spec.model, inputs).dense_flops
-    modes = ("dense", "ort-block", "ort-sparse") if batch == 1 else ("dense", "ort-block")  # ort-sparse: seconds a call
+    inputs = spec.make_input(shape)
+    feed = [x.numpy() for x in inputs]
+    tag = "x".join(map(str, shape))
+    paths = {"original dense": sg.export_onnx(spec.model, inputs, os.path.join(folder, f"gpt-mini_{tag}.onnx"))}
     for s in sparsities:
-        wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", s, mask=f"balanced_block:{block}").eval()
-        for mode in modes:
-            path = sg.export_onnx(wide, inputs, os.path.join(folder, f"{name}_{s}_{mode}.onnx"), lower=mode)
-            sessions[f"wide s={s} {mode}"] = _session(path, threads)
-        flops[f"wide s={s}"] = wide.plan.totals["sparse_flops"] * batch // spec.example_inputs[0].shape[0]
-    ref = {k: s(*feed) for k, s in sessions.items()}
-    for s in sparsities:
-        a = ref[f"wide s={s} dense"]
-        for mode in modes[1:]:
-            assert np.abs(ref[f"wide s={s} {mode}"] - a).max() <= 1e-3 * np.abs(a).max(), mode
-    t = side_by_side({k: (lambda s=s: s(*feed)) for k, s in sessions.items()}, budget, rounds=7)
+        wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", s, mask="balanced_block:32").eval()
+        stem = os.path.join(folder, f"gpt-mini_{s}_{tag}")
+        paths[f"wide s={s} dense"] = sg.export_onnx(wide, inputs, f"{stem}_dense.onnx")
+        paths[f"wide s={s} ort-block"] = sg.export_onnx(wide, inputs, f"{stem}_block.onnx", lower="ort-block")
+        if rows_too:  # the formulation every layer used before the per-layer choice
+            paths[f"wide s={s} ort-block rows"] = sg.export_onnx(wide, inputs, f"{stem}_rows.onnx", lower="ort-block",
+                                                                 layout="rows")
+    sessions = {k: _session(p, threads) for k, p in paths.items()}
+    outs = {k: s(*feed) for k, s in sessions.items()}
+    for k in outs:
+        if k.startswith("wide") and not k.endswith(" dense"):
+            _check(f"gpt-mini {tag} {k}", outs[k], outs[k.split(" ort-block")[0] + " dense"])
+    t = _timed({k: (lambda s=s: s(*feed)) for k, s in sessions.items()}, budget)
     base = t["original dense"]
     rows = []
     for k, v in t.items():
-        rows.append({"model": name, "batch": batch, "variant": k, "ms": v * 1e3, "vs_original": v / base,
-                     "sparse_flops": flops.get(k, flops.get(k.rsplit(" ", 1)[0], 0))})
+        layouts = sorted({c["layout"] for c in sg.onnx.read_lowering(paths[k]).values()})
+        rows.append({"model": "gpt-mini", "tokens": tag, "variant": k, "layouts": ",".join(layouts) or "-",
+                     "ms": v * 1e3, "vs_original": v / base})
     return rows
+
+
+def _short(row: dict) -> dict:
+    """The table's view of a layer row (the JSON keeps every field)."""
+    nan = float("nan")
+    peak = f" ({row['dense_peak']:.0%})" if row["dense_peak"] == row["dense_peak"] else ""
+    return {"layer": row["layer"], "W": row["shape"], "M": row["rows"], "s": row["sparsity"], "r": row["r"],
+            "dense us": row["dense_us"], "dense GFLOP/s": f"{row['dense_gflops']:.0f}{peak}", "auto": row["auto"],
+            "eta auto": row["eta_auto"], "x dense": row["speedup_auto"], "eta rows": row["eta_rows"],
+            "eta blocks": row["eta_blocks"], "eta column": row["eta_column"],
+            "eta sparse": row.get("eta_ort-sparse", nan)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few configurations only")
+    p.add_argument("--quick", action="store_true", help="GPT-2 and gpt-mini shapes and end to end only")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per configuration")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # machine(): the FMA peak at the thread count ONNX Runtime uses
+    info = machine()
+    print(describe(info), f"| ONNX Runtime {ort.__version__}, {args.threads} intra-op thread(s)", flush=True)
+    peak = info["fp32_peak_gflops"] * 1e9 if info["fp32_peak_gflops"] else None
     quick = args.quick
-    budget = args.budget or (0.6 if quick else 1.5)
-    shapes = GPT2[:2] + RESNET[2:3] if quick else GPT2 + RESNET
-    sparsities = [0.9] if quick else [0.5, 0.75, 0.9, 0.95]
-    blocks = [32] if quick else [16, 32, 64]
-    batches = [1, 64]
+    budget = args.budget or (1.0 if quick else 2.0)
+    configs = [(n, o, i, pix * m, s) for n, o, i, pix in GPT2 for s in (0.75, 0.9) for m in ([64, 2048] if quick else
+                                                                                               [1, 64, 2048])]
+    configs += [(n, o, i, m, s) for s, layers in MINI.items() for n, o, i in layers for m in (64, 2048)]
+    if not quick:
+        configs += [(n, o, i, pix * m, s) for n, o, i, pix in RESNET for s in (0.75, 0.9) for m in (1, 64)]
     rows = []
-    configs = [(sh, s, b, n) for sh in shapes for s in sparsities for b in blocks for n in batches]
     t0 = time.time()
-    for i, ((name, out_f, in_f, pix), s, b, n) in enumerate(configs, 1):
-        modes = ("ort-block", "ort-sparse")
-        if pix * n * out_f * in_f * (1 - s) > 3e8:  # SparseToDenseMatMul is single-threaded Eigen: seconds a call
-            modes = ("ort-block",)
-        row = bench_layer(name, out_f, in_f, pix * n, s, b, args.threads, budget, modes)
-        row["batch"] = n
+    for k, (name, out_f, in_f, m, s) in enumerate(configs, 1):
+        sparse_too = m * out_f * in_f * (1 - s) <= 3e7  # SparseToDenseMatMul is single-threaded: seconds a call
+        row = bench_layer(name, out_f, in_f, m, s, 32, args.threads, budget, sparse_too, peak)
         rows.append(row)
-        print(f"[{i}/{len(configs)} {time.time() - t0:5.0f}s] {name} {out_f}x{in_f} rows={pix * n} s={s} b={b}: "
-              f"dense {row['dense_us']:.0f}us, ort-block {row['ort-block_us']:.0f}us (eta {row['eta_ort-block']:.2f})"
-              + (f", ort-sparse {row['ort-sparse_us']:.0f}us (eta {row['eta_ort-sparse']:.2f})"
-                 if "ort-sparse_us" in row else ""), flush=True)
-    cols = ["layer", "shape", "batch", "rows", "sparsity", "block", "density", "dense_us", "ort-block_us",
-            "eta_ort-block", "speedup_ort-block", "ort-sparse_us", "eta_ort-sparse"]
-    for r in rows:
-        for c in cols:
-            r.setdefault(c, float("nan"))
-    print_table(f"single layers, ONNX Runtime {ort.__version__} CPU, {args.threads} threads", rows, cols)
+        print(f"[{k}/{len(configs)} {time.time() - t0:4.0f}s] {name} {out_f}x{in_f} rows={m} s={s}: dense "
+              f"{row['dense_us']:.0f}us ({row['dense_gflops']:.0f} GFLOP/s), auto={row['auto']} "
+              f"{row['auto_us']:.0f}us (eta {row['eta_auto']:.2f}), rows eta {row['eta_rows']:.2f}, blocks eta "
+              f"{row['eta_blocks']:.2f}, column eta {row['eta_column']:.2f}", flush=True)
+    print_table(f"single layers, balanced_block:32, ONNX Runtime {ort.__version__} CPU, {args.threads} thread(s); "
+                f"eta = t_dense * density / t", [_short(r) for r in rows], list(_short(rows[0])))
 
     e2e = []
     with tempfile.TemporaryDirectory() as folder:
-        models = [("gpt-mini", [0.9] if quick else [0.75, 0.9])] + ([] if quick else [("resnet18", [0.75, 0.9])])
-        for name, sps in models:
-            for n in ([64] if quick else [1, 64]):
-                print(f"[{time.time() - t0:5.0f}s] end to end: {name} batch {n}", flush=True)
-                e2e += bench_model(name, n, sps, 32, args.threads, budget * 2, folder)
-    print_table("end to end (Sparse Wide, balanced_block:32)", e2e,
-                ["model", "batch", "variant", "ms", "vs_original", "sparse_flops"])
+        for shape in ((1, 64), (16, 128)):
+            print(f"[{time.time() - t0:4.0f}s] end to end: gpt-mini {shape[0]}x{shape[1]} tokens", flush=True)
+            e2e += bench_gpt_mini(shape, [0.75, 0.9], args.threads, budget * 4, folder, rows_too=not quick)
+    print_table("end to end: gpt-mini, Sparse Wide balanced_block:32 (target: ort-block within 1.5x the original)",
+                e2e, ["model", "tokens", "variant", "layouts", "ms", "vs_original"])
     path = write_json("onnx_runtime" + ("_quick" if quick else ""), rows, end_to_end=e2e, threads=args.threads,
-                      onnxruntime=ort.__version__, command=" ".join(["python bench/onnx_runtime.py", *(argv or sys.argv[1:])]))
+                      onnxruntime=ort.__version__,
+                      command=" ".join(["python bench/onnx_runtime.py", *(argv if argv is not None else sys.argv[1:])]))
     print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,7 @@ import torch
 import sparsegraph as sg
 from sparsegraph.cli import main
 from sparsegraph.models import builtin
+from sparsegraph.onnx.lowering import LAYOUTS
 from sparsegraph.plan import attach_plan
 
 from .conftest import hf_model
@@ -129,6 +130,28 @@ def test_graph_form_export_parity(models, tmp_path, model, family):
         path = sg.export_onnx(m, inputs, tmp_path / f"{mode}.onnx", lower=mode)
         assert _no_masks(path) and sg.onnx.read_plan(path) == sg.plan_of(m)
         assert rel_err(_ort(path, inputs), expected) <= 1e-4, mode
+
+
+def test_ort_block_layouts_match_pytorch(tmp_path):
+    """Every ort-block formulation of a Sparse Wide gpt-mini at s = 0.9 (d 416: one 32-block per
+    output block, where "auto" picks blocks) reproduces PyTorch through ONNX Runtime
+    (`export_onnx(layout=...)`: test_cli_export's --layout)."""
+    spec = builtin("gpt-mini", n_layer=1)
+    wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.9, mask="balanced_block:32").eval()
+    with torch.no_grad():
+        expected = wide(*spec.example_inputs).numpy()
+    dense = sg.export_onnx(wide, spec.example_inputs, tmp_path / "dense.onnx")
+    sparse = {w.name for w in sg.plan_of(wide).sparse_weights if w.kind == "linear"}
+    for layout in ("auto", *LAYOUTS):
+        path = str(tmp_path / f"{layout}.onnx")
+        sg.onnx.lower(dense, "ort-block", layout=layout, output=path)
+        check_written(path)
+        lowered = sg.onnx.read_lowering(path)
+        assert sparse <= set(lowered)
+        assert {c["layout"] for c in lowered.values()} == {"blocks" if layout == "auto" else layout}
+        handed = {k for k, c in lowered.items() if "input_from" in c}  # GELU(c_fc) read in block layout
+        assert handed == ({"h.0.mlp.c_proj.weight"} if layout in ("auto", "blocks") else set())
+        assert rel_err(_ort(path, spec.example_inputs), expected) <= 1e-4, layout
 
 
 @pytest.mark.slow
@@ -297,8 +320,9 @@ def test_cli_export(models, tmp_path, capsys):
     m, inputs = _variant(models, "gpt-mini", "sparse_wide")
     sg.save(m, tmp_path / "wide.sgm")
     out = tmp_path / "wide.onnx"
-    assert main(["export", str(tmp_path / "wide.sgm"), "--lower", "ort-block", "-o", str(out)]) == 0
+    assert main(["export", str(tmp_path / "wide.sgm"), "--lower", "ort-block", "--layout", "column", "-o", str(out)]) == 0
     assert "saved to" in capsys.readouterr().out
+    assert {c["layout"] for c in sg.onnx.read_lowering(out).values()} == {"column"}
     check_written(out)
     assert sg.onnx.read_lowering(out) and sg.onnx.read_plan(out) == sg.plan_of(m)
     with torch.no_grad():

@@ -21,7 +21,7 @@ import sparsegraph as sg
 from sparsegraph.cli import main
 from sparsegraph.dims import analyze_dims
 from sparsegraph.models import builtin
-from sparsegraph.onnx.lowering import BlockSparseMatMulPass, block_layout, pack_blocks
+from sparsegraph.onnx.lowering import LAYOUTS, BlockSparseMatMulPass, block_layout, pack_blocks
 
 from .onnx_checks import check_written, randomize_batch_norms, rel_err
 
@@ -212,31 +212,110 @@ def test_fold_keeps_the_output_rank():
 # ---------------------------------------------------------------------------------------------
 # ort-block lowering against numpy
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("K,N,b,balanced", [(96, 64, 32, True), (100, 70, 16, False), (64, 64, 8, True)])
+@pytest.mark.parametrize("K,N,b,balanced", [(96, 64, 32, True), (100, 70, 16, False), (64, 64, 8, True),
+                                             (40, 45, 16, True)])
 def test_block_sparse_matmul_matches_numpy(K, N, b, balanced):
-    """Gather + batched MatMul == x @ W for block-sparse W, ragged edges (100 x 70 at b=16: Pad and
-    Slice) and unbalanced block-columns (padded with zero blocks), at a symbolic batch size."""
+    """Gather + batched MatMul == x @ W for block-sparse W in every layout, ragged edges (100 x 70 at
+    b=16, 40 x 45 at b=16 with one block per column: Pad and Slice), unbalanced block-columns
+    (padded with zero blocks) with an empty one, at a symbolic batch size."""
     from sparsegraph.masks import make_mask
 
     kind = f"{'balanced_block' if balanced else 'block'}:{b}"
     mask = make_mask(kind, (N, K), 0.25, seed=1, name="w").numpy()  # PyTorch layout (out, in)
+    if not balanced:
+        mask[b:2 * b] = 0  # an empty block-row of the PyTorch weight: its outputs are the bias alone (here 0)
     W = (np.random.default_rng(2).standard_normal((N, K)) * mask).astype(np.float32)
     m = _graph([helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
                [numpy_helper.from_array(W, "w")], ["B", 5, K])
     lowered = sg.onnx.lower(m, "ort-block", block=b)
     choice = sg.onnx.read_lowering(lowered)["w"]
-    assert choice["block"] == b and choice["layout"] == "rows"
-    assert not any(n.op_type == "MatMul" and n.inputs[1].name == "wt" for n in lowered.graph)
     idx, r = block_layout(np.pad(W.T, ((0, -K % b), (0, -N % b))), b)
-    assert choice["blocks_per_column"] == r
-    if balanced:  # every block-column reads the same number of blocks: nothing padded
+    assert choice["block"] == b and choice["blocks_per_column"] == r
+    assert choice["layout"] == ("blocks" if r == 1 else "rows")  # auto, rows unknown (symbolic batch)
+    assert not any(n.op_type == "MatMul" and n.inputs[1].name == "wt" for n in lowered.graph)
+    if balanced and K % b == 0:  # every block-column reads the same number of blocks: nothing padded
         assert r * b / K == pytest.approx(float(np.count_nonzero(W)) / W.size, rel=0.05)
-    column = BlockSparseMatMulPass(block=b, layout="column")(sg.onnx.load(m).clone()).model
-    for model in (lowered, column):
+    for layout in LAYOUTS:
+        model = sg.onnx.lower(m, "ort-block", block=b, layout=layout)
+        assert sg.onnx.read_lowering(model)["w"]["layout"] == layout
         s = sg.onnx.Session(model)
         for batch in (1, 4):
             x = np.random.default_rng(batch).standard_normal((batch, 5, K)).astype(np.float32)
-            np.testing.assert_allclose(s(x), x @ W.T, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(s(x), x @ W.T, rtol=1e-4, atol=1e-4, err_msg=layout)
+
+
+def test_blocks_layout_gathers_contiguous_blocks():
+    """One block per output block-column: x as (Kb, M, b), one Gather of whole blocks and one
+    MatMul, no ReduceSum; forced with more blocks per column, a ReduceSum over them."""
+    from sparsegraph.masks import make_mask
+
+    W = (np.random.default_rng(3).standard_normal((64, 128)) *
+         make_mask("balanced_block:32", (64, 128), 0.25, seed=0, name="w").numpy()).astype(np.float32)
+    m = _graph([helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
+               [numpy_helper.from_array(W, "w")], [6, 128])
+    one = sg.onnx.lower(m, "ort-block")
+    assert sg.onnx.read_lowering(one)["w"]["layout"] == "blocks"
+    ops = [n.op_type for n in one.graph]
+    assert ops.count("Gather") == 1 and ops.count("MatMul") == 1 and "ReduceSum" not in ops
+    gather = next(n for n in one.graph if n.op_type == "Gather")
+    assert gather.attributes["axis"].value == 0 and list(gather.outputs[0].shape) == [2, 6, 32]
+    two = sg.onnx.lower(m, "ort-block", block=16, layout="blocks")  # 16-blocks: 2 per column
+    assert sg.onnx.read_lowering(two)["w"]["blocks_per_column"] == 2
+    assert "ReduceSum" in [n.op_type for n in two.graph]
+    x = np.random.default_rng(4).standard_normal((6, 128)).astype(np.float32)
+    for model in (one, two):
+        np.testing.assert_allclose(sg.onnx.Session(model)(x), x @ W.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(sg.SparsegraphError, match="unknown ort-block layout 'diagonal'; choose from auto, rows, "
+                                                  "blocks, column"):
+        sg.onnx.lower(m, "ort-block", layout="diagonal")
+
+
+def _mlp(between, d=64, hidden=160, x_shape=(3, 7, 64), seed=0):
+    """x -> MatMul(W1) + b1 -> `between` nodes (reading "h", writing "a") -> MatMul(W2) + b2, both
+    weights balanced block-16 (hidden = 160: 10 blocks), as exported linears are."""
+    from sparsegraph.masks import make_mask
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((hidden, d)) * make_mask("balanced_block:16", (hidden, d), 0.25, seed=0, name="w1").numpy()
+    w2 = rng.standard_normal((d, hidden)) * make_mask("balanced_block:16", (d, hidden), 0.2, seed=0, name="w2").numpy()
+    inits = [numpy_helper.from_array(w1.T.astype(np.float32), "w1"), numpy_helper.from_array(w2.T.astype(np.float32), "w2"),
+             _w("b1", (hidden,), 1), _w("b2", (d,), 2), numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]), *between,
+             helper.make_node("MatMul", ["a", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["y"])]
+    return _graph(nodes, inits, list(x_shape), opset=20)
+
+
+@pytest.mark.parametrize("between, handed", [
+    ([helper.make_node("Gelu", ["h"], ["g"]), helper.make_node("Mul", ["g", "half"], ["a"])], True),
+    ([helper.make_node("Relu", ["h"], ["a"])], True),
+    ([helper.make_node("Sub", ["half", "h"], ["a"])], True),  # the constant first: operand order kept
+    ([helper.make_node("Softmax", ["h"], ["a"], axis=-1)], False),  # mixes features: stays in row layout
+    ([helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Add", ["r", "h"], ["a"])], False)])  # h read twice
+def test_block_major_output_handed_to_the_next_layer(between, handed):
+    """A layer fed by another lowered layer through elementwise ops (bias, GELU, a scale) reads its
+    block-major output directly: no Transpose between the two MatMuls; the result is unchanged."""
+    m = _mlp(between)
+    lowered = sg.onnx.lower(m, "ort-block")
+    choices = sg.onnx.read_lowering(lowered)
+    assert choices["w2"].get("input_from") == ("w1" if handed else None)
+    assert choices["w1"]["layout"] == "blocks" and choices["w2"]["blocks_per_column"] == 2
+    assert choices["w2"]["layout"] == ("blocks" if handed else "rows")
+    ops = [n.op_type for n in lowered.graph]
+    # w1 (one block per column: blocks) transposes x in and yb out, w2 (rows) its gathered blocks and yb;
+    # handed over, only w1's input and w2's output Transposes are left
+    assert ops.count("Transpose") == (2 if handed else 4), ops
+    x = np.random.default_rng(5).standard_normal((3, 7, 64)).astype(np.float32)
+    np.testing.assert_allclose(sg.onnx.Session(lowered)(x), sg.onnx.Session(m)(x), rtol=1e-4, atol=1e-4)
+
+
+def test_no_hand_over_with_a_symbolic_batch_or_a_fixed_layout():
+    """The hand-over needs static leading sizes and the automatic layout choice."""
+    between = [helper.make_node("Relu", ["h"], ["a"])]
+    for model, kw in ((_mlp(between, x_shape=("B", 7, 64)), {}), (_mlp(between), {"layout": "rows"})):
+        lowered = sg.onnx.lower(model, "ort-block", **kw)
+        assert not any("input_from" in c for c in sg.onnx.read_lowering(lowered).values())
+        x = np.random.default_rng(6).standard_normal((3, 7, 64)).astype(np.float32)
+        np.testing.assert_allclose(sg.onnx.Session(lowered)(x), sg.onnx.Session(model)(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("target", ["ort-block", "ort-sparse"])

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=None,
                    help="fold BN, parallel branches and U.V products (default: when lowering)")
     p.add_argument("--block", type=int, default=None, help="ort-block: block size")
+    p.add_argument("--layout", default="auto", choices=("auto", "rows", "blocks", "column"),
+                   help="ort-block: the formulation (default: chosen per layer)")
     p.add_argument("--max-density", type=float, default=None, help="lower only layers at most this dense")
     p.add_argument("--no-optimize", action="store_true", help="skip the ONNX optimizer after export")
     p.add_argument("--dense-initializers", action="store_true",
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model = sparsify(model, spec.example_inputs, args.transform, args.sparsity, args.mask, args.seed,
                          width=args.width)
     path = export_onnx(model, spec.example_inputs, args.output, args.lower, fold=args.fold, block=args.block,
-                       max_density=args.max_density, optimize=not args.no_optimize,
+                       max_density=args.max_density, layout=args.layout, optimize=not args.no_optimize,
                        sparse_initializers=not args.dense_initializers)
     choices = read_lowering(path)
     con = console()

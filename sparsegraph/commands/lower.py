@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ort-block: block size (default: the plan's block mask, else the best of 64/32/16/8)")
     p.add_argument("--max-density", type=float, default=None,
                    help="lower only layers whose (padded block) density is at most this (default 0.5)")
+    p.add_argument("--layout", default="auto", choices=("auto", "rows", "blocks", "column"),
+                   help="ort-block: the formulation (default: chosen per layer)")
     p.add_argument("--json", action="store_true", help="print the lowering choices as JSON")
     p.add_argument("--dense-initializers", action="store_true",
                    help="every weight a dense initializer, for runtimes without sparse tensors "
@@ -56,7 +58,7 @@ def _lower_onnx(spec, args: argparse.Namespace) -> int:
     check_opset(source, spec.name)
     before = _layer_ops(source)
     model = lower(source, args.target, fold=not args.no_fold, block=args.block, max_density=args.max_density,
-                  output=args.output, sparse_initializers=not args.dense_initializers)
+                  layout=args.layout, output=args.output, sparse_initializers=not args.dense_initializers)
     choices = read_lowering(model)
     if args.json:
         import json
@@ -86,9 +88,10 @@ def print_choices(choices: dict, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title, header_style="bold")
-    for col in ("weight", "target", "shape (K x N)", "block", "blocks/column", "density run", "weight density"):
+    for col in ("weight", "target", "layout", "shape (K x N)", "block", "blocks/column", "density run",
+                "weight density"):
         t.add_column(col)
     for name, c in sorted(choices.items()):
-        t.add_row(name, c["target"], "x".join(map(str, c["shape"])), str(c.get("block", "")),
+        t.add_row(name, c["target"], c.get("layout", ""), "x".join(map(str, c["shape"])), str(c.get("block", "")),
                   str(c.get("blocks_per_column", "")), f"{c['density']:.3f}", f"{c.get('weight_density', c['density']):.3f}")
     console().print(t if choices else f"{title}: no MatMul/Gemm weight sparse enough to lower")

@@ -321,7 +321,7 @@ def fold(path_or_model: Any, *, output: str | os.PathLike | None = None, check: 
 
 
 def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, block: int | None = None,
-          max_density: float | None = None, output: str | os.PathLike | None = None,
+          max_density: float | None = None, layout: str = "auto", output: str | os.PathLike | None = None,
           check: bool = True, sparse_initializers: bool = True) -> ir.Model:
     """Lower an ONNX model for ONNX Runtime (after folding, unless `fold=False`).
 
@@ -329,7 +329,9 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
             "ort-block"   block-sparse MatMul/Gemm weights become Gather + batched MatMul over the
                           nonzero blocks (standard ops: any execution provider); `block` fixes the
                           block size (default: the plan's block mask, else the best of 64/32/16/8),
-                          layers whose padded block density exceeds `max_density` (default 0.5) stay dense
+                          layers whose padded block density exceeds `max_density` (default 0.5) stay dense;
+                          `layout` "rows" | "blocks" | "column" fixes the formulation (default "auto":
+                          per layer, see `sparsegraph.onnx.lowering`)
             "ort-sparse"  com.microsoft SparseToDenseMatMul with the weight as a sparse-tensor input
                           (CPU only; run with `sg.onnx.Session`, which feeds the weights)
 
@@ -341,11 +343,16 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> lowered = sg.onnx.lower(path, "ort-sparse")
     >>> sorted({c["target"] for c in sg.onnx.read_lowering(lowered).values()})
     ['ort-sparse']
+    >>> blocks = sg.onnx.lower(path, "ort-block", layout="blocks")
+    >>> {c["layout"] for c in sg.onnx.read_lowering(blocks).values()}
+    {'blocks'}
+    >>> sorted(k for k, c in sg.onnx.read_lowering(blocks).items() if "input_from" in c)  # GELU(c_fc) as it is
+    ['h.0.mlp.c_proj.weight', 'h.1.mlp.c_proj.weight']
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
     """
     from .folding import FoldPass
-    from .lowering import BlockSparseMatMulPass, SparseToDenseMatMulPass
+    from .lowering import LAYOUTS, BlockSparseMatMulPass, SparseToDenseMatMulPass
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
@@ -353,12 +360,14 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
         raise SparsegraphError(f"max_density must be in (0, 1], got {max_density}")
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise SparsegraphError(f"block must be a positive integer, got {block!r}")
+    if layout != "auto" and layout not in LAYOUTS:
+        raise SparsegraphError(f"unknown ort-block layout {layout!r}; choose from auto, {', '.join(LAYOUTS)}")
     model = load(path_or_model).clone()
     check_opset(model, _label(path_or_model))
     if fold or target == "fold":
         model = _run(FoldPass(), model)
     if target == "ort-block":
-        model = _run(BlockSparseMatMulPass(block=block, max_density=max_density), model)
+        model = _run(BlockSparseMatMulPass(block=block, max_density=max_density, layout=layout), model)
     elif target == "ort-sparse":
         model = _run(SparseToDenseMatMulPass(max_density=max_density), model)
     return _finish(model, output, check, sparse_initializers)

@@ -117,13 +117,14 @@ def to_onnx(model: torch.nn.Module, example_inputs: Any, *, optimize: bool = Tru
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, lower: str = "dense", *,
                 fold: bool | None = None, block: int | None = None, max_density: float | None = None,
-                optimize: bool = True, dynamic_shapes: Any = None, opset: int | None = None,
+                layout: str = "auto", optimize: bool = True, dynamic_shapes: Any = None, opset: int | None = None,
                 sparse_initializers: bool = True, check: bool = True) -> str:
     """Export a model (dense or a sparsegraph rewrite) to ONNX for ONNX Runtime; returns `path`.
 
     lower  "dense"       weights with the masks multiplied out (any runtime)
            "ort-block"   block-sparse MatMul/Gemm weights as Gather + batched MatMul over the
-                         nonzero blocks (standard ops; see `sg.onnx.lower` for block/max_density)
+                         nonzero blocks (standard ops; see `sg.onnx.lower` for block, max_density
+                         and layout)
            "ort-sparse"  com.microsoft SparseToDenseMatMul, the weight a sparse-tensor input
                          (run with `sg.onnx.Session`, which feeds it)
     fold   fold BN into Conv, parallel branches and U.V products first (default: when lowering)
@@ -148,7 +149,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     onnx_model = to_onnx(model, example_inputs, optimize=optimize, dynamic_shapes=dynamic_shapes, opset=opset)
     fold = lower != "dense" if fold is None else fold
     if lower != "dense":
-        onnx_model = onnx_api.lower(onnx_model, lower, fold=fold, block=block, max_density=max_density, check=False)
+        onnx_model = onnx_api.lower(onnx_model, lower, fold=fold, block=block, max_density=max_density,
+                                    layout=layout, check=False)
     elif fold:
         onnx_model = onnx_api.fold(onnx_model, check=False)
     return onnx_api.save(onnx_model, path, sparse_initializers=sparse_initializers, check=check)

@@ -5,22 +5,41 @@ dense product unless the graph itself skips the zeros. Two lowerings:
 
 ort-block (`BlockSparseMatMulPass`, standard ops only: any execution provider). For y = x W with
 W (K, N) cut into b x b blocks and every output block-column n reading r nonzero input blocks
-idx[n, :] (block-columns with fewer are padded with zero blocks), x2 = x.reshape(M, K):
+idx[n, :] (block-columns with fewer are padded with zero blocks), x2 = x.reshape(M, K), and
+Wp[n] = [W[idx[n, j], n]]_j (Nb, r*b, b) the nonzero blocks packed, three formulations:
 
-  rows layout (M > 1 or unknown)                                   shapes
+  rows (r > 1)                                                     shapes
     g  = Gather(x2.reshape(M, Kb, b), idx, axis=1)                 (M, Nb, r, b)   the needed input blocks
-    g3 = g.reshape(M, Nb, r*b).transpose(1, 0, 2)                  (Nb, M, r*b)
-    yb = MatMul(g3, Wp)                                            (Nb, M, b)      Wp[n] = [W[idx[n, j], n]]_j
+    g3 = g.reshape(M, Nb, r*b).transpose(1, 0, 2)                  (Nb, M, r*b)    (ORT: FusedMatMul transBatchA)
+    yb = MatMul(g3, Wp)                                            (Nb, M, b)
     y  = yb.transpose(1, 0, 2).reshape(*lead, N)                   (..., N)
-  column layout (a single static row, M = 1: the transposes are free reshapes)
+  blocks (r = 1: one input block per output block)
+    xt = x2.reshape(M, Kb, b).transpose(1, 0, 2)                   (Kb, M, b)      each input block contiguous
+    g  = Gather(xt, idx[:, 0], axis=0)                             (Nb, M, b)
+    yb = MatMul(g, Wp)                                             (Nb, M, b)
+    y  = yb.transpose(1, 0, 2).reshape(*lead, N)
+    (forced with r > 1: Gather(xt, idx) (Nb, r, M, b), a MatMul per block, ReduceSum over r)
+  column (a single static row, M = 1: the transposes are free reshapes)
     g  = Gather(x2^T.reshape(Kb, b*M), idx, axis=0)                (Nb, r, b*M)
     yb = MatMul(Wp^T, g.reshape(Nb, r*b, M))                       (Nb, b, M)
     y  = yb.reshape(N, M)^T.reshape(*lead, N)
 
 so the batched MatMul does r*b/K of the dense FLOPs (the padded block density). Balanced block
 masks (the same r in every block-row of the PyTorch weight = block-column of W) pad nothing. When
-b does not divide K or N, W gets zero rows/columns, x a Pad and y a Slice. Measured on ONNX
-Runtime CPU (bench/onnx_runtime.py), the rows layout is the faster one from a few dozen rows on.
+b does not divide K or N, W gets zero rows/columns, x a Pad and y a Slice. `layout="auto"`
+(`auto_layout`) picks column for one static row, blocks for r = 1, rows otherwise: profiled on
+ONNX Runtime 1.32 CPU (bench/onnx_runtime.py), the strided FusedMatMul that the rows layout
+becomes runs its K = b products (r = 1) at half the speed of blocks' contiguous MatMul, while
+for r > 1 the per-block products and the ReduceSum of the blocks layout cost more than rows saves;
+column's two 2-D Transposes are slow in ONNX Runtime from a few dozen rows on.
+
+Between layers: rows and blocks both compute yb (Nb, M, b) and transpose it back; blocks reads x as
+(Kb, M, b). When a layer's input is another lowered layer's output through a bias, GELU, a scale
+or any such per-feature elementwise chain (`feature_chain`: each value read once, static leading
+sizes, b dividing the shared width), the chain is rebuilt on yb and the next layer's Gather reads
+it (`hand_over_blocks`): a transformer MLP's c_fc -> GELU -> c_proj runs without the two
+Transposes of the widest activation. With layout="auto" such a consumer uses blocks whatever
+its r (recorded as "input_from" in the lowering metadata).
 
 ort-sparse (`SparseToDenseMatMulPass`): com.microsoft SparseToDenseMatMul(A, B) = A B, where A
 must be a *sparse tensor run-time input* (a 2-D COO or CSR `sparse_tensor(float)`; ONNX Runtime
@@ -40,10 +59,11 @@ import onnx_ir as ir
 
 from ..masks import parse_mask
 from ..plan import plan_of
-from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, cleanup, gemm_operands, infer_shapes,
-                           opset_of, redirect, weight_source)
+from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, add_initializer, cleanup, const_array,
+                           gemm_operands, infer_shapes, is_constant, opset_of, redirect, weight_source)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
+LAYOUTS = ("rows", "blocks", "column")  # ort-block's three formulations (module docstring)
 DEFAULT_MAX_DENSITY = 0.5  # lower a layer only if its padded block density (ort-block) or density is at most this
 
 
@@ -157,19 +177,173 @@ def pack_blocks(W: np.ndarray, idx: np.ndarray, b: int) -> np.ndarray:
     return np.ascontiguousarray(picked.reshape(Nb, r * b, b))
 
 
+def auto_layout(rows: int | None, r: int) -> str:
+    """The layout `BlockSparseMatMulPass(layout="auto")` uses for M rows (None: unknown) and r blocks
+    per output block-column: column for a single static row, blocks when every output block reads one
+    input block, rows otherwise (see the module docstring for the measurements behind this).
+
+    >>> auto_layout(1, 3), auto_layout(64, 1), auto_layout(None, 4)
+    ('column', 'blocks', 'rows')
+    """
+    if rows == 1:
+        return "column"
+    return "blocks" if r == 1 else "rows"
+
+
+def _slice_columns(bld: Builder, y: ir.Value, n: int, axis: int) -> ir.Value:
+    """y[..., :n] along `axis` (ragged edges: the padded outputs dropped)."""
+    return bld.op("Slice", [y, bld.const("start", [0], np.int64), bld.const("end", [n], np.int64),
+                            bld.const("axis", [axis], np.int64)])
+
+
+def _padded_rows(bld: Builder, shapes: "_Shapes", Kp: int) -> ir.Value:
+    """x as (M, Kp): flattened, zero columns appended up to a multiple of the block."""
+    x2 = shapes.flat()
+    if Kp != shapes.K:
+        x2 = bld.op("Pad", [x2, bld.const("pad_in", [0, 0, 0, Kp - shapes.K], np.int64)])
+    return x2
+
+
+def _rows_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                 b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    Kp, Np = -(-K // b) * b, Nb * b
+    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
+    g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
+    g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, rb], np.int64)])  # (M, Nb, r*b)
+    g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b): ONNX Runtime fuses it into the MatMul
+    yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
+    yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
+    y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
+    return _slice_columns(bld, y, N, 1) if Np != N else y
+
+
+def _blocks_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                   b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    r = rb // b
+    Kp, Np = -(-K // b) * b, Nb * b
+    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
+    xt = bld.op("Transpose", [xb], {"perm": [1, 0, 2]})  # (Kb, M, b): each input block contiguous
+    g = bld.op("Gather", [xt, index], {"axis": 0})  # (Nb, M, b) for r = 1, else (Nb, r, M, b)
+    if r == 1:
+        yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
+    else:
+        p = bld.op("MatMul", [g, bld.const("blocks", wp.reshape(Nb, r, b, b))])  # (Nb, r, M, b)
+        yb = bld.op("ReduceSum", [p, bld.const("slots", [1], np.int64)], {"keepdims": 0})  # (Nb, M, b)
+    yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
+    y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
+    return _slice_columns(bld, y, N, 1) if Np != N else y
+
+
+def _column_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                   b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    Kp, Np = -(-K // b) * b, Nb * b
+    xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M)
+    if Kp != K:
+        xt = bld.op("Pad", [xt, bld.const("pad_in", [0, 0, Kp - K, 0], np.int64)])  # (Kp, M)
+    xb = bld.op("Reshape", [xt, bld.const("blocks_in", [Kp // b, -1], np.int64)])  # (Kb, b*M)
+    g = bld.op("Gather", [xb, index], {"axis": 0})  # (Nb, r, b*M)
+    g = bld.op("Reshape", [g, bld.const("gathered", [Nb, rb, -1], np.int64)])  # (Nb, r*b, M)
+    wt = np.ascontiguousarray(wp.transpose(0, 2, 1))  # (Nb, b, r*b)
+    yb = bld.op("MatMul", [bld.const("blocks", wt), g])  # (Nb, b, M)
+    yt = bld.op("Reshape", [yb, bld.const("blocks_out", [Np, -1], np.int64)])  # (Np, M)
+    if Np != N:
+        yt = _slice_columns(bld, yt, N, 0)  # (N, M)
+    return shapes.transpose(yt, [1, N])  # (M, N)
+
+
+ELEMENTWISE = {"Relu", "Gelu", "Tanh", "Sigmoid", "Erf", "Neg", "Abs", "Exp", "Softplus", "Softsign", "LeakyRelu",
+               "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Mish", "Identity"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+def feature_chain(x: ir.Value, K: int, stop) -> tuple[list[ir.Node], ir.Node] | None:
+    """The nodes between a layer's input x and the node `stop(node)` accepts, walking back through
+    Reshapes, unary elementwise ops and binary ops with a constant scalar or per-feature operand
+    (a bias, GELU, a scale), every value read once and the feature axis (K) last throughout:
+    (chain from x backwards, the stop node), or None."""
+    chain, v = [], x
+    while True:
+        node = v.producer()
+        if node is None or len(v.uses()) != 1 or v.is_graph_output() or node.domain not in ("", "ai.onnx"):
+            return None
+        if stop(node):
+            return chain, node
+        if v.shape is None or not v.shape.dims or v.shape[-1] != K:
+            return None
+        if node.op_type in _BINARY and len(node.inputs) == 2:
+            consts = [const_array(i) if is_constant(i) else None for i in node.inputs]
+            if sum(c is None for c in consts) != 1:
+                return None
+            c = next(c for c in consts if c is not None)
+            if c.size != 1 and (c.shape[-1:] != (K,) or c.size != K):
+                return None  # only scalars and per-feature vectors keep their meaning in block layout
+            v = node.inputs[consts.index(None)]
+        elif node.op_type == "Reshape" or node.op_type in ELEMENTWISE:
+            v = node.inputs[0]
+        else:
+            return None
+        chain.append(node)
+
+
+def _is_block_transpose(node: ir.Node, blocks_out: dict) -> bool:
+    perm = node.attributes.get("perm")
+    return (node.op_type == "Transpose" and perm is not None and list(perm.value) == [1, 0, 2]
+            and id(node.inputs[0]) in blocks_out)
+
+
+def hand_over_blocks(graph: ir.Graph, namer: Namer, x: ir.Value, gather: ir.Node, blocks_out: dict, K: int,
+                     b: int) -> str | None:
+    """A blocks-layout layer whose input x comes from another lowered layer's block-major output
+    yb (Nb, M, b) through a `feature_chain`: the chain is rebuilt on yb itself (per-feature
+    constants as (Nb, 1, b)) and the Gather reads it, so neither the producer's output Transpose
+    nor this layer's input Transpose runs. Returns the producer's weight name, or None (nothing
+    changed)."""
+    found = feature_chain(x, K, lambda n: _is_block_transpose(n, blocks_out))
+    if found is None or blocks_out[id(found[1].inputs[0])][1:] != (K, b):
+        return None
+    chain, transpose = found
+    cur = transpose.inputs[0]  # yb (Nb, M, b)
+    new = []
+    for node in reversed(chain):
+        if node.op_type == "Reshape":
+            continue
+        inputs = [cur]
+        if node.op_type in _BINARY:
+            inputs = []
+            for i in node.inputs:
+                c = const_array(i) if is_constant(i) else None
+                if c is None:
+                    inputs.append(cur)
+                else:
+                    c = c.reshape(()) if c.size == 1 else c.reshape(K // b, 1, b)
+                    inputs.append(add_initializer(graph, namer, f"{node.name or node.op_type}/blocks", c))
+        out = ir.Value(name=namer(f"{node.name or node.op_type}/blocks_out"))
+        new.append(ir.node(node.op_type, inputs, {a.name: a for a in node.attributes.values()}, domain=node.domain,
+                           outputs=[out], name=namer(f"{node.name or node.op_type}/blocks"),
+                           metadata_props=dict(node.metadata_props)))
+        cur = out
+    if new:
+        graph.insert_before(gather, new)
+    gather.replace_input_with(0, cur)
+    return blocks_out[id(transpose.inputs[0])][0]
+
+
 class BlockSparseMatMulPass(ir.passes.InPlacePass):
     """ort-block: MatMul/Gemm with a block-sparse constant weight -> Gather + batched MatMul over the
     nonzero blocks (see the module docstring). `block`: the block size (default: the plan's block
     mask, else the largest of 64/32/16/8 whose padded density is within 10% of the best);
-    layers whose padded block density exceeds `max_density` stay dense; `layout`: "rows", "column"
-    or "auto" (column for a single static row)."""
+    layers whose padded block density exceeds `max_density` stay dense; `layout`: one of `LAYOUTS`,
+    "auto" choosing per layer (`auto_layout`)."""
 
     def __init__(self, block: int | None = None, max_density: float | None = None, layout: str = "auto"):
         super().__init__()
         if block is not None and (not isinstance(block, int) or block < 1):
             raise ValueError(f"block must be a positive integer, got {block!r}")
-        if layout not in ("auto", "rows", "column"):
-            raise ValueError(f"layout must be 'auto', 'rows' or 'column', got {layout!r}")
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         self.block, self.layout = block, layout
         self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
 
@@ -199,7 +373,7 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
         plan_block = _plan_block(model)
         namer = Namer(model.graph)
         opset = opset_of(model)
-        choices = {}
+        plans = []  # (node, x, W, name, alpha, C, b, idx, r, layout)
         for node, x, W, name, alpha, C in _candidates(model):
             if np.count_nonzero(W) > self.max_density * W.size:  # cannot pass: skip the block analysis
                 continue
@@ -207,6 +381,22 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             if chosen is None:
                 continue
             b, idx, r = chosen
+            rows = _Shapes(None, x, *W.shape, opset).rows
+            layout = self.layout if self.layout != "auto" else auto_layout(rows, r)
+            plans.append([node, x, W, name, alpha, C, b, idx, r, layout])
+        if self.layout == "auto":  # a layer fed by another's block-major output reads it as it is
+            block_major = {id(p[0]): p for p in plans if p[9] != "column" and p[2].shape[1] % p[6] == 0}
+            for p in plans:
+                node, x, W, b = p[0], p[1], p[2], p[6]
+                if p[9] != "rows" or W.shape[0] % b or _Shapes(None, x, *W.shape, opset).rows is None:
+                    continue
+                found = feature_chain(x, W.shape[0], lambda n: id(n) in block_major)
+                if found is not None and block_major[id(found[1])][6] == b:
+                    p[9] = "blocks"
+        choices = {}
+        blocks_out: dict[int, tuple[str, int, int]] = {}  # id(yb) -> (weight, N, b)
+        blocks_in: list[tuple[str, ir.Value, ir.Node, int, int]] = []  # (weight, x, Gather, K, b)
+        for node, x, W, name, alpha, C, b, idx, r, layout in plans:
             K, N = W.shape
             Wp = pad_to_blocks(W.astype(np.float64), b)  # ragged edges: zero rows/columns up to (Kp, Np)
             Kp, Np = Wp.shape
@@ -215,36 +405,14 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
             shapes = _Shapes(bld, x, K, N, opset)
             wp = pack_blocks(Wp, idx, b) * alpha  # (Nb, r*b, b)
-            layout = self.layout if self.layout != "auto" else ("column" if shapes.rows == 1 else "rows")
-            index = bld.const("block_index", idx, np.int64)
-            if layout == "rows":
-                x2 = shapes.flat()  # (M, K)
-                if Kp != K:
-                    x2 = bld.op("Pad", [x2, bld.const("pad_in", [0, 0, 0, Kp - K], np.int64)])  # (M, Kp)
-                xb = bld.op("Reshape", [x2, bld.const("blocks_in", [-1, Kb, b], np.int64)])  # (M, Kb, b)
-                g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
-                g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, r * b], np.int64)])  # (M, Nb, r*b)
-                g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b)
-                yb = bld.op("MatMul", [g, bld.const("blocks", wp.astype(dtype))])  # (Nb, M, b)
-                yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
-                y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
-                if Np != N:
-                    y = bld.op("Slice", [y, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
-                                         bld.const("axis", [1], np.int64)])  # (M, N)
-            else:
-                xt = shapes.transpose(shapes.flat(), [K, 1])  # (K, M)
-                if Kp != K:
-                    xt = bld.op("Pad", [xt, bld.const("pad_in", [0, 0, Kp - K, 0], np.int64)])  # (Kp, M)
-                xb = bld.op("Reshape", [xt, bld.const("blocks_in", [Kb, -1], np.int64)])  # (Kb, b*M)
-                g = bld.op("Gather", [xb, index], {"axis": 0})  # (Nb, r, b*M)
-                g = bld.op("Reshape", [g, bld.const("gathered", [Nb, r * b, -1], np.int64)])  # (Nb, r*b, M)
-                wt = np.ascontiguousarray(wp.transpose(0, 2, 1)).astype(dtype)  # (Nb, b, r*b)
-                yb = bld.op("MatMul", [bld.const("blocks", wt), g])  # (Nb, b, M)
-                yt = bld.op("Reshape", [yb, bld.const("blocks_out", [Np, -1], np.int64)])  # (Np, M)
-                if Np != N:
-                    yt = bld.op("Slice", [yt, bld.const("start", [0], np.int64), bld.const("end", [N], np.int64),
-                                          bld.const("axis", [0], np.int64)])  # (N, M)
-                y = shapes.transpose(yt, [1, N])  # (M, N)
+            index = idx[:, 0] if layout == "blocks" and r == 1 else idx  # (Nb,): one block each, no sum
+            emit = {"rows": _rows_layout, "column": _column_layout, "blocks": _blocks_layout}[layout]
+            y = emit(bld, shapes, bld.const("block_index", index, np.int64), wp.astype(dtype), K, N, b)
+            if layout != "column" and Np == N:  # y reads yb (Nb, M, b) through Transpose [1, 0, 2]
+                out_transpose = next(n for n in reversed(bld.nodes) if n.op_type == "Transpose")
+                blocks_out[id(out_transpose.inputs[0])] = (name, N, b)
+            if layout == "blocks" and Kp == K:  # the Gather reads x as (Kb, M, b)
+                blocks_in.append((name, x, next(n for n in bld.nodes if n.op_type == "Gather"), K, b))
             y = _add_bias(bld, y, C, dtype)
             y = shapes.unflat(y)
             bld.insert_after(node)
@@ -252,6 +420,12 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             choices[name] = {"target": "ort-block", "layout": layout, "block": b, "blocks_per_column": r, "k_blocks": Kb,
                              "n_blocks": Nb, "density": r * b / K, "weight_density": float(np.count_nonzero(W)) / W.size,
                              "shape": [K, N], "node": node.name}
+        if blocks_in and blocks_out:
+            cleanup(model)  # shapes of the new values: the hand-over follows the feature axis
+        for name, x, gather, K, b in blocks_in:
+            source = hand_over_blocks(model.graph, Namer(model.graph), x, gather, blocks_out, K, b)
+            if source is not None:
+                choices[name]["input_from"] = source
         if choices:
             cleanup(model)
             _record(model, choices)
@@ -302,4 +476,5 @@ class SparseToDenseMatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(choices))
 
 
-__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "BLOCK_SIZES"]
+__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "auto_layout",
+           "BLOCK_SIZES", "LAYOUTS"]
