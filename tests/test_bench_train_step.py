@@ -12,6 +12,8 @@ import torch
 import sparsegraph as sg
 from sparsegraph.backends import cost_model as cm
 
+from .test_lower import _sparse_wins
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "train_step.py")
 
 
@@ -23,11 +25,6 @@ def ts():
     spec.loader.exec_module(module)
     return module
 
-
-def _sparse_wins():
-    fast = 1e18
-    return cm.CostModel(c_sparse=0.0, bw_sparse=fast, bw_csr=fast, bw_copy=fast, flops_sparse={"1": fast},
-                        flops_cols={"1": fast})
 
 
 def test_state_bytes_count_what_each_storage_keeps(ts, monkeypatch):

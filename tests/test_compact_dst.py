@@ -18,15 +18,10 @@ from sparsegraph.train.compact import CompactLayer
 from sparsegraph.train.mask_units import Units
 
 from .test_dst import hand_plan
+from .test_lower import _sparse_wins
 
 B = 16  # the mask's and the layout's block
 
-
-def _sparse_wins():
-    """A cost model under which every sparse format beats dense, so every masked layer is lowered."""
-    fast = 1e18
-    return cm.CostModel(c_sparse=0.0, bw_sparse=fast, bw_csr=fast, bw_copy=fast, flops_sparse={"1": fast},
-                        flops_cols={"1": fast})
 
 
 @pytest.fixture(scope="module")

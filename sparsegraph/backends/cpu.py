@@ -233,26 +233,11 @@ def _lanes(t: Tensor) -> int:
     return 64 // t.element_size()
 
 
-_transposed: dict[int, tuple] = {}  # id(values) -> (weakref, version, (nnzb, b, b) blocks as (in, out))
-
-
 def _blocks_in_out(values: Tensor) -> Tensor:
     """`values.transpose(1, 2)`, contiguous: each block of W stored (in, out), as the packed rows
-    kernel reads it. Made once per weight and kept while the weight lives and is unchanged (its
-    version counter), so inference pays for it once and training once per optimizer step."""
-    import weakref
-
-    key = id(values)
-    hit = _transposed.get(key)
-    if hit is not None and hit[0]() is values and hit[1] == values._version:
-        return hit[2]
-    packed = values.detach().transpose(1, 2).contiguous()
-    try:
-        ref = weakref.ref(values, lambda _r, key=key: _transposed.pop(key, None))
-    except TypeError:  # not weak-referenceable: no cache
-        return packed
-    _transposed[key] = (ref, values._version, packed)
-    return packed
+    kernel reads it. The op makes it per call (compiled code may rewrite a tensor's memory without
+    bumping its version, so nothing keyed on a tensor can be trusted there); `Prepared` keeps one."""
+    return values.detach().transpose(1, 2).contiguous()
 
 
 def _pack_x(k: int, elsize: int) -> int:
@@ -271,24 +256,29 @@ def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Te
 
 
 class Prepared:
-    """`linear` for one fixed weight as a single native call: pointers, kernel and packed blocks are
-    resolved once, so a call costs one `torch.empty` and one ctypes call (the eager inference path
-    of lowered layers, where the op's Python dispatch would cost more than a small product).
-    `valid(x, bias)` says whether it still applies: x a plain CPU tensor of the weight's dtype, the
-    same bias, and weight and bias unchanged since (their version counters)."""
+    """`linear` for one fixed weight as a single native call: pointers, kernel and the blocks in
+    (in, out) order are resolved once, so a call costs one `torch.empty` and one ctypes call (the
+    eager inference path of lowered layers, where the op's Python dispatch would cost more than a
+    small product). `valid(x, bias)` says whether it still applies: x a plain CPU tensor of the
+    weight's dtype, the same bias, and the same values, bias and index tensors, unchanged since (their
+    storage and version counters: an optimizer step or an in-place DST update makes a new one)."""
 
-    __slots__ = ("fn", "src", "versions", "keep", "args", "n", "k", "dtype")
+    __slots__ = ("fn", "src", "state", "keep", "args", "n", "k", "dtype")
 
     def __init__(self, lib, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int, b: int):
-        wp, crow, col = _blocks_in_out(values), _i32(crow), _i32(col)
+        wp, crow32, col32 = _blocks_in_out(values), _i32(crow), _i32(col)
         bias_c = bias.detach().contiguous() if bias is not None else None
         self.fn = getattr(lib, "sg_rows_packed" + _sfx(values))
-        self.src = (values, bias)
-        self.versions = (values._version, bias._version if bias is not None else 0)
-        self.keep = (wp, crow, col, bias_c)  # the buffers the pointers point into
+        self.src = (values, bias, crow, col)
+        self.state = self._state(self.src)
+        self.keep = (wp, crow32, col32, bias_c)  # the buffers the pointers point into
         self.n, self.k, self.dtype = n, k, values.dtype
-        self.args = (k, n, b, wp.data_ptr(), crow.data_ptr(), col.data_ptr(), _p(bias_c),
+        self.args = (k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c),
                      _pack_x(k, values.element_size()))
+
+    @staticmethod
+    def _state(tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
 
     @classmethod
     def make(cls, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
@@ -299,10 +289,11 @@ class Prepared:
             return None
         return cls(lib, values, crow, col, bias, n, k, b)
 
-    def valid(self, x: Tensor, bias: Tensor | None) -> bool:
-        values, b0 = self.src
+    def valid(self, x: Tensor, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
+        values, b0, crow0, col0 = self.src
         return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == self.dtype and bias is b0
-                and (values._version, bias._version if bias is not None else 0) == self.versions)
+                and (crow is None or crow is crow0) and (col is None or col is col0)
+                and self._state(self.src) == self.state)
 
     def __call__(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.k).contiguous()  # (M, k)

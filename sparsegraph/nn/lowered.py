@@ -62,13 +62,14 @@ def _fast(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> "cpu
     """The one-native-call product of an eager CPU inference step (no autograd, no tracing), or None."""
     if torch.is_grad_enabled() or module.weight_layout.impl not in ("auto", "cpu") or torch.compiler.is_compiling():
         return None
+    buf = module._buffers
+    crow, col = buf["weight_crow"], buf["weight_col"]
     prep = _prepared.get(module)
-    if prep is None or not prep.valid(x, bias):
-        lay, buf = module.weight_layout, module._buffers
-        prep = cpu.Prepared.make(module.weight_values, buf["weight_crow"], buf["weight_col"], bias, lay.n, lay.k,
-                                 lay.block)
+    if prep is None or not prep.valid(x, bias, crow, col):
+        lay = module.weight_layout
+        prep = cpu.Prepared.make(module.weight_values, crow, col, bias, lay.n, lay.k, lay.block)
         _prepared[module] = prep
-    return prep if prep is not None and prep.valid(x, bias) else None
+    return prep if prep is not None and prep.valid(x, bias, crow, col) else None
 
 
 def sparse_product(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
