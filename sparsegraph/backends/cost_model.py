@@ -33,8 +33,8 @@ the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays i
 3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
 at every M in `ROWS`, dense and each block size alternating in rounds so all see the same machine
 state; the convolution rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the
-minimum over its rounds (robust to other processes on the cores), a rate is the work over the
-time minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
+median over its rounds (as the benchmarks and `check` time), a rate is the work over the time
+minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
 sparse rate, so that its errors lean towards dense (a small layer's GEMV runs from cache and is
 several times faster per FLOP than a large one's).
 
@@ -100,8 +100,8 @@ BLOCKS = (1, 8, 16, 32)  # block sizes at which sparse rates are measured (1 = C
 LINEAR_SHAPES = ((768, 768), (3072, 768))  # (n, k): GPT-2's attention projection (cached) and MLP expansion
 CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages, 3 x 3
 DENSITY = 0.1  # fraction of the weights stored in the calibration's sparse layers
-BUDGET_S = 4.0  # seconds of timing in a calibration (building the layers adds about a second)
-QUICK_BUDGET_S = 1.5
+BUDGET_S = 3.0  # seconds of timing in a calibration (building the layers and first calls add 1-2 s)
+QUICK_BUDGET_S = 1.0
 
 
 class CostModelError(SparsegraphError):
@@ -377,8 +377,8 @@ def save_cache(model: CostModel, key: dict | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------
-def _timed(fns: dict, seconds: float, stat: Callable[[list[float]], float], min_rounds: int = 1) -> dict:
-    """stat(wall times) of each callable over rounds that alternate them (one warm-up call each
+def _timed(fns: dict, seconds: float, min_rounds: int = 3) -> dict:
+    """The median wall time of each callable over rounds that alternate them (one warm-up call each
     first), until `seconds` have passed and at least `min_rounds` rounds ran."""
     for f in fns.values():
         f()
@@ -390,11 +390,7 @@ def _timed(fns: dict, seconds: float, stat: Callable[[list[float]], float], min_
             f()
             times[name].append(time.perf_counter() - t)
         rounds += 1
-    return {name: stat(v) for name, v in times.items()}
-
-
-def _median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def _block_mask(n: int, k: int, block: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -463,7 +459,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     share = budget_s / slots
     tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
     tiny_sw = sparse_weight(16, 16, 16, 1.0, gen)
-    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share, min)
+    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share)
     m = CostModel(c_dense=fixed["dense"], c_sparse=fixed["sparse"], flops_sparse={}, flops_cols={})
     log(f"fixed cost per call: dense {m.c_dense * 1e6:.1f} us, sparse {m.c_sparse * 1e6:.1f} us")
 
@@ -475,7 +471,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         for M in ROWS:
             x = torch.randn(M, k, generator=gen)
             fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
-            t = _timed(fns, share, min)
+            t = _timed(fns, share)
             dense[str(M)].append(_rate(M * n * k, t["dense"], m.c_dense))
             for b, sw in sws.items():
                 sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], m.c_sparse))
@@ -490,7 +486,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         swc = {b: sparse_weight(C, C * 9, b, DENSITY, gen) for b in BLOCKS}
         fns = {"dense": lambda: F.conv2d(xc, wc, padding=1)}
         fns |= {b: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for b, sw in swc.items()}
-        t = _timed(fns, share, min)
+        t = _timed(fns, share)
         conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], m.c_dense))
         for b, sw in swc.items():
             conv_sparse[b].append(_rate(N * H * H * sw.nnzb * b * b, t[b], m.c_sparse))
@@ -546,7 +542,7 @@ def _check_one(model: CostModel, w: torch.Tensor, mask: torch.Tensor, mask_block
     b = choice.block if picked else mask_block
     sw = weights.setdefault(b, _weight_of(mask, b, gen))
     x = torch.randn(M, k, generator=gen)
-    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds, _median, min_rounds=3)
+    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds)
     measured = t["dense"] / t["sparse"]
     return {"layer": f"{n}x{k}", "batch": M, "mask_block": mask_block,
             "choice": choice.format + (f" b={b}" if choice.format == "bsr" else ""), "picked": picked,
