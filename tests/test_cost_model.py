@@ -148,6 +148,8 @@ def test_rates_interpolate_in_log_rows_and_log_block():
     assert m.rate_dense(1000) == 5.0 and m.rate_dense(1) == 1.0  # held beyond the measured rows
     assert m.rate_sparse(4, 4) == pytest.approx((1 * 3 * 5 * 7) ** 0.25)  # halfway in both
     assert m.rate_sparse(16, 64) == 7.0  # larger blocks than measured: the largest measured block's rate
+    capped = cm.CostModel(flops_dense={"1": 1.0, "8": 100.0})  # 8 rows predicted faster than 1: noise
+    assert capped.rate_dense(8) == 8.0 and capped.linear_dense(8, 4, 4) >= capped.linear_dense(1, 4, 4)
 
 
 def test_decisions_follow_the_model():
