@@ -18,9 +18,12 @@ from sparsegraph.passes.lower import decide
 
 @pytest.fixture
 def calibrations(monkeypatch, tmp_path):
-    """A fresh cache folder, SPARSEGRAPH_COST_MODEL unset, tiny calibration layers, and a count of the
-    calibrations run (the list of models they returned)."""
+    """A fresh cache folder, SPARSEGRAPH_COST_MODEL unset, tiny calibration layers at one thread (no
+    waiting on a second thread when other processes hold the cores), and a count of the calibrations
+    run (the list of models they returned)."""
     cpu.library()  # built (or found) in the usual cache before the cache folder moves
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     monkeypatch.setenv("SPARSEGRAPH_CACHE", str(tmp_path))
     monkeypatch.delenv(cm.ENV, raising=False)
     monkeypatch.setattr(cm, "_loaded", {})
@@ -38,7 +41,8 @@ def calibrations(monkeypatch, tmp_path):
         return runs[-1]
 
     monkeypatch.setattr(cm, "calibrate", counted)
-    return runs
+    yield runs
+    torch.set_num_threads(threads)
 
 
 def _cache_files(folder):
@@ -144,6 +148,8 @@ def test_rates_interpolate_in_log_rows_and_log_block():
     assert m.rate_dense(1000) == 5.0 and m.rate_dense(1) == 1.0  # held beyond the measured rows
     assert m.rate_sparse(4, 4) == pytest.approx((1 * 3 * 5 * 7) ** 0.25)  # halfway in both
     assert m.rate_sparse(16, 64) == 7.0  # larger blocks than measured: the largest measured block's rate
+    capped = cm.CostModel(flops_dense={"1": 1.0, "8": 100.0})  # 8 rows predicted faster than 1: noise
+    assert capped.rate_dense(8) == 8.0 and capped.linear_dense(8, 4, 4) >= capped.linear_dense(1, 4, 4)
 
 
 def test_decisions_follow_the_model():
@@ -162,13 +168,13 @@ def test_decisions_follow_the_model():
 
 
 def test_cli_calibrate_caches_and_prints(calibrations, tmp_path, capsys):
-    before = torch.get_num_threads()
-    assert main(["calibrate", "--quick", "--threads", "1", "-o", str(tmp_path / "pinned.json")]) == 0
+    assert main(["calibrate", "--quick", "--threads", "2", "-o", str(tmp_path / "pinned.json")]) == 0
     out = capsys.readouterr().out
-    assert torch.get_num_threads() == before
-    assert "linear rates" in out and "fp32 FMA peak" in out and "dense GEMM at 512 rows" in out
+    assert torch.get_num_threads() == 1  # restored
+    assert "2 thread(s)" in out and "fp32 FMA peak" in out and "dense GEMM at 512 rows" in out
+    assert "linear rates" in out and "sparse b=32" in out
     [name] = _cache_files(tmp_path)
-    assert name.startswith("cost_model-t1-") and f"cached in {tmp_path / name}" in out.replace("\n", "")
+    assert name.startswith("cost_model-t2-") and f"cached in {tmp_path / name}" in out
     assert cm.read(str(tmp_path / "pinned.json")) == calibrations[0]
 
 

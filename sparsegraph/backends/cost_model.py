@@ -16,8 +16,8 @@ as a lowered model runs them, never on kernel internals, at rows M in `ROWS` and
 `BLOCKS`. Between measured points a rate follows a power law (log F linear in log M and in log b);
 beyond them it is held at the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's, which
 errs towards dense, larger blocks running faster). Each table is capped so that predicted times
-never fall as M grows. A sparse format is chosen only if its predicted time is below `MARGIN` x
-the dense time, so noise in the rates errs towards dense.
+never fall as M grows (`_rising`). A sparse format is chosen only if its predicted time is below
+`MARGIN` x the dense time, so noise in the rates errs towards dense.
 
 Calibration (CPU)
 -----------------
@@ -33,8 +33,8 @@ the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays i
 3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
 at every M in `ROWS`, dense and each block size alternating in rounds so all see the same machine
 state; the convolution rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the
-minimum over its rounds (robust to other processes on the cores), a rate is the work over the
-time minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
+median over its rounds (as the benchmarks and `check` time), a rate is the work over the time
+minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
 sparse rate, so that its errors lean towards dense (a small layer's GEMV runs from cache and is
 several times faster per FLOP than a large one's).
 
@@ -56,10 +56,10 @@ or `auto` means the calibration above. The test suite pins `builtin`.
 
 GPU (Triton)
 ------------
-The GPU constants are **not measured on this machine** (it has no GPU). On CUDA tensors,
-target="auto" uses Triton BSR for the largest exact block of 16 or more when at most
-`GPU_MAX_STORED_BLOCKS` of the blocks are stored: a fixed threshold, not a calibration. To measure
-it on a GPU:
+The GPU constants are **not measured**: the machine the shipped constants come from has no GPU.
+On CUDA tensors, target="auto" uses Triton BSR for the largest exact block of 16 or more when at
+most `GPU_MAX_STORED_BLOCKS` of the blocks are stored: a fixed threshold, not a calibration. To
+measure it on a GPU:
 
 1. For blocks b in (16, 32, 64), stored-block fractions in (0.05, 0.1, 0.25, 0.5, 0.75), rows M in
    `ROWS` and the GPT-2 shapes 768 x 768 and 3072 x 768, build a balanced block mask and its
@@ -100,8 +100,8 @@ BLOCKS = (1, 8, 16, 32)  # block sizes at which sparse rates are measured (1 = C
 LINEAR_SHAPES = ((768, 768), (3072, 768))  # (n, k): GPT-2's attention projection (cached) and MLP expansion
 CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages, 3 x 3
 DENSITY = 0.1  # fraction of the weights stored in the calibration's sparse layers
-BUDGET_S = 4.0  # seconds of timing in a calibration (building the layers adds about a second)
-QUICK_BUDGET_S = 1.5
+BUDGET_S = 3.0  # seconds of timing in a calibration (building the layers and first calls add 1-2 s)
+QUICK_BUDGET_S = 1.0
 
 
 class CostModelError(SparsegraphError):
@@ -151,12 +151,16 @@ class CostModel:
     flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
     flops_sparse: dict = field(default_factory=lambda: {  # by block size, then M
         "1": {"1": 5.0e9, "8": 4.0e10, "64": 3.9e10, "512": 3.5e10},
-        "8": {"1": 5.0e9, "8": 5.5e10, "64": 5.5e10, "512": 5.5e10},
+        "8": {"1": 5.0e9, "8": 4.0e10, "64": 5.5e10, "512": 5.5e10},
         "16": {"1": 1.6e10, "8": 1.2e11, "64": 1.2e11, "512": 1.2e11},
-        "32": {"1": 1.6e10, "8": 2.4e11, "64": 2.4e11, "512": 2.4e11}})
+        "32": {"1": 1.6e10, "8": 1.28e11, "64": 2.4e11, "512": 2.4e11}})
     flops_conv: float = 3.6e11  # FLOP/s-equivalent of oneDNN's 3 x 3 convolution (Winograd)
     flops_cols: dict = field(default_factory=lambda: {"1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11})
     source: str = "builtin: measured on a 2-core AMD EPYC (AVX-512), 2 threads"
+
+    def __post_init__(self):
+        self.flops_dense = _rising(self.flops_dense)
+        self.flops_sparse = {b: _rising(t) for b, t in self.flops_sparse.items()}
 
     # -- rates ---------------------------------------------------------------------------------
     def rate_dense(self, M: int) -> float:
@@ -377,8 +381,8 @@ def save_cache(model: CostModel, key: dict | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------
-def _timed(fns: dict, seconds: float, stat: Callable[[list[float]], float], min_rounds: int = 1) -> dict:
-    """stat(wall times) of each callable over rounds that alternate them (one warm-up call each
+def _timed(fns: dict, seconds: float, min_rounds: int = 3) -> dict:
+    """The median wall time of each callable over rounds that alternate them (one warm-up call each
     first), until `seconds` have passed and at least `min_rounds` rounds ran."""
     for f in fns.values():
         f()
@@ -390,11 +394,7 @@ def _timed(fns: dict, seconds: float, stat: Callable[[list[float]], float], min_
             f()
             times[name].append(time.perf_counter() - t)
         rounds += 1
-    return {name: stat(v) for name, v in times.items()}
-
-
-def _median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def _block_mask(n: int, k: int, block: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -463,9 +463,9 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     share = budget_s / slots
     tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
     tiny_sw = sparse_weight(16, 16, 16, 1.0, gen)
-    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share, min)
-    m = CostModel(c_dense=fixed["dense"], c_sparse=fixed["sparse"], flops_sparse={}, flops_cols={})
-    log(f"fixed cost per call: dense {m.c_dense * 1e6:.1f} us, sparse {m.c_sparse * 1e6:.1f} us")
+    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share)
+    c_dense, c_sparse = fixed["dense"], fixed["sparse"]
+    log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us")
 
     dense: dict = {str(M): [] for M in ROWS}
     sparse: dict = {str(b): {str(M): [] for M in ROWS} for b in BLOCKS}
@@ -475,30 +475,28 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         for M in ROWS:
             x = torch.randn(M, k, generator=gen)
             fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
-            t = _timed(fns, share, min)
-            dense[str(M)].append(_rate(M * n * k, t["dense"], m.c_dense))
+            t = _timed(fns, share)
+            dense[str(M)].append(_rate(M * n * k, t["dense"], c_dense))
             for b, sw in sws.items():
-                sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], m.c_sparse))
+                sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], c_sparse))
             log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s, sparse " +
                 ", ".join(f"b={b} {sparse[str(b)][str(M)][-1] / 1e9:.1f}" for b in BLOCKS))
-    m.flops_dense = _rising({M: max(r) for M, r in dense.items()})
-    m.flops_sparse = {b: _rising({M: min(r) for M, r in t.items()}) for b, t in sparse.items()}
 
-    conv_dense, conv_sparse = [], {b: [] for b in BLOCKS}
+    conv_dense, conv_sparse = [], {str(b): [] for b in BLOCKS}
     for N, C, H in CONV_SHAPES:
         xc, wc = torch.randn(N, C, H, H, generator=gen), torch.randn(C, C, 3, 3, generator=gen)
         swc = {b: sparse_weight(C, C * 9, b, DENSITY, gen) for b in BLOCKS}
         fns = {"dense": lambda: F.conv2d(xc, wc, padding=1)}
         fns |= {b: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for b, sw in swc.items()}
-        t = _timed(fns, share, min)
-        conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], m.c_dense))
+        t = _timed(fns, share)
+        conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], c_dense))
         for b, sw in swc.items():
-            conv_sparse[b].append(_rate(N * H * H * sw.nnzb * b * b, t[b], m.c_sparse))
-    m.flops_conv = max(conv_dense)
-    m.flops_cols = {str(b): min(r) for b, r in conv_sparse.items()}
-    log(f"conv 3x3: dense {m.flops_conv / 1e9:.1f} GFLOP/s, sparse " +
-        ", ".join(f"b={b} {r / 1e9:.1f}" for b, r in m.flops_cols.items()))
-    return m
+            conv_sparse[str(b)].append(_rate(N * H * H * sw.nnzb * b * b, t[b], c_sparse))
+        log(f"conv 3x3 {N}x{C}x{H}x{H}: dense {conv_dense[-1] / 1e9:.1f} GFLOP/s, sparse " +
+            ", ".join(f"b={b} {r[-1] / 1e9:.1f}" for b, r in conv_sparse.items()))
+    return CostModel(c_dense=c_dense, c_sparse=c_sparse, flops_dense={M: max(r) for M, r in dense.items()},
+                     flops_sparse={b: {M: min(r) for M, r in t.items()} for b, t in sparse.items()},
+                     flops_conv=max(conv_dense), flops_cols={b: min(r) for b, r in conv_sparse.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +544,7 @@ def _check_one(model: CostModel, w: torch.Tensor, mask: torch.Tensor, mask_block
     b = choice.block if picked else mask_block
     sw = weights.setdefault(b, _weight_of(mask, b, gen))
     x = torch.randn(M, k, generator=gen)
-    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds, _median, min_rounds=3)
+    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds)
     measured = t["dense"] / t["sparse"]
     return {"layer": f"{n}x{k}", "batch": M, "mask_block": mask_block,
             "choice": choice.format + (f" b={b}" if choice.format == "bsr" else ""), "picked": picked,

@@ -114,8 +114,8 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
     for col in ["rows M", "dense (F.linear)", *(f"sparse b={b}" for b in blocks)]:
         t.add_column(col, justify="right")
     for M in sorted(model.flops_dense, key=int):
-        t.add_row(M, f"{model.flops_dense[M] / 1e9:.1f}",
-                  *(f"{model.rate_sparse(int(M), int(b)) / 1e9:.1f}" for b in blocks))
+        t.add_row(M, f"{model.flops_dense[M] / 1e9:.3g}",
+                  *(f"{model.rate_sparse(int(M), int(b)) / 1e9:.3g}" for b in blocks))
     console().print(t)
     top = max(model.flops_dense, key=int)
     dense = model.flops_dense[top]
@@ -123,7 +123,7 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
           + (f" = {dense / peak:.0%} of the FMA peak" if peak else ""))
     print(f"fixed cost per call: dense {model.c_dense * 1e6:.1f} us, sparse {model.c_sparse * 1e6:.1f} us")
     print(f"conv 3x3: dense (oneDNN) {model.flops_conv / 1e9:.1f} GFLOP/s, sparse "
-          + ", ".join(f"b={b} {r / 1e9:.1f}" for b, r in sorted(model.flops_cols.items(), key=lambda i: int(i[0]))))
+          + ", ".join(f"b={b} {r / 1e9:.3g}" for b, r in sorted(model.flops_cols.items(), key=lambda i: int(i[0]))))
 
 
 def _print_check(rows: list[dict]) -> None:
