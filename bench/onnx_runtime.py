@@ -15,8 +15,8 @@ Every candidate of one configuration is timed in the same process with `common.m
 the dense session. The dense MatMul's GFLOP/s and its fraction of the CPU's measured fp32 FMA peak
 are printed beside it. Nothing here asserts on time.
 
-    python bench/onnx_runtime.py                # the full grid (about 15 minutes on 2 cores)
-    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 3 minutes)
+    python bench/onnx_runtime.py                # the full grid (about 10 minutes on 2 cores)
+    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 4 minutes)
     python bench/onnx_runtime.py --threads 1
 """
 from __future__ import annotations
