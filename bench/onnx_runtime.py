@@ -15,8 +15,8 @@ Every candidate of one configuration is timed in the same process with `common.m
 the dense session. The dense MatMul's GFLOP/s and its fraction of the CPU's measured fp32 FMA peak
 are printed beside it. Nothing here asserts on time.
 
-    python bench/onnx_runtime.py                # the full grid (about 15 minutes on 2 cores)
-    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 3 minutes)
+    python bench/onnx_runtime.py                # the full grid (about 10 minutes on 2 cores)
+    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 4 minutes)
     python bench/onnx_runtime.py --threads 1
 """
 from __future__ import annotations
@@ -151,9 +151,10 @@ def bench_gpt_mini(shape: tuple[int, int], sparsities: list[float], threads: int
     base = t["original dense"]
     rows = []
     for k, v in t.items():
-        layouts = sorted({c["layout"] for c in sg.onnx.read_lowering(paths[k]).values()})
+        lowering = sg.onnx.read_lowering(paths[k]).values()
+        layouts = sorted({c["layout"] for c in lowering})
         rows.append({"model": "gpt-mini", "tokens": tag, "variant": k, "layouts": ",".join(layouts) or "-",
-                     "ms": v * 1e3, "vs_original": v / base})
+                     "handed_over": sum("input_from" in c for c in lowering), "ms": v * 1e3, "vs_original": v / base})
     return rows
 
 
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             print(f"[{time.time() - t0:4.0f}s] end to end: gpt-mini {shape[0]}x{shape[1]} tokens", flush=True)
             e2e += bench_gpt_mini(shape, [0.75, 0.9], args.threads, budget * 4, folder, rows_too=not quick)
     print_table("end to end: gpt-mini, Sparse Wide balanced_block:32 (target: ort-block within 1.5x the original)",
-                e2e, ["model", "tokens", "variant", "layouts", "ms", "vs_original"])
+                e2e, ["model", "tokens", "variant", "layouts", "handed_over", "ms", "vs_original"])
     path = write_json("onnx_runtime" + ("_quick" if quick else ""), rows, end_to_end=e2e, threads=args.threads,
                       onnxruntime=ort.__version__,
                       command=" ".join(["python bench/onnx_runtime.py", *(argv if argv is not None else sys.argv[1:])]))

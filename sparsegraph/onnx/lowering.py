@@ -53,6 +53,7 @@ Both record their per-weight choices under metadata_props["sparsegraph.lowering"
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -331,6 +332,22 @@ def hand_over_blocks(graph: ir.Graph, namer: Namer, x: ir.Value, gather: ir.Node
     return blocks_out[id(transpose.inputs[0])][0]
 
 
+@dataclass
+class _Layer:
+    """One MatMul/Gemm the ort-block pass lowers, and how."""
+    node: ir.Node
+    x: ir.Value
+    W: np.ndarray  # (K, N)
+    name: str
+    alpha: float
+    C: np.ndarray | None
+    b: int
+    idx: np.ndarray
+    r: int
+    layout: str
+    rows: int | None  # M when the leading sizes are static
+
+
 class BlockSparseMatMulPass(ir.passes.InPlacePass):
     """ort-block: MatMul/Gemm with a block-sparse constant weight -> Gather + batched MatMul over the
     nonzero blocks (see the module docstring). `block`: the block size (default: the plan's block
@@ -373,7 +390,7 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
         plan_block = _plan_block(model)
         namer = Namer(model.graph)
         opset = opset_of(model)
-        plans = []  # (node, x, W, name, alpha, C, b, idx, r, layout)
+        plans: list[_Layer] = []
         for node, x, W, name, alpha, C in _candidates(model):
             if np.count_nonzero(W) > self.max_density * W.size:  # cannot pass: skip the block analysis
                 continue
@@ -383,20 +400,21 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             b, idx, r = chosen
             rows = _Shapes(None, x, *W.shape, opset).rows
             layout = self.layout if self.layout != "auto" else auto_layout(rows, r)
-            plans.append([node, x, W, name, alpha, C, b, idx, r, layout])
+            plans.append(_Layer(node, x, W, name, alpha, C, b, idx, r, layout, rows))
         if self.layout == "auto":  # a layer fed by another's block-major output reads it as it is
-            block_major = {id(p[0]): p for p in plans if p[9] != "column" and p[2].shape[1] % p[6] == 0}
+            block_major = {id(p.node): p for p in plans if p.layout != "column" and p.W.shape[1] % p.b == 0}
             for p in plans:
-                node, x, W, b = p[0], p[1], p[2], p[6]
-                if p[9] != "rows" or W.shape[0] % b or _Shapes(None, x, *W.shape, opset).rows is None:
+                if p.layout != "rows" or p.W.shape[0] % p.b or p.rows is None:
                     continue
-                found = feature_chain(x, W.shape[0], lambda n: id(n) in block_major)
-                if found is not None and block_major[id(found[1])][6] == b:
-                    p[9] = "blocks"
+                found = feature_chain(p.x, p.W.shape[0], lambda n: id(n) in block_major)
+                if found is not None and block_major[id(found[1])].b == p.b:
+                    p.layout = "blocks"
         choices = {}
         blocks_out: dict[int, tuple[str, int, int]] = {}  # id(yb) -> (weight, N, b)
         blocks_in: list[tuple[str, ir.Value, ir.Node, int, int]] = []  # (weight, x, Gather, K, b)
-        for node, x, W, name, alpha, C, b, idx, r, layout in plans:
+        for p in plans:
+            node, x, W, name, alpha, C, b, idx, r, layout = (p.node, p.x, p.W, p.name, p.alpha, p.C, p.b, p.idx, p.r,
+                                                             p.layout)
             K, N = W.shape
             Wp = pad_to_blocks(W.astype(np.float64), b)  # ragged edges: zero rows/columns up to (Kp, Np)
             Kp, Np = Wp.shape
