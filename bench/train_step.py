@@ -64,6 +64,7 @@ from common import describe, machine, medians, print_table, write_json  # noqa: 
 
 MASK = "balanced_block:32"
 VARIANTS = ("dense", "masked-dense", "compact", "compact+ckpt")
+MODELS = ("gpt-mini", "hf-gpt2")
 MB = 2 ** 20
 RESULT = "RESULT "  # the line a memory run reports on
 MMAP_THRESHOLD = 65536  # bytes: glibc serves (and returns) every allocation this large by its own mapping
@@ -107,9 +108,6 @@ def workload(name: str, options: dict | None = None, batch: tuple[int, int] | No
     if name == "hf-gpt2":
         return Workload(name, lambda: _hf_gpt2(**options), options.get("vocab_size", 2048), tuple(batch or (8, 128)))
     raise SystemExit(f"unknown model {name!r}; choose gpt-mini or hf-gpt2")
-
-
-MODELS = ("gpt-mini", "hf-gpt2")
 
 
 def build_variants(w: Workload, sparsity: float, variants=VARIANTS, dense: nn.Module | None = None,

@@ -4,12 +4,12 @@ A layer that `sg.lower` turned into a `LoweredLinear` or `LoweredConv2d` stores 
 blocks: `weight_values` (nnzb, b, b), trained by the optimizer, and the int32 BSR index buffers
 `weight_crow`, `weight_col`, `weight_crow_t`, `weight_col_t`, `weight_perm_t`
 (`backends.sparse_linear.layout_tensors`). `CompactLayer` gives the drop-and-grow methods of
-`sg.dst` the same view of such a layer as of a masked one (`dst.Layer`, the same methods) -- units are the b x b blocks of W's
-matrix view (n, k), numbered row-major (block-row r, block-column c) -> r·C + c as
-`mask_units.Units` numbers them, one pool per block-row for a balanced_block mask -- and applies
-a decision by rewriting those tensors in place: the number of stored blocks never changes, so the
-parameter, its gradient and its optimizer state keep their shapes and the optimizer keeps
-working on the same tensor.
+`sg.dst` the same view of such a layer as of a masked one (`dst.Layer`, with the same methods):
+units are the b x b blocks of W's matrix view (n, k), numbered row-major (block-row r,
+block-column c) -> r·C + c as `mask_units.Units` numbers them, one pool per block-row for a
+balanced_block mask. It applies a decision by rewriting those tensors in place: the number of
+stored blocks never changes, so the parameter, its gradient and its optimizer state keep their
+shapes and the optimizer keeps working on the same tensor.
 
 - kept blocks move to their place in the new row-major order, with their values, gradient and
   every optimizer state tensor of the values' shape (Adam's moments, SGD's momentum, ...);
