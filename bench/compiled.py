@@ -172,6 +172,10 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true", help="inference rows only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     args = p.parse_args()
+    # every variant compiles the same forward (one code object): raise Dynamo's recompile limit,
+    # and fail rather than fall back to eager silently should it still be hit
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if args.threads:
         torch.set_num_threads(args.threads)
     print(common.describe(), flush=True)

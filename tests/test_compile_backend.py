@@ -312,6 +312,26 @@ def test_freezing_leaves_written_buffers_as_inputs():
     assert torch.equal(m[1].running_mean, twin[1].running_mean) and int(m[1].num_batches_tracked) == 2
 
 
+def test_global_inductor_freezing_lowers_parameters_dynamo_made_attributes(block):
+    """With `torch._inductor.config.freezing` on and grad off, Dynamo hands the parameters and
+    masks over as graph attributes, not inputs: they are lowered all the same, and watched."""
+    wide, x = block
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    fast = torch.compile(wide, backend=sgc.make_backend(compiler=lambda gm, inputs, record: gm))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        assert torch.allclose(fast(x), wide(x), rtol=1e-4, atol=1e-5)
+        entry = sgc.LOG[-1]
+        assert entry["lowering"]["formats"] == {"bsr": n_sparse}
+        assert entry["frozen"] == len(list(wide.parameters())) + len(list(wide.buffers()))
+        assert _count(entry["lowered"], SPARSE + ".default") == n_sparse
+        assert not [n for n in entry["lowered"].graph.nodes if n.op == "placeholder" and "mask" in n.name]
+        wide.head.weight_mask[0].zero_()  # a mask update (DST would make one): re-lowered, eagerly
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            assert torch.allclose(fast(x), wide(x), rtol=1e-4, atol=1e-5)
+    assert any("changed" in str(r.message) for r in rec)
+
+
 def _train_twins(model, fast, twin, batches):
     """Forward + backward through `fast` and its eager `twin` at each batch size: equal gradients."""
     for batch in batches:
