@@ -148,7 +148,14 @@ def test_eager_inference_takes_one_native_call_and_sees_weight_updates():
     torch.testing.assert_close(y2, reference(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y2, y)
     with torch.no_grad():
-        assert layer(x.double().float()[:0]).shape == (0, 5, 96)
+        assert layer(x[:0]).shape == (0, 5, 96)
+    with torch.inference_mode():  # a layer made in inference mode has no version counters: the op runs
+        frozen = _lowered()
+        torch.testing.assert_close(frozen(x), sparse_linear(x, frozen.weight_values, frozen.weight_crow,
+                                                            frozen.weight_col, frozen.weight_crow_t,
+                                                            frozen.weight_col_t, frozen.weight_perm_t, frozen.bias,
+                                                            96, 64, 16))
+        assert lowered._prepared.get(frozen) is None
 
 
 def test_no_blocks_at_all():

@@ -13,7 +13,9 @@ A block-sparse W (n, k) with blocks b x b is given in BSR form: `values` (nnzb, 
 orientation, zero-padded at ragged edges; `crow` (ceil(n/b)+1,), `col` (nnzb,) int32; and the
 BSR of W^T as `crow_t`, `col_t` and `perm_t` (the value index of each W^T block). CSR is b = 1.
 
-Two data layouts, for the two ways a sparse weight is applied:
+Linear layers whose block is a multiple of the vector width (16 floats, 8 doubles) run the packed
+rows kernel (`sg_rows_packed`); `Prepared` makes such a product one native call for eager
+inference. Two data layouts, for the two ways a sparse weight is applied:
 
     rows:  x (M, k) -> y (M, n) = x W^T + bias           linear layers (and transposed convs of them)
     cols:  X (P, k, L) -> Y (P, n, L) = W X + bias        an im2col view (L positions per image)
@@ -285,8 +287,9 @@ class Prepared:
              b: int) -> "Prepared | None":
         """None where the packed native kernel does not apply (no library, dtype, block size)."""
         lib = _native(values, bias)
-        if lib is None or values.dim() != 3 or b % _lanes(values):
-            return None
+        if lib is None or values.dim() != 3 or b % _lanes(values) or any(
+                t is not None and t.is_inference() for t in (values, bias, crow, col)):
+            return None  # (inference tensors keep no version counter to check)
         return cls(lib, values, crow, col, bias, n, k, b)
 
     def valid(self, x: Tensor, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
