@@ -104,17 +104,15 @@ def _to_aten(gm: fx.GraphModule, fakes: list, attrs: list) -> fx.GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     mode = next((a.fake_mode for a in fakes if isinstance(a, FakeTensor)), None) or detect_fake_mode(fakes)
-    f, args = gm, list(fakes)
-    if attrs:
-        names, n = [a for a, _, _ in attrs], len(fakes)
-        args += [mode.from_tensor(t, static_shapes=True) for *_, t in attrs]
+    names, n = [a for a, _, _ in attrs], len(fakes)
+    args = list(fakes) + [mode.from_tensor(t, static_shapes=True) for *_, t in attrs]
 
-        def f(*flat):
-            return torch.func.functional_call(gm, dict(zip(names, flat[n:])), tuple(flat[:n]))
+    def lifted(*flat):
+        return torch.func.functional_call(gm, dict(zip(names, flat[n:])), tuple(flat[:n]))
 
     with warnings.catch_warnings(), (mode or contextlib.nullcontext()):
         warnings.simplefilter("ignore")
-        return make_fx(f, pre_dispatch=True, tracing_mode="real" if mode else "fake")(*args)
+        return make_fx(lifted if attrs else gm, pre_dispatch=True, tracing_mode="real" if mode else "fake")(*args)
 
 
 def _as_attributes(gm: fx.GraphModule, which: dict[int, tuple[str, torch.Tensor]]) -> None:
@@ -295,7 +293,8 @@ def make_backend(target: str = "auto", compiler: Callable | None = None, freeze:
         patches = dict(options or {})
         frz = patches.pop("freezing", freeze)
         if frz not in FREEZE:
-            raise ValueError(f"sparsegraph backend: options freezing={frz!r}; choose from {', '.join(map(repr, FREEZE))}")
+            raise ValueError(f"sparsegraph backend: options freezing={frz!r}; "
+                             f"choose from {', '.join(map(repr, FREEZE))}")
         if mode is not None:
             from torch._inductor import list_mode_options
 
