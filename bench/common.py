@@ -18,26 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from sparsegraph.backends import cpu
+from sparsegraph.backends.cost_model import cpu_name
 from sparsegraph.fsutil import atomic_write
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8488C'."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
     """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), load."""
     threads = torch.get_num_threads()
     peak = cpu.fma_peak(threads)
-    return {"cpu": cpu_model(), "threads": threads, "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "threads": threads, "cores": os.cpu_count(),
             "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None, "torch": torch.__version__,
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
@@ -85,19 +74,6 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 
 def gflops(flop: float, seconds: float) -> float:
     return flop / seconds / 1e9
-
-
-def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def write_json(name: str, rows: list[dict], **extra) -> str:

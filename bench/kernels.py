@@ -24,7 +24,6 @@ time is below MKL dense where it picks sparse.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 
@@ -108,7 +107,7 @@ def run_config(name, n, k, L, batch, s, block, rounds, gen, model, peers):
     return row
 
 
-def run_conv(name, n, k, L, batch, s, block, repeat, gen, model):
+def run_conv(name, n, k, L, batch, s, block, rounds, gen, model):
     """A ResNet-18 3x3 convolution (stride 1, padding 1): dense conv2d vs sparsegraph::sparse_conv2d."""
     c_in, side = k // 9, int(round(L ** 0.5))
     w, mask = make_weight(n, k, block, s, gen)
@@ -118,7 +117,7 @@ def run_conv(name, n, k, L, batch, s, block, repeat, gen, model):
     w4 = w.view(n, c_in, 3, 3)
     with torch.inference_mode():
         t = medians({"dense": lambda: F.conv2d(x, w4, padding=1), "sg": lambda: sw.conv2d(x, None, 3, 1, 1)},
-                    repeat, budget_s=3.0)
+                    rounds, budget_s=3.0)
     choice = decide(name, "", "conv", mask, (batch, L), "cpu", torch.device("cpu"), model)
     return {"layer": name, "batch": batch, "sparsity": s, "block": block, "density": round(rho, 4),
             "dense_conv_us": round(t["dense"] * 1e6, 1), "sg_conv_us": round(t["sg"] * 1e6, 1),

@@ -262,15 +262,14 @@ def _relower(model: nn.Module, plan: SparsityPlan, state: dict[str, torch.Tensor
     layers = {name: rec for name, rec in plan.lowering.get("layers", {}).items() if f"{name}_values" in state}
     if not layers:
         return model
+    from .backends.sparse_linear import block_rows
     from .passes.lower import lower
 
     with torch.no_grad():
         for name, rec in layers.items():
             (n, k), b = rec["shape"], rec["block"]
-            crow, col = state[f"{name}_crow"].long(), state[f"{name}_col"].long()
-            R, C = -(-n // b), -(-k // b)
-            grid = torch.zeros(R, C, dtype=torch.bool)  # (R, C) stored blocks
-            grid[torch.repeat_interleave(torch.arange(R), torch.diff(crow)), col] = True
+            grid = torch.zeros(-(-n // b), -(-k // b), dtype=torch.bool)  # (R, C) stored blocks
+            grid[block_rows(state[f"{name}_crow"]), state[f"{name}_col"].long()] = True
             matrix = grid.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]  # (n, k), W's matrix view
             mask = model.get_buffer(name + "_mask")
             matrix = matrix.t() if plan.weight(name).out_axis == 1 else matrix  # Conv1D keeps W^T

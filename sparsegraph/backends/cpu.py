@@ -517,5 +517,6 @@ def conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     return y
 
 
-__all__ = ["library", "conv2d", "available", "fma_peak", "linear", "linear_grad_input", "linear_grad_values", "apply_cols",
-           "apply_cols_grad_input", "cols_grad_values", "pack", "unpack", "cache_dir", "BUILD_ERROR"]
+__all__ = ["library", "conv2d", "available", "fma_peak", "Prepared", "linear", "linear_grad_input",
+           "linear_grad_values", "apply_cols", "apply_cols_grad_input", "cols_grad_values", "pack", "unpack",
+           "cache_dir", "BUILD_ERROR"]

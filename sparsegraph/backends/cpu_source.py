@@ -1,8 +1,9 @@
 """C source of the CPU block-sparse kernels (built by `sparsegraph.backends.cpu` on first use).
 
 Plain C11 with GCC vector extensions and OpenMP; no PyTorch headers, so it builds in about two
-seconds with `gcc -O3 -march=native -fopenmp`. `sg_fma_peak` measures the CPU's FMA throughput. `BODY` is instantiated twice, for float (16 lanes
-per 64-byte vector) and double (8 lanes). Exported symbols (suffix _f32 / _f64):
+seconds with `gcc -O3 -march=native -fopenmp`. `BODY` is instantiated twice, for float (16 lanes
+per 64-byte vector) and double (8 lanes). `sg_fma_peak` measures the CPU's fp32 FMA throughput.
+Exported symbols (suffix _f32 / _f64):
 
   sg_rows_packed y (M, OUT) = x (M, IN) @ B + bias        b a multiple of the vector width: B's blocks
                  read (in, out), x in chunks of L2-resident tiles (linear layers, their dX)
@@ -171,34 +172,28 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
  * packed rows kernel (b % VL == 0): y (M, OUT) = x (M, IN) @ B + bias with B's blocks stored
  * (in, out): element (i, o) of block j at wp + idx*b*b + i*b + o, idx = perm ? perm[j] : j. W^T of a
  * linear layer's values reads them in place through perm (dX); W itself needs one transposed copy
- * (`values.transpose(1, 2)`, made once by the caller). x is packed per call into zero-padded m-tiles of MR rows,
- * xp[t][kc][MR] (kc < Kp = ceil(IN/b)*b), so the broadcasts of a tile are one contiguous stream
- * and ragged IN needs no edge code; an MR x NV register tile of y then runs over all blocks of
- * its block-row. Threads split the block-rows of one chunk of tiles at a time (a chunk of xp
- * stays in L2 while every W panel passes over it; each W panel stays in L1/L2 across the tiles).
+ * (`values.transpose(1, 2)`, made by the caller). An MR x NV register tile of y (MR rows of x, NV
+ * vectors of outputs) runs over all blocks of its block-row, broadcasting x and loading W's rows.
+ * Threads split the block-rows of one chunk of tiles at a time: the chunk stays in L2 while every
+ * block-row's W panel passes over it, each panel reused by all the chunk's tiles.
  * ---------------------------------------------------------------------------------------- */
 #define MK_PACKED(NV, MR)                                                                        \
-static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t sk, int64_t si, int64_t IN,    \
+static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
         const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, T *y, int64_t ldy,    \
         int64_t mr, int64_t olim, const T *bias) {                                               \
     V acc[MR][NV];                                                                               \
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                        \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (V){0};                 \
     const T *xr[MR];  /* row i of the tile (the last real row again past mr: read, never stored) */ \
-    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = xp + (i < mr ? i : mr - 1) * si; \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = xp + (i < mr ? i : mr - 1) * ldx; \
     for (int64_t jj = 0; jj < nz; jj++) {                                                        \
         const int64_t c = (int64_t)colr[jj] * b, kn = IN - c < b ? IN - c : b;                   \
         const T *w = wp + (permr ? permr[jj] : jj) * b * b;                                      \
-        if (jj + 1 < nz) { /* the next block's x columns: their rows are not where a prefetcher looks */ \
-            const int64_t cn = (int64_t)colr[jj + 1] * b;                                        \
-            _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                \
-                for (int64_t l = 0; l < b; l += VL) __builtin_prefetch(xr[i] + (cn + l) * sk);   \
-        }                                                                                        \
         for (int64_t kk = 0; kk < kn; kk++) {                                                    \
             V wv[NV];                                                                            \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = FN(ld)(w + kk * b + v * VL); \
             _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                              \
-                const T a = xr[i][(c + kk) * sk];                                                \
+                const T a = xr[i][c + kk];                                                       \
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv[v] * a;     \
             }                                                                                    \
         }                                                                                        \
@@ -218,9 +213,9 @@ MK_PACKED_ALL(2) MK_PACKED(2, 8) MK_PACKED(2, 12)
 MK_PACKED_ALL(3) MK_PACKED(3, 8)
 MK_PACKED_ALL(4)
 
-typedef void (*FN(mk_p_fn))(int64_t, const T *, int64_t, int64_t, int64_t, const T *, const int32_t *, int64_t,
+typedef void (*FN(mk_p_fn))(int64_t, const T *, int64_t, int64_t, const T *, const int32_t *, int64_t,
                              const int32_t *, T *, int64_t, int64_t, int64_t, const T *);
-/* register tiles by [NV - 1][index of MR in MR_SIZES]; NULL where NV x MR would spill */
+/* register tiles by [NV - 1][index of MR in mr_sizes]; NULL where NV x MR would spill */
 static const int FN(mr_sizes)[7] = {1, 2, 4, 6, 8, 12, 16};
 static const FN(mk_p_fn) FN(mk_p_table)[4][7] = {
     {FN(mk_p_1_1), FN(mk_p_1_2), FN(mk_p_1_4), FN(mk_p_1_6), FN(mk_p_1_8), FN(mk_p_1_12), FN(mk_p_1_16)},
@@ -242,15 +237,14 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     const int64_t R = (OUT + b - 1) / b, Kp = (IN + b - 1) / b * b;
     const int64_t nv0 = b / VL < 4 ? b / VL : 4;
     const int mi = FN(mr_index)(M, nv0), TM = FN(mr_sizes)[mi];
-    const int64_t ntile = (M + TM - 1) / TM, last = M - (ntile - 1) * TM;
-    const int ml = FN(mr_index)(last, nv0), TL = FN(mr_sizes)[ml];  /* the last tile's height */
-    /* x is read in chunks of tiles (~CH bytes and at least 8 tiles, which stay in L2 while every
-     * block-row's W panel passes over them, each panel reused by all the chunk's tiles). With pack_x, each chunk is first copied at a row stride of Kp + one vector, so the MR
-     * rows of a tile never share one L1 set (x's own stride is often a multiple of 4 KiB). */
+    const int64_t ntile = (M + TM - 1) / TM;
+    const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
+    /* chunks of about 128 KiB of x and at least 8 tiles. With pack_x each chunk is first copied at a
+     * row stride of Kp + one vector (zero-padded past IN), so a tile's rows never share one L1 set
+     * (x's own stride is often a multiple of 2 KiB). */
     const int64_t ldp = Kp + VL;
-    const double CH = 131072;
     const double tile_bytes = (double)(pack_x ? ldp : IN) * TM * sizeof(T);
-    const int64_t per_chunk = CH / tile_bytes > 8 ? (int64_t)(CH / tile_bytes) : 8;
+    const int64_t per_chunk = 131072 / tile_bytes > 8 ? (int64_t)(131072 / tile_bytes) : 8;
     T *xp = NULL;
     if (pack_x) {
         xp = (T *)aligned_alloc(64, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
@@ -280,8 +274,9 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                         const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
                         const T *xt = pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx;
                         FN(mk_p_table)[nv - 1][t == ntile - 1 ? ml : mi](
-                            nz, xt, 1, pack_x ? ldp : ldx, pack_x ? Kp : IN, wr + lane0, perm ? perm + crow[r] : NULL,
-                            b, col + crow[r], y + m0 * ldy + o0 + lane0, ldy, mr, olim, bias ? bias + o0 + lane0 : NULL);
+                            nz, xt, pack_x ? ldp : ldx, pack_x ? Kp : IN, wr + lane0,
+                            perm ? perm + crow[r] : NULL, b, col + crow[r], y + m0 * ldy + o0 + lane0, ldy, mr,
+                            olim, bias ? bias + o0 + lane0 : NULL);
                     }
                 }
             }

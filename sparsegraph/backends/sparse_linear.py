@@ -73,6 +73,12 @@ def layout_tensors(block_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, 
     return crow.to(i32), cols.to(i32), crow_t.to(i32), rows[perm_t].to(i32), perm_t.to(i32)
 
 
+def block_rows(crow: Tensor) -> Tensor:
+    """(nnzb,) int64 on the CPU: the block-row of each stored block, in storage order (crow inverted)."""
+    crow = crow.long().cpu()
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1), torch.diff(crow))
+
+
 @dataclass
 class SparseWeight:
     """A block-sparse weight (n, k): values and the index tensors the op needs, built once."""
@@ -437,4 +443,4 @@ sparse_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 __all__ = ["sparse_linear", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "sparse_linear_grad_input", "sparse_linear_grad_values", "SparseWeight",
-           "block_mask_of", "layout_tensors", "SparseLinearError", "IMPLS"]
+           "block_mask_of", "block_rows", "layout_tensors", "SparseLinearError", "IMPLS"]

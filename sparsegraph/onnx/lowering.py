@@ -205,36 +205,40 @@ def _padded_rows(bld: Builder, shapes: "_Shapes", Kp: int) -> ir.Value:
     return x2
 
 
-def _rows_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
-                 b: int) -> ir.Value:
-    Nb, rb, _ = wp.shape
-    Kp, Np = -(-K // b) * b, Nb * b
-    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
-    g = bld.op("Gather", [xb, index], {"axis": 1})  # (M, Nb, r, b)
-    g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, rb], np.int64)])  # (M, Nb, r*b)
-    g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b): ONNX Runtime fuses it into the MatMul
-    yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
+def _input_blocks(bld: Builder, shapes: "_Shapes", K: int, b: int) -> ir.Value:
+    """x (M, K) as (M, Kb, b), zero-padded to whole blocks."""
+    Kp = -(-K // b) * b
+    return bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
+
+
+def _output_rows(bld: Builder, yb: ir.Value, N: int, Np: int) -> ir.Value:
+    """The block-major output yb (Nb, M, b) as y (M, N), Np = Nb * b columns before the slice."""
     yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
     y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
     return _slice_columns(bld, y, N, 1) if Np != N else y
+
+
+def _rows_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
+                 b: int) -> ir.Value:
+    Nb, rb, _ = wp.shape
+    g = bld.op("Gather", [_input_blocks(bld, shapes, K, b), index], {"axis": 1})  # (M, Nb, r, b)
+    g = bld.op("Reshape", [g, bld.const("gathered", [-1, Nb, rb], np.int64)])  # (M, Nb, r*b)
+    g = bld.op("Transpose", [g], {"perm": [1, 0, 2]})  # (Nb, M, r*b): ONNX Runtime fuses it into the MatMul
+    return _output_rows(bld, bld.op("MatMul", [g, bld.const("blocks", wp)]), N, Nb * b)  # (Nb, M, b)
 
 
 def _blocks_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,
                    b: int) -> ir.Value:
     Nb, rb, _ = wp.shape
     r = rb // b
-    Kp, Np = -(-K // b) * b, Nb * b
-    xb = bld.op("Reshape", [_padded_rows(bld, shapes, Kp), bld.const("blocks_in", [-1, Kp // b, b], np.int64)])
-    xt = bld.op("Transpose", [xb], {"perm": [1, 0, 2]})  # (Kb, M, b): each input block contiguous
+    xt = bld.op("Transpose", [_input_blocks(bld, shapes, K, b)], {"perm": [1, 0, 2]})  # (Kb, M, b), contiguous
     g = bld.op("Gather", [xt, index], {"axis": 0})  # (Nb, M, b) for r = 1, else (Nb, r, M, b)
     if r == 1:
         yb = bld.op("MatMul", [g, bld.const("blocks", wp)])  # (Nb, M, b)
     else:
         p = bld.op("MatMul", [g, bld.const("blocks", wp.reshape(Nb, r, b, b))])  # (Nb, r, M, b)
         yb = bld.op("ReduceSum", [p, bld.const("slots", [1], np.int64)], {"keepdims": 0})  # (Nb, M, b)
-    yb = bld.op("Transpose", [yb], {"perm": [1, 0, 2]})  # (M, Nb, b)
-    y = bld.op("Reshape", [yb, bld.const("blocks_out", [-1, Np], np.int64)])  # (M, Np)
-    return _slice_columns(bld, y, N, 1) if Np != N else y
+    return _output_rows(bld, yb, N, Nb * b)
 
 
 def _column_layout(bld: Builder, shapes: "_Shapes", index: ir.Value, wp: np.ndarray, K: int, N: int,

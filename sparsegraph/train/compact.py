@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..backends.sparse_linear import layout_tensors
+from ..backends.sparse_linear import block_rows, layout_tensors
 from ..masks import parse_mask
 from ..nn.lowered import INDEX, Lowered
 from ..plan import WeightPlan
@@ -92,9 +92,7 @@ class CompactLayer:
     # -- the layer as units ---------------------------------------------------------------------
     def stored_units(self) -> torch.Tensor:
         """(nnzb,) int64: the unit r·C + c of each stored block, in storage order."""
-        crow, col = _index(self.module, "crow").long().cpu(), _index(self.module, "col").long().cpu()
-        rows = torch.repeat_interleave(torch.arange(self.R), torch.diff(crow))  # (nnzb,)
-        return rows * self.C + col
+        return block_rows(_index(self.module, "crow")) * self.C + _index(self.module, "col").long().cpu()
 
     def active(self) -> torch.Tensor:
         """(units,) bool: the stored blocks."""
@@ -145,8 +143,7 @@ class CompactLayer:
         position = torch.full((self.R * self.C,), -1, dtype=torch.long)
         position[self.stored_units()] = torch.arange(self.nnzb)  # unit -> its index in the old values
         index = layout_tensors(new.reshape(self.R, self.C))  # (crow, col, crow_t, col_t, perm_t)
-        rows = torch.repeat_interleave(torch.arange(self.R), torch.diff(index[0].long()))
-        units = rows * self.C + index[1].long()  # (nnzb,) the new blocks, row-major
+        units = block_rows(index[0]) * self.C + index[1].long()  # (nnzb,) the new blocks, row-major
         src = torch.where(kept[units], position[units], -1)  # -1: regrown, starts at zero
         with torch.no_grad():
             p = self.param

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..backends.sparse_linear import block_rows
 from ..io import sync_config
 from ..masks import layer_seed
 from ..passes.lower import pack_weight
@@ -189,8 +190,7 @@ def init_(model: nn.Module, seed: int | None = None) -> nn.Module:
                 t = (torch.rand(shape, generator=gen) * 2 - 1) * (math.sqrt(3) * init["std"])
             if lowered is not None:  # the stored blocks of t's matrix view (padding at ragged edges stays zero)
                 values, crow, col = lowered
-                rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), torch.diff(crow.long().cpu()))
-                t = pack_weight(t, rows, col.long().cpu(), values.shape[-1], transpose=w.out_axis == 1)
+                t = pack_weight(t, block_rows(crow), col.long().cpu(), values.shape[-1], transpose=w.out_axis == 1)
             p.copy_(t.to(p.dtype))
     return model
 
