@@ -196,6 +196,31 @@ def test_sparse_conv2d_matches_conv2d(block, conf, impl):
     assert torch.allclose(dv, cpu.pack(dwr.reshape(24, -1), sw.crow, sw.col, block), atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(7, 96, 5, 4), (2, 48, 20, 17), (33, 64, 2, 2)])
+@pytest.mark.parametrize("block", [8, 16])
+def test_native_conv2d_chunks_and_interleaved_images(shape, block):
+    """The stride-1 native kernel: K long enough to run in several chunks, small images interleaved
+    several to a group (with a ragged last group), large ones in several lane blocks, a ragged
+    output block-row and an empty one; float64 and float32 against F.conv2d in float64."""
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(N)
+    mask = torch.rand(40, C * 9, generator=g) < 0.25
+    mask = block_mask_of(mask, block).repeat_interleave(block, 0).repeat_interleave(block, 1)[:40, :C * 9]
+    mask[block:2 * block] = False
+    w = torch.randn(40, C, 3, 3, dtype=torch.float64, generator=g) * mask.view(40, C, 3, 3)
+    sw = SparseWeight.from_dense(w.reshape(40, -1), block, mask=mask)
+    x = torch.randn(N, C, H, W, dtype=torch.float64, generator=g)
+    bias = torch.randn(40, dtype=torch.float64, generator=g)
+    ref = F.conv2d(x, w, bias, padding=1)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        y = cpu.conv2d(x.to(dtype), sw.values.to(dtype), sw.crow, sw.col, bias.to(dtype), 40, (3, 3), (1, 1),
+                       (1, 1), (1, 1), block)
+        assert y is not None and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol * ref.abs().max().item())
+
+
 def test_sparse_conv2d_opcheck():
     sw, _ = _weight(20, 4 * 9, 4, 0.4, 3, empty_rows=1, dtype=torch.float32)
     x = torch.randn(2, 4, 7, 6, requires_grad=True)

@@ -12,7 +12,8 @@ Exported symbols (suffix _f32 / _f64):
   sg_sddmm_rows  dV[j] = G[:, rows of j]^T X[:, cols of j]  on B's nonzero blocks
   sg_sddmm_cols  dV[j] = sum_p G[p, rows of j] X[p, cols of j]^T
   sg_conv2d      y = conv2d(x, W, bias) for a block-sparse W (out, C kh kw): stride 1 reads the padded
-                 image through row offsets (no im2col), other strides build im2col tiles per thread
+                 image (small images interleaved) through row offsets, no im2col, in L2-sized chunks
+                 of K; other strides build im2col tiles per thread
 
 A block-sparse B is given as BSR row pointers `crow`, block columns `col` (int32), values
 (nnzb, b, b) and an optional `perm` (value index of each block, for W^T read through W's values).
@@ -337,10 +338,12 @@ static void FN(dot_rows)(T *y, const T *bias, const T *vals, const int32_t *perm
 #define MK_COLS(OR, LV)                                                                          \
 static void FN(mk_cols_##OR##_##LV)(int64_t orr, const int32_t *col, int64_t j0, int64_t nz,       \
         const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si, int64_t ob0,       \
-        const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy, const T *bias) { \
+        const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy, const T *bias, \
+        int load) {                                                                              \
     V acc[OR][LV];                                                                               \
     _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++)                                         \
-        _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) acc[r][v] = (V){0};                 \
+        _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++)                                     \
+            acc[r][v] = load && r < orr ? FN(ld)(Y + r * ldy + v * VL) : (V){0};                 \
     for (int64_t jj = 0; jj < nz; jj++) {                                                        \
         const int64_t c = (int64_t)col[j0 + jj] * b, kn = IN - c < b ? IN - c : b;               \
         const T *blk = vals + (int64_t)(perm ? perm[j0 + jj] : j0 + jj) * b * b;                 \
@@ -376,8 +379,8 @@ MK_COLS(1, 1)
 static void FN(cols_tile)(int64_t OR, int64_t LV, int64_t orr, const int32_t *col, int64_t j0,
                           int64_t nz, const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si,
                           int64_t ob0, const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy,
-                          const T *bias) {
-#define CALL_COLS(a, c) FN(mk_cols_##a##_##c)(orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff, IN, Y, ldy, bias)
+                          const T *bias, int load) {
+#define CALL_COLS(a, c) FN(mk_cols_##a##_##c)(orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff, IN, Y, ldy, bias, load)
     if (LV == 1) {
         if (OR == 8) CALL_COLS(8, 1); else if (OR == 4) CALL_COLS(4, 1); else if (OR == 2) CALL_COLS(2, 1); else CALL_COLS(1, 1);
     } else if (LV == 2 && OR != 8) {
@@ -447,9 +450,9 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
                 int64_t l0 = lbeg;
                 const int64_t LV = OR == 8 ? 2 : 4;
                 for (; l0 + LV * VL <= lend; l0 += LV * VL)
-                    FN(cols_tile)(OR, LV, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb);
+                    FN(cols_tile)(OR, LV, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb, 0);
                 for (; l0 + VL <= lend; l0 += VL)
-                    FN(cols_tile)(OR, 1, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb);
+                    FN(cols_tile)(OR, 1, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb, 0);
                 if (l0 < lend) {  /* lane tail (fewer than VL lanes left) */
                     const int64_t tl = lend - l0;
                     for (int64_t o = 0; o < orr; o++) {
@@ -516,76 +519,116 @@ static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t
 /* stride-1 convolution without im2col: on the zero-padded image (Hp x Wp per channel), the
  * im2col row (c, i, j) over "extended" positions e = ho * Wp + wo is the contiguous run starting
  * at plane c + i*DH*Wp + j*DW, so the cols register tiles read the padded image through a table
- * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead). */
+ * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead).
+ * Small images are interleaved G at a time (lane e*G + g is position e of image g) so that a
+ * register tile stays full. A work item is CL lanes of one group and a group of block-rows; it
+ * runs over K in chunks whose rows of x stay in L2, accumulating in a tile of y, so the weights
+ * are read once per CL lanes and x once per item. */
+#define CL (8 * VL)
+#define CONV_XBYTES (192 * 1024)
 static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
                               int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
                               const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
     const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, Ho = Hp - DH * (KH - 1), Wo = Wp - DW * (KW - 1);
     const int64_t L = Ho * Wo, Le = (Ho - 1) * Wp + Wo, K = C * KH * KW, R = (OUT + b - 1) / b, plane = Hp * Wp;
-    const int64_t ntiles = (Le + 63) / 64, ltw = ((Le + ntiles - 1) / ntiles + VL - 1) / VL * VL;
+    int64_t G = Le >= 2 * CL ? 1 : ((2 * CL + Le - 1) / Le < N ? (2 * CL + Le - 1) / Le : N);
+    const int64_t NG = (N + G - 1) / G;
+    G = (N + NG - 1) / NG;  /* groups of equal size */
+    const int64_t lanes = Le * G, nlb = (lanes + CL - 1) / CL, ltw = ((lanes + nlb - 1) / nlb + VL - 1) / VL * VL;
+    int64_t KC = CONV_XBYTES / (int64_t)(ltw * sizeof(T)) / b * b;  /* K chunk: x rows of one item in L2 */
+    if (KC < b) KC = b;
+    for (int64_t r = 0; r < R && KC < K; r++)  /* chunks need block columns sorted within rows */
+        for (int64_t j = crow[r] + 1; j < crow[r + 1]; j++)
+            if (col[j] <= col[j - 1]) KC = K;
+    const int64_t nch = KC >= K ? 1 : (K + KC - 1) / KC;
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
-    const int64_t items0 = N * ntiles;
-    const int64_t RG = items0 >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
+    const int64_t RG = NG * nlb >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
     const int64_t per = (R + RG - 1) / RG;
-    const int64_t margin = 2 * 64 + 64;  /* full-vector reads past the last extended position */
-    T *xp = (T *)malloc(sizeof(T) * (size_t)(N * C * plane + margin));
-    int64_t *roff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
+    T *xp = (T *)malloc(sizeof(T) * (size_t)(NG * C * plane * G + ltw));
+    int64_t *roff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K + R * (nch + 1)));
     if (xp == NULL || roff == NULL) { free(xp); free(roff); return 1; }
+    int64_t *cs = roff + K;  /* cs[r (nch+1) + q]: first block of row r in chunk q */
     for (int64_t c = 0; c < C; c++)
         for (int64_t i = 0; i < KH; i++)
-            for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = c * plane + i * DH * Wp + j * DW;
-    memset(xp + N * C * plane, 0, sizeof(T) * margin);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t pc = 0; pc < N * C; pc++) {  /* the padded copy */
-        T *dst = xp + pc * plane;
-        const T *src = x + pc * H * W;
-        memset(dst, 0, sizeof(T) * PH * Wp);
-        for (int64_t h = 0; h < H; h++) {
-            T *d = dst + (PH + h) * Wp;
-            memset(d, 0, sizeof(T) * PW);
-            memcpy(d + PW, src + h * W, sizeof(T) * W);
-            memset(d + PW + W, 0, sizeof(T) * PW);
+            for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = (c * plane + i * DH * Wp + j * DW) * G;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t j = crow[r];
+        for (int64_t q = 0; q < nch; q++) {
+            cs[r * (nch + 1) + q] = j;
+            while (j < crow[r + 1] && (q == nch - 1 || (int64_t)col[j] * b < (q + 1) * KC)) j++;
         }
-        memset(dst + (PH + H) * Wp, 0, sizeof(T) * PH * Wp);
+        cs[r * (nch + 1) + nch] = crow[r + 1];
+    }
+    memset(xp + NG * C * plane * G, 0, sizeof(T) * ltw);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pc = 0; pc < NG * C; pc++) {  /* the padded, interleaved copy: xp[p][c][pos][g] */
+        const int64_t p = pc / C, c = pc % C;
+        T *dst = xp + pc * plane * G;
+        memset(dst, 0, sizeof(T) * plane * G);
+        for (int64_t g = 0; g < G && p * G + g < N; g++) {
+            const T *src = x + ((p * G + g) * C + c) * H * W;
+            for (int64_t h = 0; h < H; h++) {
+                T *d = dst + ((PH + h) * Wp + PW) * G + g;
+                if (G == 1) memcpy(d, src + h * W, sizeof(T) * W);
+                else for (int64_t w = 0; w < W; w++) d[w * G] = src[h * W + w];
+            }
+        }
     }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        T *ytile = (T *)aligned_alloc(64, ((size_t)(OR * ltw) * sizeof(T) + 63) / 64 * 64);
+        T *ytile = (T *)aligned_alloc(64, ((size_t)(per * b * ltw) * sizeof(T) + 63) / 64 * 64);
         failed = ytile == NULL;
 #pragma omp for collapse(3) schedule(dynamic, 1)
-        for (int64_t p = 0; p < N; p++)
-            for (int64_t t = 0; t < ntiles; t++)
+        for (int64_t p = 0; p < NG; p++)
+            for (int64_t t = 0; t < nlb; t++)
                 for (int64_t g = 0; g < RG; g++) {
                     if (failed) continue;
-                    const int64_t e0 = t * ltw, et = Le - e0 < ltw ? Le - e0 : ltw;
-                    const T *X = xp + p * C * plane + e0;
-                    const int64_t r1 = (g + 1) * per < R ? (g + 1) * per : R;
-                    for (int64_t r = g * per; r < r1; r++) {
-                        const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
-                        const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
-                        for (int64_t ob0 = 0; ob0 < ob; ob0 += OR) {
-                            const int64_t orr = ob - ob0 < OR ? ob - ob0 : OR;
-                            const T *bb = bias ? bias + o0 + ob0 : NULL;
-                            int64_t c0 = 0;
-                            for (; c0 + LV * VL <= ltw; c0 += LV * VL)
-                                FN(cols_tile)(OR, LV, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
-                                              ytile + c0, ltw, bb);
-                            for (; c0 + 2 * VL <= ltw; c0 += 2 * VL)
-                                FN(cols_tile)(OR, 2, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
-                                              ytile + c0, ltw, bb);
-                            for (; c0 < ltw; c0 += VL)
-                                FN(cols_tile)(OR, 1, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff, K,
-                                              ytile + c0, ltw, bb);
-                            T *Y = y + (p * OUT + o0 + ob0) * L;
-                            for (int64_t e = e0; e < e0 + et;) {  /* keep the columns wo < Wo */
+                    const int64_t l0 = t * ltw, r0 = g * per, r1 = (g + 1) * per < R ? (g + 1) * per : R;
+                    const T *X = xp + p * C * plane * G + l0;
+                    for (int64_t q = 0; q < nch; q++)
+                        for (int64_t r = r0; r < r1; r++) {
+                            const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+                            const int64_t j0 = cs[r * (nch + 1) + q], nz = cs[r * (nch + 1) + q + 1] - j0;
+                            if (q > 0 && nz == 0) continue;
+                            for (int64_t ob0 = 0; ob0 < ob; ob0 += OR) {
+                                const int64_t orr = ob - ob0 < OR ? ob - ob0 : OR;
+                                T *Yt = ytile + ((r - r0) * b + ob0) * ltw;
+                                const T *bb = q == 0 && bias ? bias + o0 + ob0 : NULL;
+                                int64_t c0 = 0;
+                                for (; c0 + LV * VL <= ltw; c0 += LV * VL)
+                                    FN(cols_tile)(OR, LV, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff,
+                                                  K, Yt + c0, ltw, bb, q > 0);
+                                for (; c0 + 2 * VL <= ltw; c0 += 2 * VL)
+                                    FN(cols_tile)(OR, 2, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff,
+                                                  K, Yt + c0, ltw, bb, q > 0);
+                                for (; c0 < ltw; c0 += VL)
+                                    FN(cols_tile)(OR, 1, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, X + c0, 0, roff,
+                                                  K, Yt + c0, ltw, bb, q > 0);
+                            }
+                        }
+                    const int64_t o1 = r1 * b < OUT ? r1 * b : OUT, lt = lanes - l0 < ltw ? lanes - l0 : ltw;
+                    for (int64_t o = r0 * b; o < o1; o++) {  /* keep the columns wo < Wo of real images */
+                        const T *src = ytile + (o - r0 * b) * ltw;
+                        if (G == 1) {
+                            T *Y = y + (p * OUT + o) * L;
+                            for (int64_t e = l0; e < l0 + lt;) {
                                 const int64_t ho = e / Wp, wo = e % Wp;
-                                const int64_t run = (Wp - wo < e0 + et - e ? Wp - wo : e0 + et - e);
-                                const int64_t keep = wo < Wo ? (Wo - wo < run ? Wo - wo : run) : 0;
-                                for (int64_t o = 0; o < orr && keep > 0; o++)
-                                    memcpy(Y + o * L + ho * Wo + wo, ytile + o * ltw + (e - e0), sizeof(T) * keep);
+                                const int64_t run = Wp - wo < l0 + lt - e ? Wp - wo : l0 + lt - e;
+                                if (wo < Wo) memcpy(Y + ho * Wo + wo, src + (e - l0), sizeof(T) * (Wo - wo < run ? Wo - wo : run));
                                 e += run;
                             }
+                            continue;
+                        }
+                        int64_t e = l0 / G, g0 = l0 % G, l = 0;
+                        for (int64_t ho = e / Wp, wo = e % Wp; l < lt; e++, g0 = 0, wo = wo + 1 == Wp ? 0 : wo + 1,
+                             ho += wo == 0) {
+                            const int64_t gn = G - g0 < lt - l ? G - g0 : lt - l;
+                            if (wo < Wo) {
+                                T *Y = y + ((p * G + g0) * OUT + o) * L + ho * Wo + wo;
+                                for (int64_t g = 0; g < gn && p * G + g0 + g < N; g++) Y[g * OUT * L] = src[l + g];
+                            }
+                            l += gn;
                         }
                     }
                 }
@@ -595,6 +638,8 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     free(xp);
     return failed;
 }
+#undef CONV_XBYTES
+#undef CL
 
 /* ------------------------------------------------------------------------------------------
  * direct convolution: y (N, OUT, Ho, Wo) = conv2d(x (N, C, H, W), W, bias) for a block-sparse
@@ -644,13 +689,13 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
                             int64_t c0 = 0;
                             for (; c0 + LV * VL <= ltw; c0 += LV * VL)
                                 FN(cols_tile)(OR, LV, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
-                                              dst + c0, ldy, bb);
+                                              dst + c0, ldy, bb, 0);
                             for (; c0 + 2 * VL <= ltw; c0 += 2 * VL)
                                 FN(cols_tile)(OR, 2, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
-                                              dst + c0, ldy, bb);
+                                              dst + c0, ldy, bb, 0);
                             for (; c0 < ltw; c0 += VL)
                                 FN(cols_tile)(OR, 1, orr, col, j0, nz, NULL, vals, b, b, 1, ob0, buf + c0, ltw, NULL, K,
-                                              dst + c0, ldy, bb);
+                                              dst + c0, ldy, bb, 0);
                             if (!full)
                                 for (int64_t o = 0; o < orr; o++) memcpy(Y + o * L, ytile + o * ltw, sizeof(T) * lt);
                         }
