@@ -198,10 +198,12 @@ def test_sparse_conv2d_matches_conv2d(block, conf, impl):
 
 @pytest.mark.parametrize("shape", [(7, 96, 5, 4), (2, 48, 20, 17), (33, 64, 2, 2)])
 @pytest.mark.parametrize("block", [8, 16])
-def test_native_conv2d_chunks_and_interleaved_images(shape, block):
-    """The stride-1 native kernel: K long enough to run in several chunks, small images interleaved
-    several to a group (with a ragged last group), large ones in several lane blocks, a ragged
-    output block-row and an empty one; float64 and float32 against F.conv2d in float64."""
+@pytest.mark.parametrize("stride", [1, 2])
+def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
+    """The native kernels with K long enough to run in several chunks at stride 1, where small images
+    are interleaved several to a group (with a ragged last group) and large ones take several lane
+    tiles, and at stride 2 (im2col tiles); a ragged output block-row and an empty one; float64 and
+    float32 against F.conv2d in float64."""
     if not cpu.available():
         pytest.skip("no C compiler")
     N, C, H, W = shape
@@ -213,10 +215,10 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block):
     sw = SparseWeight.from_dense(w.reshape(40, -1), block, mask=mask)
     x = torch.randn(N, C, H, W, dtype=torch.float64, generator=g)
     bias = torch.randn(40, dtype=torch.float64, generator=g)
-    ref = F.conv2d(x, w, bias, padding=1)
+    ref = F.conv2d(x, w, bias, stride=stride, padding=1)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        y = cpu.conv2d(x.to(dtype), sw.values.to(dtype), sw.crow, sw.col, bias.to(dtype), 40, (3, 3), (1, 1),
-                       (1, 1), (1, 1), block)
+        y = cpu.conv2d(x.to(dtype), sw.values.to(dtype), sw.crow, sw.col, bias.to(dtype), 40, (3, 3),
+                       (stride, stride), (1, 1), (1, 1), block)
         assert y is not None and y.dtype == dtype
         torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol * ref.abs().max().item())
 
