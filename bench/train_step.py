@@ -290,6 +290,15 @@ def row(model: str, sparsity: float, variant: str, seconds: float, mem: dict) ->
             "resident_mb": round(mem["resident_after_build"] / MB, 1), "formats": mem["formats"]}
 
 
+def check_same_lowering(job: dict, timed: dict | None, measured: dict | None) -> None:
+    """The memory run of `job` must have lowered its model as the timed one was: a fresh process with
+    another cost model, or without the native kernels (one warning in its stderr), would keep layers dense."""
+    if timed != measured:
+        raise RuntimeError(f"{job['model']} s={job['sparsity']} {job['variant']}: the memory run lowered to "
+                           f"{measured}, the timed model to {timed}; the two processes disagree on the cost model "
+                           f"or on the native kernels")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -321,11 +330,13 @@ def main() -> None:
             opts = {v: optimizer(m) for v, m in models.items()}
             times = medians({v: (lambda m=m, o=opts[v]: train_step(m, o, x, y)) for v, m in models.items()},
                             rounds=rounds)
+            formats = {v: getattr(sg.plan_of(m), "lowering", {}).get("formats") for v, m in models.items()}
             del models, opts
             _release()
             for v in VARIANTS:
-                mem = dense_mem if v == "dense" else measure_memory(
-                    {"model": name, "variant": v, "sparsity": s, "steps": steps, "threads": threads})
+                job = {"model": name, "variant": v, "sparsity": s, "steps": steps, "threads": threads}
+                mem = dense_mem if v == "dense" else measure_memory(job)
+                check_same_lowering(job, formats[v], mem["formats"])
                 rows.append(row(name, s, v, times[v], mem))
             done = ratios([r for r in rows if r["model"] == name and r["sparsity"] == s])
             print_table(f"{name} s={s}, batch {w.batch[0]}x{w.batch[1]}: one AdamW training step vs the dense original",

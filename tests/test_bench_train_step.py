@@ -97,6 +97,13 @@ def test_a_failed_memory_run_says_why(ts):
         ts.parse_result("hello", "", 0, job)
 
 
+def test_a_memory_run_that_lowered_otherwise_is_refused(ts):
+    job = {"model": "hf-gpt2", "variant": "compact+ckpt", "sparsity": 0.75}
+    ts.check_same_lowering(job, {"bsr": 8}, {"bsr": 8})
+    with pytest.raises(RuntimeError, match=r"hf-gpt2 s=0.75 compact\+ckpt: the memory run lowered to \{'dense': 8\}"):
+        ts.check_same_lowering(job, {"bsr": 8}, {"dense": 8})
+
+
 @pytest.mark.slow  # about 8 s: a fresh Python process that builds and trains
 def test_a_memory_run_sees_at_least_the_state_it_counts(ts):
     """In a fresh process, the peak resident growth over the pre-build baseline must hold the parameters,
