@@ -140,10 +140,11 @@ def main() -> None:
     batches = (1, 8, 64, 1024) if args.quick else (1, 8, 64, 256, 1024)
     rounds = args.rounds or (7 if args.quick else 11)
     gen = torch.Generator().manual_seed(0)
-    model = cm.load()
-    rows, conv_rows, machines, t0 = [], [], [], time.perf_counter()
+    rows, conv_rows, machines, sources, t0 = [], [], [], [], time.perf_counter()
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
+        model = cm.load()  # the cost model of this thread count
+        sources.append(model.source)
         machines.append(machine())
         print(describe(machines[-1]), flush=True)
         print(f"native kernels: {cpu.available()}; cost model: {model.source}", flush=True)
@@ -185,7 +186,7 @@ def main() -> None:
     name = "kernels" + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
     print("wrote", write_json(name, rows, conv=conv_rows, machines=machines, rounds=rounds,
                               timing="median of interleaved rounds", native=cpu.available(),
-                              cost_model=model.source, seconds=round(time.perf_counter() - t0)))
+                              cost_model=sources, seconds=round(time.perf_counter() - t0)))
 
 
 if __name__ == "__main__":
