@@ -220,6 +220,12 @@ def _warm_up(name: str) -> None:
         train_step(model, optimizer(model), x, y)
 
 
+def formats_of(model: nn.Module) -> dict | None:
+    """What sg.lower chose for `model` ({format: layers}), None if it was not lowered."""
+    plan = sg.plan_of(model)
+    return plan.lowering.get("formats") if plan is not None else None
+
+
 def memory_run(job: dict) -> dict:
     """One variant's memory, measured in this (fresh) process: see the module docstring."""
     torch.set_num_threads(job["threads"])
@@ -229,8 +235,7 @@ def memory_run(job: dict) -> dict:
     base = _status("VmRSS")
     w = workload(job["model"], job.get("options"), job.get("batch"))
     model = build_variants(w, job["sparsity"], (job["variant"],))[job["variant"]]
-    plan = sg.plan_of(model)
-    formats = plan.lowering.get("formats") if plan is not None else None  # what sg.lower chose
+    formats = formats_of(model)
     _release()
     built = _status("VmRSS") - base
     opt = optimizer(model)
@@ -330,7 +335,7 @@ def main() -> None:
             opts = {v: optimizer(m) for v, m in models.items()}
             times = medians({v: (lambda m=m, o=opts[v]: train_step(m, o, x, y)) for v, m in models.items()},
                             rounds=rounds)
-            formats = {v: getattr(sg.plan_of(m), "lowering", {}).get("formats") for v, m in models.items()}
+            formats = {v: formats_of(m) for v, m in models.items()}
             del models, opts
             _release()
             for v in VARIANTS:

@@ -203,7 +203,7 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
     """The native kernels with K long enough to run in several chunks at stride 1, where small images
     are interleaved several to a group (with a ragged last group) and large ones take several lane
     tiles, and at stride 2 (im2col tiles); a ragged output block-row and an empty one; float64 and
-    float32 against F.conv2d in float64."""
+    float32 against F.conv2d in float64, and the blocks of each row stored in reverse order."""
     if not cpu.available():
         pytest.skip("no C compiler")
     N, C, H, W = shape
@@ -221,6 +221,10 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
                        (stride, stride), (1, 1), (1, 1), block)
         assert y is not None and y.dtype == dtype
         torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol * ref.abs().max().item())
+    rows = zip(sw.crow[:-1].tolist(), sw.crow[1:].tolist())
+    rev = torch.cat([torch.arange(a, b).flip(0) for a, b in rows])  # each block still in exactly one K chunk
+    y = cpu.conv2d(x, sw.values[rev], sw.crow, sw.col[rev], bias, 40, (3, 3), (stride, stride), (1, 1), (1, 1), block)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
 
 
 def test_sparse_conv2d_opcheck():

@@ -291,7 +291,8 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
  * cols kernel: Y (P, OUT, L) = B (OUT, IN) X (P, IN, L) + bias[:, None], B block-sparse with
  * output block-rows r; element (o, i) of a block at vals + idx*b*b + o*so + i*si. Lanes run
  * along L (spatial positions of an im2col view, or the batch of a transposed linear); an
- * OR x LV register tile (OR output rows, LV vectors of lanes) accumulates broadcast weights.
+ * OR x LV register tile (OR output rows, LV vectors of lanes) accumulates broadcast weights,
+ * starting from zero, or from Y itself when `load` is set (a K chunk after the first; bias NULL).
  * L == 1 takes a dot-product path (x is then a (P, IN) matrix: small-batch linear layers).
  * ---------------------------------------------------------------------------------------- */
 /* sum of each of VL vectors, as one vector (lane r = sum of acc[r]): pairwise shuffle transpose */
@@ -521,9 +522,9 @@ static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t
  * at plane c + i*DH*Wp + j*DW, so the cols register tiles read the padded image through a table
  * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead).
  * Small images are interleaved G at a time (lane e*G + g is position e of image g) so that a
- * register tile stays full. A work item is CL lanes of one group and a group of block-rows; it
- * runs over K in chunks whose rows of x stay in L2, accumulating in a tile of y, so the weights
- * are read once per CL lanes and x once per item. */
+ * register tile stays full. A work item is ltw <= CL lanes of one group and a group of block-rows;
+ * it runs over K in chunks whose rows of x stay in L2, accumulating in a tile of y, so the weights
+ * are read once per ltw lanes and x once per item. */
 #define CL (8 * VL)
 #define CONV_XBYTES (192 * 1024)
 static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
@@ -535,27 +536,25 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     const int64_t NG = (N + G - 1) / G;
     G = (N + NG - 1) / NG;  /* groups of equal size */
     const int64_t lanes = Le * G, nlb = (lanes + CL - 1) / CL, ltw = ((lanes + nlb - 1) / nlb + VL - 1) / VL * VL;
-    int64_t KC = CONV_XBYTES / (int64_t)(ltw * sizeof(T)) / b * b;  /* K chunk: x rows of one item in L2 */
-    if (KC < b) KC = b;
-    for (int64_t r = 0; r < R && KC < K; r++)  /* chunks need block columns sorted within rows */
-        for (int64_t j = crow[r] + 1; j < crow[r + 1]; j++)
-            if (col[j] <= col[j - 1]) KC = K;
-    const int64_t nch = KC >= K ? 1 : (K + KC - 1) / KC;
+    const int64_t KC0 = CONV_XBYTES / (int64_t)(ltw * sizeof(T)) / b * b;  /* K chunk: x rows of one item in L2 */
+    const int64_t KC = KC0 < b ? b : KC0, nch = K > KC ? (K + KC - 1) / KC : 1;
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
     const int64_t RG = NG * nlb >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
     const int64_t per = (R + RG - 1) / RG;
     T *xp = (T *)malloc(sizeof(T) * (size_t)(NG * C * plane * G + ltw));
     int64_t *roff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K + R * (nch + 1)));
     if (xp == NULL || roff == NULL) { free(xp); free(roff); return 1; }
-    int64_t *cs = roff + K;  /* cs[r (nch+1) + q]: first block of row r in chunk q */
+    int64_t *cs = roff + K;  /* cs[r (nch+1) + q]: first block of row r in chunk q (a partition of the
+                                row's blocks, whatever their order; sorted columns make it exact) */
     for (int64_t c = 0; c < C; c++)
         for (int64_t i = 0; i < KH; i++)
             for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = (c * plane + i * DH * Wp + j * DW) * G;
     for (int64_t r = 0; r < R; r++) {
         int64_t j = crow[r];
-        for (int64_t q = 0; q < nch; q++) {
+        cs[r * (nch + 1)] = j;
+        for (int64_t q = 1; q < nch; q++) {
+            while (j < crow[r + 1] && (int64_t)col[j] * b < q * KC) j++;
             cs[r * (nch + 1) + q] = j;
-            while (j < crow[r + 1] && (q == nch - 1 || (int64_t)col[j] * b < (q + 1) * KC)) j++;
         }
         cs[r * (nch + 1) + nch] = crow[r + 1];
     }
