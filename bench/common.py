@@ -18,15 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from sparsegraph.backends import cpu
-from sparsegraph.backends.cost_model import cpu_name
+from sparsegraph.backends.cost_model import cpu_name, cpuinfo, packed_linear
 from sparsegraph.fsutil import atomic_write
+
+
+def cpu_id() -> str:
+    """The CPU's family and model numbers (x86), which tell apart CPUs that share a model name: a
+    virtual machine's 'AMD EPYC' is a Zen 4 (family 25) or a Zen 5 (family 26)."""
+    info = cpuinfo("cpu family", "model")
+    return f"family {info['cpu family']}, model {info['model']}" if len(info) == 2 else ""
 
 
 def machine() -> dict:
     """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), load."""
     threads = torch.get_num_threads()
     peak = cpu.fma_peak(threads)
-    return {"cpu": cpu_name(), "threads": threads, "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cpu_id": cpu_id(), "threads": threads, "cores": os.cpu_count(),
             "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None, "torch": torch.__version__,
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
@@ -34,7 +41,8 @@ def machine() -> dict:
 def describe(m: dict | None = None) -> str:
     """One line naming the machine, printed at the top of every benchmark."""
     m = m or machine()
-    return (f"{m['cpu']}, {m['threads']} thread(s), fp32 FMA peak {m['fp32_peak_gflops']} GFLOP/s, "
+    return (f"{m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "") +
+            f", {m['threads']} thread(s), fp32 FMA peak {m['fp32_peak_gflops']} GFLOP/s, "
             f"torch {m['torch']}, load {m['load']}")
 
 
@@ -60,15 +68,11 @@ def medians(fns: dict[str, Callable[[], object]], rounds: int = 9, budget_s: flo
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, Callable]:
     """The dense baselines of y = x w^T + bias: PyTorch's default (`mkl`) and oneDNN with the weight
-    pre-packed for this batch (`onednn`, what Inductor's CPU freezing uses), when this build has it."""
+    pre-packed for this batch (`onednn`, what a frozen Inductor graph with a dynamic batch runs), when
+    this build has it."""
     fns = {"mkl": lambda: F.linear(x, w, bias)}
-    if x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
-            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-            fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        except (RuntimeError, AttributeError):
-            pass
+    if (onednn := packed_linear(x, w, bias)) is not None:
+        fns["onednn"] = onednn
     return fns
 
 

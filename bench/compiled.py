@@ -12,12 +12,16 @@ Inference rows, all in eval mode under `torch.inference_mode()`:
 
   dense eager                    the original
   dense inductor                 torch.compile(original) (backend "inductor")
-  dense inductor, frozen         the same with Inductor freezing (weights as constants, oneDNN pre-packed)
+  dense inductor, frozen         the same with Inductor freezing (weights as constants, pre-packed for MKL)
   sparse lowered eager           sg.lower(wide): sparse layers call `sparsegraph::sparse_linear`
   sparse masked, sparsegraph     torch.compile(wide, backend="sparsegraph") on the masked-dense model
   sparse masked, sparsegraph, frozen     the same with options={"freezing": True}
   sparse lowered, sparsegraph    torch.compile(sg.lower(wide), backend="sparsegraph")
   sparse lowered, sparsegraph, frozen
+  ..., frozen, dynamic           the frozen dense and masked rows compiled with dynamic=True: Inductor
+                                 then runs dense fp32 linear layers through oneDNN, not MKL (much faster
+                                 where MKL leaves AVX-512 idle), and the backend lowers a layer only if it
+                                 beats that
 
 Training rows (forward + backward of a cross-entropy loss, train mode; no optimizer step): dense
 eager and inductor, Sparse Wide masked-dense eager and through the sparsegraph backend, lowered
@@ -70,19 +74,19 @@ def logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def compiled(model, backend: str, options: dict | None = None):
+def compiled(model, backend: str, options: dict | None = None, dynamic: bool | None = None):
     """torch.compile of a copy of `model` (each variant compiles its own: Dynamo's cache is per code
     object). Inductor's own freezing is a global switch read while Dynamo traces, so the frozen
     dense variant runs every call inside it."""
     model = copy.deepcopy(model)
     if backend == "inductor" and options:
-        fn = torch.compile(model, backend="inductor", options=options)  # a distinct backend: its own cache entry
+        fn = torch.compile(model, backend="inductor", options=options, dynamic=dynamic)  # its own cache entry
 
         def call(*a):
             with torch._inductor.config.patch(options):
                 return fn(*a)
         return call
-    return torch.compile(model, backend=backend, options=options)
+    return torch.compile(model, backend=backend, options=options, dynamic=dynamic)
 
 
 def inference_variants(dense, wide, low) -> dict[str, tuple]:
@@ -90,11 +94,14 @@ def inference_variants(dense, wide, low) -> dict[str, tuple]:
     return {"dense eager": (dense, dense),
             "dense inductor": (compiled(dense, "inductor"), dense),
             "dense inductor, frozen": (compiled(dense, "inductor", FROZEN), dense),
+            "dense inductor, frozen, dynamic": (compiled(dense, "inductor", FROZEN, dynamic=True), dense),
             "sparse lowered eager": (low, wide),
             "sparse masked, sparsegraph": (compiled(wide, "sparsegraph"), wide),
             "sparse masked, sparsegraph, frozen": (compiled(wide, "sparsegraph", FROZEN), wide),
             "sparse lowered, sparsegraph": (compiled(low, "sparsegraph"), wide),
-            "sparse lowered, sparsegraph, frozen": (compiled(low, "sparsegraph", FROZEN), wide)}
+            "sparse lowered, sparsegraph, frozen": (compiled(low, "sparsegraph", FROZEN), wide),
+            "sparse masked, sparsegraph, frozen, dynamic": (compiled(wide, "sparsegraph", FROZEN, dynamic=True),
+                                                             wide)}
 
 
 def training_variants(dense, wide, low) -> dict[str, tuple]:

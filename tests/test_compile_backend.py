@@ -334,6 +334,42 @@ def test_global_inductor_freezing_lowers_parameters_dynamo_made_attributes(block
     assert any("changed" in str(r.message) for r in rec)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_frozen_dynamic_batch_is_judged_against_onednn(block, monkeypatch):
+    """Inductor freezes a dense fp32 linear layer into MKL's packed sgemm when the batch is static and
+    into oneDNN's pre-packed linear when it is dynamic; the backend judges each sparse layer against
+    the one that will run. Here sparse beats MKL and loses to oneDNN: a frozen dynamic-batch graph
+    keeps every layer dense, a static one (and a dynamic one not frozen) lowers them all."""
+    from torch._inductor.utils import run_and_get_code
+
+    from sparsegraph.backends import cost_model
+
+    wide, x = block
+    wide.requires_grad_(False)
+    n_sparse = len(sg.plan_of(wide).sparse_weights)
+    costs = cost_model.CostModel(c_dense=0.0, c_sparse=0.0, flops_dense={"1": 1e16}, flops_dense_packed={"1": 1e20},
+                                 flops_sparse={"1": {"1": 1e3}, "16": {"1": 1e18}}, flops_cols={"1": 1e18})
+    monkeypatch.setattr(cost_model, "load", lambda: costs)
+    formats, reasons, code = {}, {}, {}
+    for dynamic, freeze in ((False, True), (True, True), (True, False)):
+        torch._dynamo.reset()
+        fast = torch.compile(wide, backend=sgc.make_backend(freeze=freeze), dynamic=dynamic)
+        with torch.no_grad():
+            y, code[dynamic, freeze] = run_and_get_code(fast, x)
+        assert torch.allclose(y, wide(x), rtol=1e-4, atol=1e-5)
+        formats[dynamic, freeze] = sgc.LOG[-1]["lowering"]["formats"]
+        reasons[dynamic, freeze] = [c["reason"] for c in sgc.LOG[-1]["lowering"]["layers"].values()]
+    assert formats[False, True] == formats[True, False] == {"bsr": n_sparse}
+    assert formats[True, True] == {"dense": n_sparse} and all("oneDNN" in r for r in reasons[True, True])
+    assert "torch.ops.mkldnn._linear_pointwise" in "".join(code[True, True])
+    if torch._C.has_mkl:  # the premise: a static batch's frozen dense linear layer runs MKL's packed sgemm
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            _, dense_code = run_and_get_code(torch.compile(nn.Linear(32, 64).requires_grad_(False), dynamic=False),
+                                             x)
+        assert "torch.ops.mkl._mkl_linear" in "".join(dense_code)
+
+
 def _train_twins(model, fast, twin, batches):
     """Forward + backward through `fast` and its eager `twin` at each batch size: equal gradients."""
     for batch in batches:

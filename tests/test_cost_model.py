@@ -28,6 +28,7 @@ def calibrations(monkeypatch, tmp_path):
     monkeypatch.delenv(cm.ENV, raising=False)
     monkeypatch.setattr(cm, "_loaded", {})
     monkeypatch.setattr(cm, "LINEAR_SHAPES", ((96, 64),))
+    monkeypatch.setattr(cm, "CSR_SHAPE", (16, 48))
     monkeypatch.setattr(cm, "CONV_SHAPES", ((1, 16, 6),))
     monkeypatch.setattr(cm, "BUDGET_S", 0.1)
     monkeypatch.setattr(cm, "QUICK_BUDGET_S", 0.05)
@@ -59,6 +60,8 @@ def test_first_load_calibrates_and_caches_per_cpu(calibrations, tmp_path, capsys
     assert len(calibrations) == 1 and cm.load() is m
     assert all(math.isfinite(r) and r > 0 for r in _rates(m)) and m.c_sparse > 0 and m.c_dense > 0
     assert set(m.flops_dense) == {str(M) for M in cm.ROWS} and set(m.flops_sparse) == {str(b) for b in cm.BLOCKS}
+    if torch.backends.mkldnn.is_available():  # oneDNN with pre-packed weights, measured beside F.linear
+        assert set(m.flops_dense_packed) == set(m.flops_dense) and all(r > 0 for r in m.flops_dense_packed.values())
     t = [m.linear_sparse(M, 3072, 768, 230, 32) for M in range(1, 600)]
     assert all(a <= b * (1 + 1e-12) for a, b in zip(t, t[1:]))  # more rows never predicted faster
     assert cm.cpu_name() in m.source
@@ -122,11 +125,31 @@ def test_environment_pins_the_model(calibrations, tmp_path, monkeypatch):
         cm.load()
 
 
+def test_csr_transposes_are_measured_and_charged(calibrations, monkeypatch):
+    """CSR from 4 rows works on x^T and y^T: the calibration times it on a tall, narrow layer
+    (`CSR_SHAPE`) and charges what its nonzeros do not explain per element of x and y. With that
+    layer taking 1 ms at 512 rows and every other call 10 us, t_transpose is 1 ms less the fixed
+    cost (the nonzeros at the measured rate are negligible) over 512 (n + k)."""
+    def fake_timed(fns, seconds, min_rounds=3):
+        return {name: 1e-3 if set(fns) == {"csr"} else 1e-5 for name in fns}
+
+    monkeypatch.setattr(cm, "_timed", fake_timed)
+    m = cm.calibrate(save=False)
+    n, k = cm.CSR_SHAPE
+    assert m.t_transpose == pytest.approx((1e-3 - m.c_sparse) / (512 * (n + k)), rel=1e-3)
+    plain = cm.CostModel(**{**m.__dict__, "t_transpose": 0.0})
+    assert m.linear_sparse(64, 64, 576, 100, 1) == pytest.approx(
+        plain.linear_sparse(64, 64, 576, 100, 1) + 64 * (64 + 576) * m.t_transpose)
+    assert m.linear_sparse(2, 64, 576, 100, 1) == plain.linear_sparse(2, 64, 576, 100, 1)  # dot products
+    assert m.linear_sparse(64, 64, 576, 100, 16) == plain.linear_sparse(64, 64, 576, 100, 16)  # rows kernel
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.pop("c_sparse"), "missing c_sparse"),
     (lambda d: d.update(bw_copy=1.0), "unknown bw_copy"),
     (lambda d: d["flops_sparse"]["32"].update({"x": 1.0}), "flops_sparse[32]: key 'x' is not a positive integer"),
     (lambda d: d["flops_dense"].update({"8": "fast"}), "flops_dense[8] must be a finite positive number"),
+    (lambda d: d.update(flops_dense_packed={"8": 0}), "flops_dense_packed[8] must be a finite positive number"),
     (lambda d: d.update(c_dense=float("nan")), "c_dense must be a finite non-negative number"),
 ])
 def test_bad_model_file_names_the_entry(tmp_path, monkeypatch, edit, message):
@@ -165,6 +188,13 @@ def test_decisions_follow_the_model():
     assert (choice.format, choice.block) == ("bsr", 32)
     assert choice.predicted_speedup == pytest.approx(fast.linear_dense(64, 768, 768) /
                                                      fast.linear_sparse(64, 768, 768, 72, 32), rel=1e-2)
+    # the same sparse layer against oneDNN's pre-packed dense, 10^4 x MKL's rate here: dense is kept
+    packed = cm.CostModel(flops_dense=fast.flops_dense,
+                          flops_dense_packed={M: r * 100 for M, r in base.flops_dense.items()})
+    assert decide(*args, model=packed).format == "bsr"
+    kept = decide(*args, model=packed, dense="onednn")
+    assert kept.format == "dense" and "oneDNN" in kept.reason
+    assert decide(*args, model=fast, dense="onednn").format == "bsr"  # no oneDNN rates: judged against MKL's
 
 
 def test_cli_calibrate_caches_and_prints(calibrations, tmp_path, capsys):
@@ -186,6 +216,15 @@ def test_cli_calibrate_check_json(calibrations, capsys):
     assert len(rows) == len(cm.CHECK_SHAPES) * len(cm.CHECK_ROWS) * len(cm.CHECK_BLOCKS) * len(cm.CHECK_SPARSITIES)
     for r in rows:
         assert r["picked"] == (r["choice"] != "dense") and r["ok"] == (r["measured_x"] >= 1 or not r["picked"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_cli_check_against_onednn(calibrations, capsys):
+    assert main(["calibrate", "--quick", "--check", "--onednn"]) == 0
+    out = capsys.readouterr().out
+    assert "dense (oneDNN, pre-packed)" in out and "check: dense oneDNN (pre-packed) vs the op" in out
+    assert main(["calibrate", "--onednn"]) == 2
+    assert "--onednn chooses the dense baseline of --check" in capsys.readouterr().err
 
 
 def test_cli_check_only_uses_the_pinned_model(calibrations, monkeypatch, capsys):

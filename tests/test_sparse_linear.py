@@ -102,6 +102,7 @@ def test_float32_against_float64(block, balanced, rows):
 @pytest.mark.parametrize("n,k,block,rows", [
     (200, 512, 32, (300,)),    # k * 4 bytes a multiple of 2 KiB: x copied to a padded stride; several chunks
     (130, 200, 32, (2, 61)),   # ragged n and k, no copy of x
+    (130, 300, 32, (2, 150)),  # x over 256 KiB, ragged k: copied (streamed in), zero-padded to whole blocks
     (256, 256, 64, (7,)),      # four vectors per block-row
     (96, 100, 48, (13,)),      # three vectors
     (200, 96, 96, (33,)),      # two lane groups (64 + 32)

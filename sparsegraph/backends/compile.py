@@ -20,7 +20,9 @@ graph Dynamo captures:
 Freezing (inference): an inference graph (grad off when it is compiled) can be compiled with the
 parameters and buffers as constants, as Inductor's CPU freezing does: the packing of every
 masked weight is folded away (it is done once, at compile time) and the remaining dense weights
-are pre-packed for oneDNN. `make_backend(freeze=...)` and `torch.compile(..., options={"freezing":
+are pre-packed (fp32 linear layers for MKL's sgemm when the batch is static, for oneDNN when it is
+dynamic; a sparse layer is lowered only if predicted faster than the one that will run, see
+`cost_model`). `make_backend(freeze=...)` and `torch.compile(..., options={"freezing":
 True | False | "auto"})` choose; "auto" (the default) freezes when no parameter requires grad
 (e.g. after `model.requires_grad_(False)`). Frozen tensors are watched like masks (identity and
 version counter, a few hundred nanoseconds each per call): an in-place update of a weight (an
@@ -152,19 +154,20 @@ def _mutated(gm: fx.GraphModule) -> set[int]:
 
 
 def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: list, target: str = "auto",
-                       fakes: list | None = None, state: dict | None = None
+                       fakes: list | None = None, state: dict | None = None, frozen: bool = False
                        ) -> tuple[fx.GraphModule, list[LayerChoice], list[int | torch.Tensor]]:
     """(lowered aten graph, choices, the masks it lowered: a placeholder index for a mask passed as
     input, the tensor itself for one the graph reads as an attribute). The aten graph takes the
     same inputs as `gm`. `state` is `_dynamo_state(gm)`: read it while Dynamo's placeholder
-    metadata is there (it is dropped later)."""
+    metadata is there (it is dropped later). `frozen`: the graph will be compiled frozen, so a
+    sparse layer must beat oneDNN's pre-packed dense one (`passes.lower.decide`)."""
     state = state if state is not None else _dynamo_state(gm)
     fakes = fakes if fakes is not None else _fakes(gm, example_inputs)
     attrs, n = _attributes(gm), len(example_inputs)
     aten_gm = _to_aten(gm, fakes, attrs)
     state = {**state, **{n + j: (fqn, isinstance(t, nn.Parameter)) for j, (_, fqn, t) in enumerate(attrs)}}
     inputs = list(example_inputs) + [t for *_, t in attrs]
-    choices = lower_graph(aten_gm, InputResolver(aten_gm, state, inputs), target, rewrite_inputs)
+    choices = lower_graph(aten_gm, InputResolver(aten_gm, state, inputs), target, rewrite_inputs, frozen=frozen)
     names = {c.mask for c in choices if c.format != "dense"}
     masks = [i if i < n else inputs[i] for i in sorted(state) if state[i][0] in names]
     if attrs:
@@ -184,6 +187,11 @@ def _should_freeze(freeze: bool | str, state: dict, example_inputs: list) -> boo
     return bool(freeze)
 
 
+def _inductor_freezes() -> bool:
+    """Inductor's own freezing is on (`torch._inductor.config.freezing`) for an inference graph."""
+    return bool(torch._inductor.config.freezing) and not torch.is_grad_enabled()
+
+
 class _Compiled:
     """The callable handed back to Dynamo: compiled graph + mask and frozen-weight change detection."""
 
@@ -191,10 +199,12 @@ class _Compiled:
                  freeze: bool | str = "auto"):
         self.gm, self.target = gm, target
         self.fakes, self.state = _fakes(gm, example_inputs), _dynamo_state(gm)
-        lowered, choices, masks = lower_dynamo_graph(gm, example_inputs, target, self.fakes, self.state)
+        freezing = _should_freeze(freeze, self.state, example_inputs)
+        lowered, choices, masks = lower_dynamo_graph(gm, example_inputs, target, self.fakes, self.state,
+                                                     frozen=freezing or _inductor_freezes())
         entry = {"lowered": lowered, "lowering": summary(choices, target, cm.load()), "frozen": 0, "compiled": []}
         graph, inputs, self.keep, frozen = (lowered if masks else gm), list(example_inputs), None, []
-        if _should_freeze(freeze, self.state, example_inputs):
+        if freezing:
             graph = lowered
             written = _mutated(lowered)  # e.g. BatchNorm statistics in train mode: stay inputs
             const = {i: (name, example_inputs[i]) for i, (name, _) in self.state.items() if i not in written}
@@ -204,7 +214,7 @@ class _Compiled:
             with torch._inductor.config.patch(freezing=True):
                 self.fn = compiler(graph, inputs, entry["compiled"])
         else:
-            if torch._inductor.config.freezing and not torch.is_grad_enabled():
+            if _inductor_freezes():
                 frozen = [t for *_, t in _attributes(gm)]  # Dynamo made them attributes; Inductor folds them
             self.fn = compiler(graph, inputs, entry["compiled"])
         entry["frozen"] = len(frozen)

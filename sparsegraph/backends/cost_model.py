@@ -6,7 +6,9 @@ Every prediction is one formula, a fixed cost per call plus the layer's useful m
     t = c + 2 MACs / F
 
     dense linear    c_dense,   MACs = M n k,          F = flops_dense(M)       F.linear (MKL)
+    dense linear    c_dense,   MACs = M n k,          F = flops_dense_packed(M) oneDNN, weight pre-packed
     sparse linear   c_sparse,  MACs = M nnzb b^2,     F = flops_sparse(b, M)   sparsegraph::sparse_linear
+                    CSR (b = 1) from 4 rows adds M (n + k) t_transpose: it works on x^T and y^T
     dense conv      c_dense,   MACs = N L n k,        F = flops_conv           F.conv2d (oneDNN)
     sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(b)        sparsegraph::sparse_conv2d
 
@@ -19,24 +21,37 @@ errs towards dense, larger blocks running faster). Each table is capped so that 
 never fall as M grows (`_rising`). A sparse format is chosen only if its predicted time is below
 `MARGIN` x the dense time, so noise in the rates errs towards dense.
 
+Which dense? Eager PyTorch runs a dense fp32 linear layer through MKL (`F.linear`), and so does a
+frozen graph of `torch.compile` with a static batch (Inductor packs the weight for MKL's sgemm:
+within 5% of `F.linear` from 64 rows on the machines measured). A frozen graph whose batch is
+dynamic runs it through oneDNN with a pre-packed weight instead, which can be much faster:
+2.2-2.4x MKL from 64 rows on a Zen 5 EPYC (whose 512-bit FMA units MKL leaves idle), 1.2-1.3x on
+a Zen 4. So the model keeps both rates, and `decide(dense="onednn")` judges a layer against
+oneDNN's: sparse only where it beats the dense code that will really run. A model without oneDNN
+rates (`flops_dense_packed` empty: the builtin constants, or a build without oneDNN) judges
+against MKL's.
+
 Calibration (CPU)
 -----------------
 `load()` returns the model lowering uses. The first time on a machine it calibrates (`calibrate`,
 a few seconds, announced by one line on stderr) and caches the result in `cpu.cache_dir()`, keyed
 by `machine_key()`: the CPU model, its feature flags, the thread count and the kernels' build (the
-native library's source, the op's Python path, the PyTorch version), so another CPU, another
-thread count or a changed kernel recalibrates. A corrupt or foreign cache file is named in a
-warning and replaced by a new calibration.
+native library's source, the op's Python path, the PyTorch version, this calibration's code), so
+another CPU, another thread count or a changed kernel recalibrates. A corrupt or foreign cache
+file is named in a warning and replaced by a new calibration.
 
 How it measures: the fixed costs from the smallest possible call (a 16 x 16 weight, one row);
 the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
 3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
-at every M in `ROWS`, dense and each block size alternating in rounds so all see the same machine
-state; the convolution rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the
-median over its rounds (as the benchmarks and `check` time), a rate is the work over the time
-minus the fixed cost, and of the two shapes the model keeps the faster dense and the slower
-sparse rate, so that its errors lean towards dense (a small layer's GEMV runs from cache and is
-several times faster per FLOP than a large one's).
+at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and each block
+size alternating in rounds so all see the same machine state; the convolution rates on two
+ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the median over its rounds (as the
+benchmarks and `check` time), a rate is the work over the time minus the fixed cost, and of the
+two shapes the model keeps the faster dense and the slower sparse rate, so that its errors lean
+towards dense (a small layer's GEMV runs from cache and is several times faster per FLOP than a
+large one's). CSR's transposes are timed on a tall, narrow layer (`CSR_SHAPE`: 64 outputs, where
+they cost more than the nonzeros): `t_transpose` is what its time at 512 rows leaves over after
+the fixed cost and the nonzeros at CSR's rate, per element of x and y.
 
 `sparsegraph calibrate` reruns it and prints the constants; `sparsegraph calibrate --check` times
 dense against sparse on a grid of GPT-2 layers (`check`) and reports, wherever the model picks
@@ -98,6 +113,7 @@ ENV = "SPARSEGRAPH_COST_MODEL"  # builtin | auto (default) | path of a JSON mode
 ROWS = (1, 8, 64, 512)  # M at which linear rates are measured (held at 512 rows beyond)
 BLOCKS = (1, 8, 16, 32)  # block sizes at which sparse rates are measured (1 = CSR)
 LINEAR_SHAPES = ((768, 768), (3072, 768))  # (n, k): GPT-2's attention projection (cached) and MLP expansion
+CSR_SHAPE = (64, 576)  # (n, k) where CSR's transposes show: few outputs, many rows (a ResNet stage's im2col)
 CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages, 3 x 3
 DENSITY = 0.1  # fraction of the weights stored in the calibration's sparse layers
 BUDGET_S = 3.0  # seconds of timing in a calibration (building the layers and first calls add 1-2 s)
@@ -148,34 +164,39 @@ class CostModel:
     """Fixed costs (s) and rates (FLOP/s); tables are keyed by str(M) or str(b) (JSON keys)."""
     c_dense: float = 1.5e-6  # a dense call
     c_sparse: float = 2.1e-5  # a sparse_linear call (dispatch, checks, native call)
+    t_transpose: float = 0.0  # s per element of x and y a CSR product transposes; 0: not measured (builtin)
     flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
     flops_sparse: dict = field(default_factory=lambda: {  # by block size, then M
         "1": {"1": 5.0e9, "8": 4.0e10, "64": 3.9e10, "512": 3.5e10},
         "8": {"1": 5.0e9, "8": 4.0e10, "64": 5.5e10, "512": 5.5e10},
         "16": {"1": 1.6e10, "8": 1.2e11, "64": 1.2e11, "512": 1.2e11},
         "32": {"1": 1.6e10, "8": 1.28e11, "64": 2.4e11, "512": 2.4e11}})
+    flops_dense_packed: dict = field(default_factory=dict)  # oneDNN, pre-packed weight; {}: not measured
     flops_conv: float = 3.6e11  # FLOP/s-equivalent of oneDNN's 3 x 3 convolution (Winograd)
     flops_cols: dict = field(default_factory=lambda: {"1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11})
     source: str = "builtin: measured on a 2-core AMD EPYC (AVX-512), 2 threads"
 
     def __post_init__(self):
         self.flops_dense = _rising(self.flops_dense)
+        self.flops_dense_packed = _rising(self.flops_dense_packed)
         self.flops_sparse = {b: _rising(t) for b, t in self.flops_sparse.items()}
 
     # -- rates ---------------------------------------------------------------------------------
-    def rate_dense(self, M: int) -> float:
-        return _interp(self.flops_dense, M)
+    def rate_dense(self, M: int, onednn: bool = False) -> float:
+        """F.linear's rate at M rows; `onednn`: oneDNN's with a pre-packed weight, where measured."""
+        return _interp(self.flops_dense_packed if onednn and self.flops_dense_packed else self.flops_dense, M)
 
     def rate_sparse(self, M: int, block: int) -> float:
         by_block = {b: _interp(table, M) for b, table in self.flops_sparse.items()}
         return _interp(by_block, block)
 
     # -- predictions ---------------------------------------------------------------------------
-    def linear_dense(self, M: int, n: int, k: int) -> float:
-        return predict(self.c_dense, M * n * k, self.rate_dense(M))
+    def linear_dense(self, M: int, n: int, k: int, onednn: bool = False) -> float:
+        return predict(self.c_dense, M * n * k, self.rate_dense(M, onednn))
 
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
-        return predict(self.c_sparse, M * nnzb * block * block, self.rate_sparse(M, block))
+        transposes = M * (n + k) * self.t_transpose if block < cpu.TRANSPOSE_BELOW_BLOCK and M >= cpu.SMALL_M else 0
+        return predict(self.c_sparse, M * nnzb * block * block, self.rate_sparse(M, block)) + transposes
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:
         return predict(self.c_dense, N * L * n * k, self.flops_conv)
@@ -202,11 +223,13 @@ class CostModel:
             problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
                 ([f"unknown {', '.join(extra)}"] if extra else [])
             raise CostModelError(f"{where}: " + "; ".join(problems))
-        for name in ("c_dense", "c_sparse"):
+        for name in ("c_dense", "c_sparse", "t_transpose"):
             _check_number(data[name], f"{where}: {name}", positive=False)
         _check_number(data["flops_conv"], f"{where}: flops_conv")
         for name in ("flops_dense", "flops_cols"):
             _check_table(data[name], f"{where}: {name}")
+        if data["flops_dense_packed"] != {}:
+            _check_table(data["flops_dense_packed"], f"{where}: flops_dense_packed")
         _check_table(data["flops_sparse"], f"{where}: flops_sparse", nested=True)
         if not isinstance(data["source"], str):
             raise CostModelError(f"{where}: source must be a string")
@@ -257,7 +280,7 @@ def _write_json(path: str, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # the machine and the cache
 # ---------------------------------------------------------------------------------------------
-def _cpuinfo(*fields_: str) -> dict[str, str]:
+def cpuinfo(*fields_: str) -> dict[str, str]:
     """The first value of each named /proc/cpuinfo field (x86 and Arm names), empty if unavailable."""
     out: dict[str, str] = {}
     try:
@@ -273,7 +296,7 @@ def _cpuinfo(*fields_: str) -> dict[str, str]:
 
 def cpu_name() -> str:
     """The CPU's model name, e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8488C'."""
-    info = _cpuinfo("model name", "CPU part")
+    info = cpuinfo("model name", "CPU part")
     return info.get("model name") or (f"Arm part {info['CPU part']}" if "CPU part" in info else "") or \
         platform.processor() or platform.machine()
 
@@ -283,14 +306,14 @@ def _sha(data: str | bytes) -> str:
 
 
 def kernel_key() -> str:
-    """What the measured speed of the ops depends on besides the CPU: the native library's source,
-    the Python entry points (cpu.py, sparse_linear.py), PyTorch's version and whether the native
-    kernels are available here (otherwise the op runs PyTorch's sparse kernels)."""
+    """What a calibration depends on besides the CPU: the native library's source, the Python entry
+    points (cpu.py, sparse_linear.py), this file (what is measured, and how), PyTorch's version and
+    whether the native kernels are available here (otherwise the op runs PyTorch's sparse kernels)."""
     from . import sparse_linear
     from .cpu_source import source
 
     parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback"]
-    for module in (cpu, sparse_linear):
+    for module in (cpu, sparse_linear, sys.modules[__name__]):
         with open(module.__file__, "rb") as f:
             parts.append(f.read())
     return _sha(b"\0".join(parts))
@@ -298,7 +321,7 @@ def kernel_key() -> str:
 
 def machine_key(threads: int | None = None) -> dict:
     """The cache key of a calibration: CPU model, a hash of its feature flags, threads, kernel build."""
-    flags = _cpuinfo("flags", "Features")
+    flags = cpuinfo("flags", "Features")
     return {"cpu": cpu_name(), "arch": platform.machine(), "flags": _sha(" ".join(flags.values())),
             "threads": threads or torch.get_num_threads(), "kernels": kernel_key()}
 
@@ -381,6 +404,20 @@ def save_cache(model: CostModel, key: dict | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------
+def packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> Callable | None:
+    """y = x w^T + bias through oneDNN with w pre-packed for x's rows, as Inductor's CPU freezing
+    runs a dense fp32 linear layer whose batch is dynamic; None where this build or dtype has no
+    such path."""
+    if x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        w_packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
+        torch.ops.mkldnn._linear_pointwise(x, w_packed, bias, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return None
+    return lambda: torch.ops.mkldnn._linear_pointwise(x, w_packed, bias, "none", [], "")
+
+
 def _timed(fns: dict, seconds: float, min_rounds: int = 3) -> dict:
     """The median wall time of each callable over rounds that alternate them (one warm-up call each
     first), until `seconds` have passed and at least `min_rounds` rounds ran."""
@@ -459,7 +496,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
-    slots = 1 + len(LINEAR_SHAPES) * len(ROWS) + len(CONV_SHAPES)  # timed groups, an equal share of time each
+    slots = 2 + len(LINEAR_SHAPES) * len(ROWS) + len(CONV_SHAPES)  # timed groups, an equal share of time each
     share = budget_s / slots
     tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
     tiny_sw = sparse_weight(16, 16, 16, 1.0, gen)
@@ -468,6 +505,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us")
 
     dense: dict = {str(M): [] for M in ROWS}
+    packed: dict = {}
     sparse: dict = {str(b): {str(M): [] for M in ROWS} for b in BLOCKS}
     for n, k in LINEAR_SHAPES:
         w = torch.randn(n, k, generator=gen)
@@ -475,12 +513,24 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         for M in ROWS:
             x = torch.randn(M, k, generator=gen)
             fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
+            if (onednn := packed_linear(x, w)) is not None:
+                fns["packed"] = onednn
             t = _timed(fns, share)
             dense[str(M)].append(_rate(M * n * k, t["dense"], c_dense))
+            if "packed" in t:
+                packed.setdefault(str(M), []).append(_rate(M * n * k, t["packed"], c_dense))
             for b, sw in sws.items():
                 sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], c_sparse))
-            log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s, sparse " +
+            log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s" +
+                (f" (oneDNN pre-packed {packed[str(M)][-1] / 1e9:.1f})" if "packed" in t else "") + ", sparse " +
                 ", ".join(f"b={b} {sparse[str(b)][str(M)][-1] / 1e9:.1f}" for b in BLOCKS))
+
+    (n, k), M = CSR_SHAPE, ROWS[-1]  # CSR on few outputs: its transposes of x and y, not the nonzeros, dominate
+    sw, x = sparse_weight(n, k, 1, DENSITY, gen), torch.randn(M, k, generator=gen)
+    t = _timed({"csr": lambda: sw.apply(x)}, share)["csr"]
+    csr_rate = min(sparse["1"][str(M)])
+    t_transpose = max(0.0, t - c_sparse - 2 * M * sw.nnzb / csr_rate) / (M * (n + k))
+    log(f"CSR {n}x{k}, M={M}: {t * 1e6:.0f} us, transposes {t_transpose * 1e9:.2f} ns per element of x and y")
 
     conv_dense, conv_sparse = [], {str(b): [] for b in BLOCKS}
     for N, C, H in CONV_SHAPES:
@@ -494,7 +544,9 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
             conv_sparse[str(b)].append(_rate(N * H * H * sw.nnzb * b * b, t[b], c_sparse))
         log(f"conv 3x3 {N}x{C}x{H}x{H}: dense {conv_dense[-1] / 1e9:.1f} GFLOP/s, sparse " +
             ", ".join(f"b={b} {r[-1] / 1e9:.1f}" for b, r in conv_sparse.items()))
-    return CostModel(c_dense=c_dense, c_sparse=c_sparse, flops_dense={M: max(r) for M, r in dense.items()},
+    return CostModel(c_dense=c_dense, c_sparse=c_sparse, t_transpose=t_transpose,
+                     flops_dense={M: max(r) for M, r in dense.items()},
+                     flops_dense_packed={M: max(r) for M, r in packed.items()},
                      flops_sparse={b: {M: min(r) for M, r in t.items()} for b, t in sparse.items()},
                      flops_conv=max(conv_dense), flops_cols={b: min(r) for b, r in conv_sparse.items()})
 
@@ -508,12 +560,15 @@ CHECK_BLOCKS = (1, 16, 32)  # the masks' block structure (1: uniform)
 CHECK_SPARSITIES = (0.75, 0.9)
 
 
-def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[str], object] | None = None
-          ) -> list[dict]:
-    """Time dense (F.linear) against the op on a grid of GPT-2 layers (`CHECK_*`), in the format
-    `decide` picks for each (for a layer it keeps dense: the mask's own block format), medians of
-    interleaved rounds over about `seconds` each. One row per configuration: `picked` says whether
-    the model lowers it, `ok` whether it was right to (sparse faster, or dense kept)."""
+def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[str], object] | None = None,
+          onednn: bool = False) -> list[dict]:
+    """Time dense (F.linear; `onednn`: oneDNN with a pre-packed weight, as a frozen compiled graph with
+    a dynamic batch runs it) against the op on a grid of GPT-2 layers (`CHECK_*`), in the format `decide` picks for each
+    (for a layer it keeps dense: the mask's own block format), medians of interleaved rounds over
+    about `seconds` each. One row per configuration: `picked` says whether the model lowers it, `ok`
+    whether it was right to (sparse faster, or dense kept)."""
+    if onednn and packed_linear(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
+        raise CostModelError("this PyTorch build has no oneDNN linear with a pre-packed weight to check against")
     model = model or load()
     log = log or (lambda line: None)
     gen = torch.Generator().manual_seed(1)
@@ -525,7 +580,8 @@ def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[s
                 for mb in CHECK_BLOCKS:
                     mask, weights = _mask(n, k, mb, 1 - s, gen), {}
                     for M in CHECK_ROWS:
-                        rows.append(_check_one(model, w, mask, mb, M, weights, seconds, gen) | {"sparsity": s})
+                        rows.append(_check_one(model, w, mask, mb, M, weights, seconds, gen, onednn) |
+                                    {"sparsity": s})
                         r = rows[-1]
                         log(f"{r['layer']} M={M} s={s} mask b={mb}: {r['choice']}, predicted {r['predicted_x']}x, "
                             f"measured {r['measured_x']}x")
@@ -533,22 +589,24 @@ def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[s
 
 
 def _check_one(model: CostModel, w: torch.Tensor, mask: torch.Tensor, mask_block: int, M: int, weights: dict,
-               seconds: float, gen: torch.Generator) -> dict:
+               seconds: float, gen: torch.Generator, onednn: bool = False) -> dict:
     """One configuration of `check`; `weights` caches the SparseWeight of `mask` per block size."""
     import torch.nn.functional as F
     from ..passes.lower import decide
 
     (n, k), cpu_ = w.shape, torch.device("cpu")
-    choice = decide("check", "linear", "linear", mask, (M, 1), "cpu", cpu_, model)
+    choice = decide("check", "linear", "linear", mask, (M, 1), "cpu", cpu_, model, dense="onednn" if onednn else "mkl")
     picked = choice.format != "dense"
     b = choice.block if picked else mask_block
     sw = weights.setdefault(b, _weight_of(mask, b, gen))
     x = torch.randn(M, k, generator=gen)
-    t = _timed({"dense": lambda: F.linear(x, w), "sparse": lambda: sw.apply(x)}, seconds)
+    dense = packed_linear(x, w) if onednn else (lambda: F.linear(x, w))
+    t = _timed({"dense": dense, "sparse": lambda: sw.apply(x)}, seconds)
     measured = t["dense"] / t["sparse"]
+    predicted = model.linear_dense(M, n, k, onednn) / model.linear_sparse(M, n, k, sw.nnzb, b)
     return {"layer": f"{n}x{k}", "batch": M, "mask_block": mask_block,
             "choice": choice.format + (f" b={b}" if choice.format == "bsr" else ""), "picked": picked,
-            "predicted_x": round(model.linear_dense(M, n, k) / model.linear_sparse(M, n, k, sw.nnzb, b), 2),
+            "predicted_x": round(predicted, 2),
             "measured_x": round(measured, 2), "dense_us": round(t["dense"] * 1e6, 1),
             "sparse_us": round(t["sparse"] * 1e6, 1), "ok": measured >= 1 or not picked}
 

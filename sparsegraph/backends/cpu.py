@@ -117,7 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     sigs = {
         "sg_rows": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i32],
-        "sg_rows_packed": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i32],
+        "sg_rows_packed": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32],
         "sg_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i32],
         "sg_sddmm_rows": [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32],
         "sg_sddmm_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32],
@@ -242,18 +242,12 @@ def _blocks_in_out(values: Tensor) -> Tensor:
     return values.detach().transpose(1, 2).contiguous()
 
 
-def _pack_x(k: int, elsize: int) -> int:
-    """Copy x's rows to a padded stride first when its own stride would put a tile's rows in one L1
-    set (a multiple of 2 KiB: 512 or 2048 floats, not 768)."""
-    return int(k * elsize % 2048 == 0)
-
-
 def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, bias: Tensor | None,
                  out: int, b: int) -> Tensor:
     M, IN = x.shape
     y = torch.empty(M, out, dtype=x.dtype)
     _check(getattr(lib, "sg_rows_packed" + _sfx(x))(M, IN, out, b, _p(x), IN, _p(wp), _p(crow), _p(col), _p(perm),
-                                                    _p(bias), _p(y), out, _pack_x(IN, x.element_size()), _threads()))
+                                                    _p(bias), _p(y), out, _threads()))
     return y
 
 
@@ -275,8 +269,7 @@ class Prepared:
         self.state = self._state(self.src)
         self.keep = (wp, crow32, col32, bias_c)  # the buffers the pointers point into
         self.n, self.k, self.dtype = n, k, values.dtype
-        self.args = (k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c),
-                     _pack_x(k, values.element_size()))
+        self.args = (k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c))
 
     @staticmethod
     def _state(tensors) -> tuple:
@@ -303,9 +296,8 @@ class Prepared:
         M = x2.shape[0]
         y = torch.empty(M, self.n, dtype=x.dtype)  # (M, n)
         if M:
-            k, n, b, wp, crow, col, bias, pack = self.args
-            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, bias, y.data_ptr(), n, pack,
-                           _threads()))
+            k, n, b, wp, crow, col, bias = self.args
+            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, bias, y.data_ptr(), n, _threads()))
         return y.view(*x.shape[:-1], self.n)
 
 

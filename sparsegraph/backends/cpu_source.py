@@ -21,6 +21,7 @@ Every function returns 0, or 1 if a work buffer could not be allocated.
 """
 
 HEADER = r"""
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,37 @@ HEADER = r"""
 #define FN(n) CAT(n, SUF)
 #define CHUNK(items, nt) ((items) / (8 * (nt)) > 1 ? (items) / (8 * (nt)) : 1)
 int sg_abi_version(void) { return 1; }
+/* Work buffers that outlive the call: per thread (the caller's, and each OpenMP thread's), one per
+ * slot, grown on demand, freed when the thread exits. Allocated and freed on every call, a buffer
+ * of 128 KiB or more is a fresh mapping from glibc each time, all of its pages faulted in and
+ * zeroed anew: a lowered GPT took 30-40% longer that way in a process whose allocation pattern kept
+ * glibc's mmap threshold low. Slots: the caller's copy of x (SG_X) and index tables (SG_IDX), an
+ * OpenMP thread's tile and table (SG_TILE, SG_TILE2); the caller is also thread 0 of its regions. */
+enum { SG_X, SG_IDX, SG_TILE, SG_TILE2, SG_SLOTS };
+typedef struct { void *p[SG_SLOTS]; size_t n[SG_SLOTS]; } sg_scratch_t;
+static pthread_key_t sg_key;
+static pthread_once_t sg_once = PTHREAD_ONCE_INIT;
+static void sg_scratch_free(void *v) {
+    sg_scratch_t *s = (sg_scratch_t *)v;
+    for (int i = 0; i < SG_SLOTS; i++) free(s->p[i]);
+    free(s);
+}
+static void sg_key_make(void) { pthread_key_create(&sg_key, sg_scratch_free); }
+static void *sg_scratch(int slot, size_t bytes) {  /* 64-byte aligned; NULL if out of memory */
+    pthread_once(&sg_once, sg_key_make);
+    sg_scratch_t *s = (sg_scratch_t *)pthread_getspecific(sg_key);
+    if (s == NULL) {
+        if ((s = (sg_scratch_t *)calloc(1, sizeof *s)) == NULL) return NULL;
+        if (pthread_setspecific(sg_key, s)) { free(s); return NULL; }
+    }
+    bytes = (bytes + 63) / 64 * 64 + 64;
+    if (bytes > s->n[slot]) {
+        free(s->p[slot]);
+        s->p[slot] = aligned_alloc(64, bytes);
+        s->n[slot] = s->p[slot] ? bytes : 0;
+    }
+    return s->p[slot];
+}
 /* fp32 FMA throughput probe: `iters` rounds of 12 independent vector FMA chains per thread (enough
  * to hide the FMA latency on every x86 and Arm core); 384 FLOP per round and thread. */
 float sg_fma_peak(int64_t iters, int nthreads) {
@@ -116,8 +148,8 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (work > 32768.0) reduction(| : failed)
     {
-        T *buf = (T *)aligned_alloc(64, ((size_t)(maxnz * b * bp * sizeof(T)) + 63) / 64 * 64);
-        int64_t *in0 = (int64_t *)malloc(sizeof(int64_t) * 2 * maxnz), *kb = in0 ? in0 + maxnz : NULL;
+        T *buf = (T *)sg_scratch(SG_TILE, (size_t)(maxnz * b * bp) * sizeof(T));
+        int64_t *in0 = (int64_t *)sg_scratch(SG_TILE2, sizeof(int64_t) * 2 * maxnz), *kb = in0 ? in0 + maxnz : NULL;
         failed = buf == NULL || in0 == NULL;
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t r = 0; r < R; r++) {
@@ -163,8 +195,6 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
                 }
             }
         }
-        free(in0);
-        free(buf);
     }
     return failed;
 }
@@ -187,6 +217,8 @@ static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t I
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (V){0};                 \
     const T *xr[MR];  /* row i of the tile (the last real row again past mr: read, never stored) */ \
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = xp + (i < mr ? i : mr - 1) * ldx; \
+    for (int64_t i = 0; i < mr; i++)  /* y's lines, owned by the time the tile is stored */      \
+        for (int v = 0; v < NV; v++) __builtin_prefetch(y + i * ldy + v * VL, 1, 3);             \
     for (int64_t jj = 0; jj < nz; jj++) {                                                        \
         const int64_t c = (int64_t)colr[jj] * b, kn = IN - c < b ? IN - c : b;                   \
         const T *w = wp + (permr ? permr[jj] : jj) * b * b;                                      \
@@ -233,22 +265,25 @@ static int FN(mr_index)(int64_t m, int64_t nv) {
 
 int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx, const T *wp,
                         const int32_t *crow, const int32_t *col, const int32_t *perm, const T *bias, T *y,
-                        int64_t ldy, int pack_x, int nthreads) {
+                        int64_t ldy, int nthreads) {
     if (M <= 0) return 0;
     const int64_t R = (OUT + b - 1) / b, Kp = (IN + b - 1) / b * b;
     const int64_t nv0 = b / VL < 4 ? b / VL : 4;
     const int mi = FN(mr_index)(M, nv0), TM = FN(mr_sizes)[mi];
     const int64_t ntile = (M + TM - 1) / TM;
     const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
-    /* chunks of about 128 KiB of x and at least 8 tiles. With pack_x each chunk is first copied at a
-     * row stride of Kp + one vector (zero-padded past IN), so a tile's rows never share one L1 set
-     * (x's own stride is often a multiple of 2 KiB). */
-    const int64_t ldp = Kp + VL;
+    /* chunks of about 128 KiB of x and at least 8 tiles. A chunk is first copied at a row stride of
+     * Kp + one vector (zero-padded past IN) when x's own stride is a multiple of 2 KiB (a tile's rows
+     * would share one L1 set) or x is too large to have stayed in L2 since it was written: the copy
+     * streams it in, where a tile, reading a few lines of each of its rows per block, would take
+     * scattered cache misses at memory latency. */
+    const int pack_x = (IN * (int64_t)sizeof(T)) % 2048 == 0 || (double)M * IN * sizeof(T) > 262144.0;
+    const int64_t ldp = pack_x ? Kp + VL : ldx;
     const double tile_bytes = (double)(pack_x ? ldp : IN) * TM * sizeof(T);
     const int64_t per_chunk = 131072 / tile_bytes > 8 ? (int64_t)(131072 / tile_bytes) : 8;
     T *xp = NULL;
     if (pack_x) {
-        xp = (T *)aligned_alloc(64, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
+        xp = (T *)sg_scratch(SG_X, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
         if (xp == NULL) return 1;
     }
     const double work = (double)M * (double)crow[R] * (double)(b * b);
@@ -273,9 +308,8 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                     const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
                     for (int64_t t = t0; t < t1; t++) {
                         const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
-                        const T *xt = pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx;
                         FN(mk_p_table)[nv - 1][t == ntile - 1 ? ml : mi](
-                            nz, xt, pack_x ? ldp : ldx, pack_x ? Kp : IN, wr + lane0,
+                            nz, pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx, ldp, pack_x ? Kp : IN, wr + lane0,
                             perm ? perm + crow[r] : NULL, b, col + crow[r], y + m0 * ldy + o0 + lane0, ldy, mr,
                             olim, bias ? bias + o0 + lane0 : NULL);
                     }
@@ -283,7 +317,6 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
             }
         }
     }
-    free(xp);
     return 0;
 }
 
@@ -541,9 +574,9 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
     const int64_t RG = NG * nlb >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
     const int64_t per = (R + RG - 1) / RG;
-    T *xp = (T *)malloc(sizeof(T) * (size_t)(NG * C * plane * G + ltw));
-    int64_t *roff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K + R * (nch + 1)));
-    if (xp == NULL || roff == NULL) { free(xp); free(roff); return 1; }
+    T *xp = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(NG * C * plane * G + ltw));
+    int64_t *roff = (int64_t *)sg_scratch(SG_IDX, sizeof(int64_t) * (size_t)(K + R * (nch + 1)));
+    if (xp == NULL || roff == NULL) return 1;
     int64_t *cs = roff + K;  /* cs[r (nch+1) + q]: first block of row r in chunk q (a partition of the
                                 row's blocks, whatever their order; sorted columns make it exact) */
     for (int64_t c = 0; c < C; c++)
@@ -576,7 +609,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        T *ytile = (T *)aligned_alloc(64, ((size_t)(per * b * ltw) * sizeof(T) + 63) / 64 * 64);
+        T *ytile = (T *)sg_scratch(SG_TILE, (size_t)(per * b * ltw) * sizeof(T));
         failed = ytile == NULL;
 #pragma omp for collapse(3) schedule(dynamic, 1)
         for (int64_t p = 0; p < NG; p++)
@@ -631,10 +664,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
                         }
                     }
                 }
-        free(ytile);
     }
-    free(roff);
-    free(xp);
     return failed;
 }
 #undef CONV_XBYTES
@@ -664,7 +694,7 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        T *buf = (T *)aligned_alloc(64, ((size_t)(K * ltw + OR * ltw) * sizeof(T) + 63) / 64 * 64);
+        T *buf = (T *)sg_scratch(SG_TILE, (size_t)(K * ltw + OR * ltw) * sizeof(T));
         failed = buf == NULL;
         T *ytile = buf ? buf + K * ltw : NULL;
 #pragma omp for collapse(3) schedule(dynamic, 1)
@@ -700,7 +730,6 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
                         }
                     }
                 }
-        free(buf);
     }
     return failed;
 }
@@ -735,7 +764,7 @@ MK_SDD_ROWS(8, 1)
 int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G, int64_t ldg,
                        const T *X, int64_t ldx, const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
     const int64_t R = (OUT + b - 1) / b, nnzb = crow[R];
-    int64_t *rowof = (int64_t *)malloc(sizeof(int64_t) * (nnzb > 0 ? nnzb : 1));
+    int64_t *rowof = (int64_t *)sg_scratch(SG_IDX, sizeof(int64_t) * (size_t)nnzb);
     if (rowof == NULL) return 1;
     for (int64_t r = 0; r < R; r++) for (int64_t j = crow[r]; j < crow[r + 1]; j++) rowof[j] = r;
     const double work = (double)M * (double)nnzb * (double)(b * b);
@@ -762,7 +791,6 @@ int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G,
                 }
         }
     }
-    free(rowof);
     return 0;
 }
 
@@ -801,7 +829,7 @@ MK_SDD_COLS(1, 1)
 int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *G, const T *X,
                        const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
     const int64_t R = (OUT + b - 1) / b, nnzb = crow[R];
-    int64_t *rowof = (int64_t *)malloc(sizeof(int64_t) * (nnzb > 0 ? nnzb : 1));
+    int64_t *rowof = (int64_t *)sg_scratch(SG_IDX, sizeof(int64_t) * (size_t)nnzb);
     if (rowof == NULL) return 1;
     for (int64_t r = 0; r < R; r++) for (int64_t j = crow[r]; j < crow[r + 1]; j++) rowof[j] = r;
     const double work = (double)P * (double)L * (double)nnzb * (double)(b * b);
@@ -819,7 +847,6 @@ int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, 
                 else FN(mk_sdd_cols_4_4)(P, L, ot, it, G, OUT, o0 + t0, X, IN, c0 + u0, D + t0 * b + u0, b);
             }
     }
-    free(rowof);
     return 0;
 }
 #undef V

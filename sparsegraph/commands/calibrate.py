@@ -7,6 +7,8 @@
     sparsegraph calibrate --check         then time dense against sparse on GPT-2 layers: is sparse
                                           faster wherever the model picks it?
     sparsegraph calibrate --check-only    check the model lowering uses now, without remeasuring
+    sparsegraph calibrate --check --onednn  the same against oneDNN with pre-packed weights (the dense
+                                          linear layers of a frozen graph with a dynamic batch)
 
 The check reports; it does not fail on a slower configuration (timings on a busy machine are noisy).
 """
@@ -36,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after calibrating, time dense vs sparse on GPT-2 layers where the model picks sparse")
     p.add_argument("--check-only", action="store_true",
                    help="check the model lowering uses now (cached, pinned or calibrated on first use)")
+    p.add_argument("--onednn", action="store_true",
+                   help="check against dense oneDNN with pre-packed weights (what a frozen torch.compile graph "
+                        "with a dynamic batch runs) instead of F.linear")
     p.add_argument("-o", "--output", help="also write the model as JSON here (for SPARSEGRAPH_COST_MODEL=FILE)")
     p.add_argument("--json", action="store_true", help="print the machine, model and check rows as JSON")
 
@@ -47,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise SparsegraphError(f"--threads must be at least 1, got {args.threads}")
     if args.check and args.check_only:
         raise SparsegraphError("give --check (calibrate, then check) or --check-only, not both")
+    if args.onednn and not (args.check or args.check_only):
+        raise SparsegraphError("--onednn chooses the dense baseline of --check or --check-only; give one of them")
     if args.check_only and args.output:
         raise SparsegraphError("--output writes a new calibration; --check-only does not calibrate")
     if args.output:
@@ -84,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.output:
             model.save(args.output)
     progress = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    rows = cm.check(model, seconds=0.03 if args.quick else 0.1, log=progress) \
+    rows = cm.check(model, seconds=0.03 if args.quick else 0.1, log=progress, onednn=args.onednn) \
         if args.check or args.check_only else None
     machine["load_after"] = [round(v, 2) for v in os.getloadavg()]
     if args.json:
@@ -98,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     if pinned not in ("", "auto"):
         print(f"note: {cm.ENV}={pinned} is set, so lowering uses that model, not this calibration")
     if rows is not None:
-        _print_check(rows)
+        _print_check(rows, args.onednn)
     return 0
 
 
@@ -111,25 +118,30 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
     print(f"model: {model.source}")
     blocks = sorted(model.flops_sparse, key=int)
     t = Table(title="linear rates, GFLOP/s of useful work (t = c + 2 MACs / F)", header_style="bold")
-    for col in ["rows M", "dense (F.linear)", *(f"sparse b={b}" for b in blocks)]:
+    onednn = ["dense (oneDNN, pre-packed)"] if model.flops_dense_packed else []
+    for col in ["rows M", "dense (F.linear)", *onednn, *(f"sparse b={b}" for b in blocks)]:
         t.add_column(col, justify="right")
     for M in sorted(model.flops_dense, key=int):
         t.add_row(M, f"{model.flops_dense[M] / 1e9:.3g}",
+                  *([f"{model.rate_dense(int(M), onednn=True) / 1e9:.3g}"] if onednn else []),
                   *(f"{model.rate_sparse(int(M), int(b)) / 1e9:.3g}" for b in blocks))
     console().print(t)
     top = max(model.flops_dense, key=int)
     dense = model.flops_dense[top]
     print(f"dense GEMM at {top} rows: {dense / 1e9:.1f} GFLOP/s"
-          + (f" = {dense / peak:.0%} of the FMA peak" if peak else ""))
+          + (f" = {dense / peak:.0%} of the FMA peak" if peak else "")
+          + (f"; oneDNN pre-packed {model.flops_dense_packed[top] / 1e9:.1f}" if top in model.flops_dense_packed
+             else ""))
     print(f"fixed cost per call: dense {model.c_dense * 1e6:.1f} us, sparse {model.c_sparse * 1e6:.1f} us")
     print(f"conv 3x3: dense (oneDNN) {model.flops_conv / 1e9:.1f} GFLOP/s, sparse "
           + ", ".join(f"b={b} {r / 1e9:.3g}" for b, r in sorted(model.flops_cols.items(), key=lambda i: int(i[0]))))
 
 
-def _print_check(rows: list[dict]) -> None:
+def _print_check(rows: list[dict], onednn: bool = False) -> None:
     from rich.table import Table
 
-    t = Table(title="check: dense F.linear vs the op in the format the model picks (x = dense time / sparse time)",
+    dense = "dense oneDNN (pre-packed)" if onednn else "dense F.linear"
+    t = Table(title=f"check: {dense} vs the op in the format the model picks (x = dense time / sparse time)",
               header_style="bold")
     for col in ("layer", "batch", "sparsity", "mask block", "choice", "predicted x", "measured x", "dense us",
                 "sparse us", "verdict"):

@@ -150,8 +150,13 @@ def _balanced(bm: torch.Tensor) -> bool:
 
 
 def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int, int], target: str,
-           device: torch.device, model: cm.CostModel | None = None, shape_known: bool = True) -> LayerChoice:
-    """Pick the format of one layer. `mask` is the (n, k) matrix view; rows = (M, 1) or (N, L)."""
+           device: torch.device, model: cm.CostModel | None = None, shape_known: bool = True,
+           dense: str = "mkl") -> LayerChoice:
+    """Pick the format of one layer. `mask` is the (n, k) matrix view; rows = (M, 1) or (N, L).
+    `dense`: the dense linear layer a sparse format must beat, "mkl" (F.linear, eager PyTorch) or
+    "onednn" (pre-packed, as a frozen graph with a dynamic batch runs it; `cost_model`)."""
+    if dense not in ("mkl", "onednn"):
+        raise ValueError(f"dense={dense!r}: choose 'mkl' or 'onednn'")
     model = model or cm.load()
     n, k = mask.shape
     M, L = rows
@@ -186,7 +191,7 @@ def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int,
         t_dense = model.conv_dense(M, L, n, k)
         cost = lambda nnzb, b: model.conv_sparse(M, L, n, k, nnzb, b)  # noqa: E731
     else:
-        t_dense = model.linear_dense(M, n, k)
+        t_dense = model.linear_dense(M, n, k, onednn=dense == "onednn")
         cost = lambda nnzb, b: model.linear_sparse(M, n, k, nnzb, b)  # noqa: E731
     options = [("csr", 1, int(m.sum()), _balanced(m))]
     options += [("bsr", b, int(bm.sum()), _balanced(bm)) for b, bm in exact.items()]
@@ -196,11 +201,13 @@ def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int,
     pred = dict(predicted_dense_ms=round(t_dense * 1e3, 4), predicted_sparse_ms=round(t_sparse * 1e3, 4),
                 predicted_speedup=round(t_dense / t_sparse, 3))
     label = f"{fmt}" + (f" b={b}" if fmt == "bsr" else "") + (" balanced" if bal and fmt == "bsr" else "")
+    onednn = dense == "onednn" and kind != "conv" and bool(model.flops_dense_packed)
+    baseline = "dense (oneDNN, pre-packed)" if onednn else "dense"
     if t_sparse < cm.MARGIN * t_dense:
         return LayerChoice(**base, format=fmt, block=b, balanced=bal, **pred,
-                           reason=f"{label}: predicted {t_dense / t_sparse:.2f}x faster than dense{note}")
+                           reason=f"{label}: predicted {t_dense / t_sparse:.2f}x faster than {baseline}{note}")
     return LayerChoice(**base, format="dense", block=0, balanced=False, **pred,
-                       reason=f"dense: best sparse option ({label}) predicted {t_dense / t_sparse:.2f}x of dense "
+                       reason=f"dense: best sparse option ({label}) predicted {t_dense / t_sparse:.2f}x of {baseline} "
                               f"speed, below the {1 / cm.MARGIN:.2f}x margin{note}")
 
 
@@ -218,6 +225,7 @@ class Candidate:
     kind: str
     rows: tuple[int, int]
     shape_known: bool
+    rows_symbolic: bool  # the row count is a symbol (a dynamic batch)
     skip: str | None = None  # reason this masked product cannot lower
 
 
@@ -278,7 +286,8 @@ def candidates(gm: fx.GraphModule, res: Resolver) -> list[Candidate]:
             k = W.shape[1] if p.kind.out_axis == 0 else W.shape[0]
             rows = (max(1, _numel(xs) // k), 1) if known else (DEFAULT_ROWS, 1)
         mm = matrix_view(mask, p.kind) if skip is None else mask.reshape(mask.shape[0], -1)
-        out.append(Candidate(p, we, name, W, mask, mm, kind, rows, known, skip))
+        symbolic = known and not all(isinstance(s, int) for s in xs)
+        out.append(Candidate(p, we, name, W, mask, mm, kind, rows, known, symbolic, skip))
     return out
 
 
@@ -450,9 +459,11 @@ def _free(gm: nn.Module, want: str) -> str:
 
 
 def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callable, model: cm.CostModel | None = None,
-                recorded: dict[str, dict] | None = None) -> list[LayerChoice]:
+                recorded: dict[str, dict] | None = None, frozen: bool = False) -> list[LayerChoice]:
     """Decide and rewrite every masked product of `gm` in place; returns the choices. A weight in
-    `recorded` (a plan's `lowering["layers"]`) takes its recorded choice instead of a new decision."""
+    `recorded` (a plan's `lowering["layers"]`) takes its recorded choice instead of a new decision;
+    `frozen`: the graph will be compiled frozen, where a dense linear layer with a dynamic batch
+    runs through oneDNN (`decide(dense="onednn")`)."""
     if target not in TARGETS:
         raise LoweringError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
     choices = []
@@ -466,7 +477,7 @@ def lower_graph(gm: fx.GraphModule, res: Resolver, target: str, rewrite: Callabl
             choice = LayerChoice(**recorded[c.name])
         else:
             choice = decide(c.name, c.product.node.name, c.kind, c.matrix_mask, c.rows, target, c.W.device, model,
-                            c.shape_known)
+                            c.shape_known, "onednn" if frozen and c.rows_symbolic else "mkl")
         choice.mask = res.name(c.weight.mask)
         choices.append(choice)
         c.product = as_product(c.product.node)  # its input may be an earlier rewrite's output now (U then V)
