@@ -12,7 +12,7 @@ every model and sparsity s, three variants:
                  dense parameter times its mask, AdamW state for every entry
   compact        sg.lower(masked-dense): each sparse weight stored as its nonzero blocks (`weight_values`
                  and int32 BSR index buffers), its gradient and AdamW state per stored value
-  compact+ckpt   the same with activation checkpointing per transformer block (`checkpoint_blocks`):
+  compact+ckpt   the same with activation checkpointing per transformer block (`sg.checkpoint_blocks`):
                  Sparse Wide widens the activations by 1/sqrt(1 - s), which compact storage does not
                  shrink; recomputing each block in backward keeps only the blocks' inputs
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import functools
 import gc
 import json
 import os
@@ -54,7 +53,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import sparsegraph as sg
 from sparsegraph.models import builtin
@@ -126,19 +124,8 @@ def build_variants(w: Workload, sparsity: float, variants=VARIANTS, dense: nn.Mo
             if "compact" in variants:
                 out["compact"] = low
             if "compact+ckpt" in variants:
-                out["compact+ckpt"] = checkpoint_blocks(copy.deepcopy(low) if "compact" in variants else low)
+                out["compact+ckpt"] = sg.checkpoint_blocks(copy.deepcopy(low) if "compact" in variants else low)
     return {v: m.train() for v, m in out.items()}
-
-
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    """`model` with each block of its longest ModuleList of same-type blocks (the transformer layers)
-    run under `torch.utils.checkpoint` (non-reentrant): its activations are recomputed in backward."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
-    if not lists:
-        raise ValueError(f"{type(model).__name__}: no ModuleList of blocks to checkpoint")
-    for block in max(lists, key=len):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    return model
 
 
 def logits(out) -> torch.Tensor:

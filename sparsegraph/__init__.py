@@ -16,12 +16,13 @@ from .plan import SparsityPlan, plan_of
 from .sparsify import sparsify
 from . import supar
 from .train import dst
+from .train.recompute import checkpoint_blocks
 from .train.sparseopt import SparseOpt
 from .passes.fold import fold
 from .passes.lower import lower
 
 __all__ = ["analyze", "analyze_dims", "capture", "trace", "sparsify", "save", "load", "SparsityPlan", "plan_of",
-           "ModelGraph", "SparsegraphError", "CaptureError", "dst", "SparseOpt", "supar",
+           "ModelGraph", "SparsegraphError", "CaptureError", "dst", "SparseOpt", "supar", "checkpoint_blocks",
            "export_onnx", "onnx", "fold", "lower", "from_pretrained", "dist"]
 __version__ = "0.1.0"
 

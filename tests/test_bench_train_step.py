@@ -70,11 +70,6 @@ def test_state_bytes_count_what_each_storage_keeps(ts, monkeypatch):
         assert torch.allclose(grads["compact+ckpt"][name], g, rtol=1e-4, atol=1e-6), name
 
 
-def test_checkpointing_needs_blocks(ts):
-    with pytest.raises(ValueError, match="Linear: no ModuleList of blocks to checkpoint"):
-        ts.checkpoint_blocks(torch.nn.Linear(2, 2))
-
-
 def test_ratios_compare_with_the_dense_row_of_the_same_model_and_sparsity(ts):
     rows = [{"model": "m", "sparsity": 0.9, "variant": "dense", "ms": 10.0, "peak_mb": 100.0, "state_mb": 40.0},
             {"model": "m", "sparsity": 0.9, "variant": "compact", "ms": 13.0, "peak_mb": 150.0, "state_mb": 50.0},
