@@ -32,10 +32,10 @@ HEADER = r"""
 int sg_abi_version(void) { return 1; }
 /* Work buffers that outlive the call: per thread (the caller's, and each OpenMP thread's), one per
  * slot, grown on demand, freed when the thread exits. Allocated and freed on every call, a buffer
- * of 128 KiB or more is a fresh mapping from glibc each time, all of its pages faulted in and
- * zeroed anew: a lowered GPT took 30-40% longer that way in a process whose allocation pattern kept
- * glibc's mmap threshold low. Slots: the caller's copy of x (SG_X) and index tables (SG_IDX), an
- * OpenMP thread's tile and table (SG_TILE, SG_TILE2); the caller is also thread 0 of its regions. */
+ * of 128 KiB or more can be a fresh mapping from glibc each time (whenever its adaptive mmap
+ * threshold is low, as in a process holding many models), all of its pages faulted in and zeroed
+ * anew. Slots: the caller's copy of x (SG_X) and index tables (SG_IDX), an OpenMP thread's tile
+ * and table (SG_TILE, SG_TILE2); the caller is also thread 0 of its regions. */
 enum { SG_X, SG_IDX, SG_TILE, SG_TILE2, SG_SLOTS };
 typedef struct { void *p[SG_SLOTS]; size_t n[SG_SLOTS]; } sg_scratch_t;
 static pthread_key_t sg_key;
