@@ -160,7 +160,7 @@ def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: list, target: str = "
     input, the tensor itself for one the graph reads as an attribute). The aten graph takes the
     same inputs as `gm`. `state` is `_dynamo_state(gm)`: read it while Dynamo's placeholder
     metadata is there (it is dropped later). `frozen`: the graph will be compiled frozen, so a
-    sparse layer must beat oneDNN's pre-packed dense one (`passes.lower.decide`)."""
+    linear layer whose batch is dynamic must beat oneDNN's pre-packed dense one (`lower_graph`)."""
     state = state if state is not None else _dynamo_state(gm)
     fakes = fakes if fakes is not None else _fakes(gm, example_inputs)
     attrs, n = _attributes(gm), len(example_inputs)

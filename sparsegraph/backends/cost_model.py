@@ -195,7 +195,7 @@ class CostModel:
         return predict(self.c_dense, M * n * k, self.rate_dense(M, onednn))
 
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
-        transposes = M * (n + k) * self.t_transpose if block < cpu.TRANSPOSE_BELOW_BLOCK and M >= cpu.SMALL_M else 0
+        transposes = M * (n + k) * self.t_transpose if cpu.transposes(M, block) else 0
         return predict(self.c_sparse, M * nnzb * block * block, self.rate_sparse(M, block)) + transposes
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:

@@ -362,6 +362,11 @@ def _transposed_values(values: Tensor, perm_t: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # the products, rows layout (linear layers)
 # ---------------------------------------------------------------------------------------------
+def transposes(M: int, b: int) -> bool:
+    """Whether `linear` runs M rows with b x b blocks on x^T and y^T (narrow blocks, from SMALL_M rows)."""
+    return M >= SMALL_M and b < TRANSPOSE_BELOW_BLOCK
+
+
 def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
            b: int, impl: str = "auto") -> Tensor:
     """y (M, n) = x (M, k) @ W^T + bias."""
@@ -378,7 +383,7 @@ def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
         return _rows_packed(lib, x, _blocks_in_out(values), crow, col, None, bias, n, b)
     if M < SMALL_M:  # dot products along W's rows, x read as (M, k, 1)
         return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
-    if b < TRANSPOSE_BELOW_BLOCK:  # lanes along M: y^T = W x^T, in chunks of rows
+    if transposes(M, b):  # lanes along M: y^T = W x^T, in chunks of rows
         y = x.new_empty(M, n)
         for m0 in range(0, M, TRANSPOSE_ROWS):
             xc = x[m0:m0 + TRANSPOSE_ROWS]

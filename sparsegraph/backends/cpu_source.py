@@ -53,7 +53,7 @@ static void *sg_scratch(int slot, size_t bytes) {  /* 64-byte aligned; NULL if o
         if ((s = (sg_scratch_t *)calloc(1, sizeof *s)) == NULL) return NULL;
         if (pthread_setspecific(sg_key, s)) { free(s); return NULL; }
     }
-    bytes = (bytes + 63) / 64 * 64 + 64;
+    bytes = bytes / 64 * 64 + 64;  /* whole cache lines, at least one */
     if (bytes > s->n[slot]) {
         free(s->p[slot]);
         s->p[slot] = aligned_alloc(64, bytes);

@@ -191,7 +191,7 @@ def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int,
         t_dense = model.conv_dense(M, L, n, k)
         cost = lambda nnzb, b: model.conv_sparse(M, L, n, k, nnzb, b)  # noqa: E731
     else:
-        t_dense = model.linear_dense(M, n, k, onednn=dense == "onednn")
+        t_dense = model.linear_dense(M, n, k, onednn=dense == "onednn")  # (MKL's rate if oneDNN's was not measured)
         cost = lambda nnzb, b: model.linear_sparse(M, n, k, nnzb, b)  # noqa: E731
     options = [("csr", 1, int(m.sum()), _balanced(m))]
     options += [("bsr", b, int(bm.sum()), _balanced(bm)) for b, bm in exact.items()]
@@ -201,8 +201,8 @@ def decide(weight: str, op: str, kind: str, mask: torch.Tensor, rows: tuple[int,
     pred = dict(predicted_dense_ms=round(t_dense * 1e3, 4), predicted_sparse_ms=round(t_sparse * 1e3, 4),
                 predicted_speedup=round(t_dense / t_sparse, 3))
     label = f"{fmt}" + (f" b={b}" if fmt == "bsr" else "") + (" balanced" if bal and fmt == "bsr" else "")
-    onednn = dense == "onednn" and kind != "conv" and bool(model.flops_dense_packed)
-    baseline = "dense (oneDNN, pre-packed)" if onednn else "dense"
+    baseline = "dense (oneDNN, pre-packed)" if dense == "onednn" and kind != "conv" and model.flops_dense_packed \
+        else "dense"
     if t_sparse < cm.MARGIN * t_dense:
         return LayerChoice(**base, format=fmt, block=b, balanced=bal, **pred,
                            reason=f"{label}: predicted {t_dense / t_sparse:.2f}x faster than {baseline}{note}")
