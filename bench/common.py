@@ -1,10 +1,11 @@
 """Shared bits for the benchmarks: the machine, honest timing, dense baselines, tables, JSON.
 
 Every benchmark states what it ran on (`machine()`: CPU model, threads, the CPU's measured fp32 FMA
-peak) and times its candidates with `medians()`: interleaved rounds, so all of them see the same
-machine state, and the median of each, so one lucky or unlucky round does not decide. Dense
-baselines are the faster of PyTorch's default (MKL) and oneDNN with a pre-packed weight
-(`dense_linear`), printed with their GFLOP/s and fraction of peak. Benchmarks never assert on time.
+peak) and times its candidates with `medians()`: interleaved rounds in rotating order, so all of
+them see the same machine state, and the median of each, so one lucky or unlucky round does not
+decide. Dense baselines are the faster of PyTorch's default (MKL) and oneDNN with a pre-packed
+weight (`dense_linear`), printed with their GFLOP/s and fraction of peak. Benchmarks never assert
+on time.
 """
 from __future__ import annotations
 
@@ -49,17 +50,21 @@ def describe(m: dict | None = None) -> str:
 def medians(fns: dict[str, Callable[[], object]], rounds: int = 9, budget_s: float | None = None,
             inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each callable over interleaved rounds (one warm-up call each first).
-    `inner` back-to-back calls per candidate and round are averaged (for calls of a few microseconds);
-    after three rounds, stop early once `budget_s` has passed."""
+    Round i starts at candidate i (mod their number), so no candidate always runs right after the
+    same other one: a call is measurably faster or slower after another on the same data (caches,
+    allocator state), by 10-30% here. `inner` back-to-back calls per candidate and round are
+    averaged (for calls of a few microseconds); after three rounds, stop early once `budget_s` has
+    passed."""
     for f in fns.values():
         f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
     start = time.perf_counter()
     for i in range(rounds):
-        for k, f in fns.items():
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             t = time.perf_counter()
             for _ in range(inner):
-                f()
+                fns[k]()
             times[k].append((time.perf_counter() - t) / inner)
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
             break

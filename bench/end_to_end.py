@@ -7,9 +7,10 @@
 
 For each built-in model and sparsity: the dense original; Sparse Wide run masked-dense (the
 trainable `weight * mask` graph), and lowered with `sg.lower` (balanced block masks and uniform
-masks); Sparse Parallel, Factorized and Doped folded back with `sg.fold`; and the dense original
-captured and folded the same way (BatchNorm into convolutions), the fair reference for the folded
-families. All run in eval mode
+masks); for ResNet-18 also Sparse Wide's graph form with BatchNorm folded into its masked
+convolutions (`sg.fold`), then lowered; Sparse Parallel, Factorized and Doped folded back with
+`sg.fold`; and the dense original captured and folded the same way (BatchNorm into convolutions),
+the fair reference for the folded variants. All run in eval mode
 under `torch.inference_mode()` (lowered layers take their one-native-call eager path), timed in
 interleaved rounds in one process and reported as medians (`common.medians`); the ratio is to the
 dense original (iso-FLOP: the goal is 1.0x). The table names the CPU, its measured fp32 FMA peak
@@ -68,6 +69,10 @@ def variants(name: str, sparsity: float, x: torch.Tensor, log) -> dict:
         formats = low.plan.lowering["formats"]
         log(f"  sparse_wide {mask}: hidden sparsity {wide.plan.sparsity_used:.3f}, lowered {formats} "
             f"({time.perf_counter() - t:.1f}s)")
+        if mask == MASKS[name] and name == "resnet18":  # the graph form folds BatchNorm into the masked convs
+            gm = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", sparsity, mask=mask, graph=graph,
+                             output="graph")
+            out[f"sparse_wide {mask} BatchNorm folded, lowered"] = sg.lower(sg.fold(gm, (x,)), example_inputs=(x,))
     for family in ("sparse_parallel", "sparse_factorized", "sparse_doped"):
         model = sg.sparsify(spec.model, spec.example_inputs, family, sparsity, graph=graph).eval()
         out[f"{family} folded"] = sg.fold(model, (x,))

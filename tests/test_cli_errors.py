@@ -61,6 +61,7 @@ def onnx_files(tmp_path_factory):
      "--checkpoint-interval must be a positive integer, got 0"),
     (["train", "resnet-mini", "--eval-interval", "0", "-o", "run"], "train",
      "--eval-interval must be a positive integer, got 0"),
+    (["train", "--recompute", "--fsdp", "-o", "run"], "train", "--recompute is not available with --fsdp"),
     (["train", "--model-option", "n_layr=1", "-o", "run"], "train",
      "built-in 'gpt-mini' takes the options vocab_size, block_size, n_layer, n_head, n_embd, dropout, not n_layr"),
     (["train", "resnet-mini", "--model-option", "widths=a,b", "-o", "run"], "train",

@@ -100,6 +100,18 @@ def test_sparse_wide_resnet_convs_lower():
     with torch.no_grad():
         a, b = low(x), wide(x)
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+    # for inference, BatchNorm first folds into the masked convs (their masks kept), then the same lowering
+    folded = sg.lower(sg.fold(wide, (x,)), example_inputs=(torch.randn(16, 1, 16, 16),))
+    norms = lambda gm: [n for n in gm.graph.nodes if n.op == "call_module"  # noqa: E731
+                        and "BatchNorm" in type(gm.get_submodule(n.target)).__name__]
+    assert norms(wide) and not norms(folded)
+    assert len(_ops(folded, CONV_OP)) == len(lowered)
+    for name, rec in folded.plan.lowering["layers"].items():
+        if rec["kind"] == "conv":
+            assert rec["format"] == convs[name]["format"] and rec["density"] == convs[name]["density"], name
+    with torch.no_grad():
+        c = folded(x)
+    assert ((c - b).norm() / b.norm()).item() < 1e-5
 
 
 def test_target_dense_bakes_masks(gpt_wide):

@@ -197,14 +197,15 @@ def test_sparse_conv2d_matches_conv2d(block, conf, impl):
     assert torch.allclose(dv, cpu.pack(dwr.reshape(24, -1), sw.crow, sw.col, block), atol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(7, 96, 5, 4), (2, 48, 20, 17), (33, 64, 2, 2)])
+@pytest.mark.parametrize("shape", [(7, 256, 5, 4), (2, 48, 20, 17), (33, 128, 2, 2)])
 @pytest.mark.parametrize("block", [8, 16])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
-    """The native kernels with K long enough to run in several chunks at stride 1, where small images
-    are interleaved several to a group (with a ragged last group) and large ones take several lane
-    tiles, and at stride 2 (im2col tiles); a ragged output block-row and an empty one; float64 and
-    float32 against F.conv2d in float64, and the blocks of each row stored in reverse order."""
+    """The native kernels with K long enough to run in two chunks at stride 1 (the first and last
+    shapes; a chunk holds as many channels as fit 192 KiB of x), where small images are interleaved
+    several to a group (with a ragged last group in float64) and large ones take several lane tiles,
+    and at stride 2 (im2col tiles); a ragged output block-row and an empty one; float64 and float32
+    against F.conv2d in float64, and the blocks of each row stored in reverse order."""
     if not cpu.available():
         pytest.skip("no C compiler")
     N, C, H, W = shape
@@ -226,6 +227,29 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
     rev = torch.cat([torch.arange(a, b).flip(0) for a, b in rows])  # each block still in exactly one K chunk
     y = cpu.conv2d(x, sw.values[rev], sw.crow, sw.col[rev], bias, 40, (3, 3), (stride, stride), (1, 1), (1, 1), block)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("stride, padding", [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (0, 0)), ((2, 2), (1, 0))])
+def test_native_1x1_conv2d(stride, padding):
+    """A 1x1 convolution without padding (ResNet's shortcuts) runs the cols kernel on the positions it
+    reads; with padding, the im2col tiles. Both against F.conv2d in float64."""
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 48, 1, 1, dtype=torch.float64, generator=g)
+    w *= (torch.rand(40, 48, generator=g) < 0.3).view(40, 48, 1, 1)
+    sw = SparseWeight.from_dense(w.reshape(40, 48), 8)
+    x = torch.randn(3, 48, 9, 14, dtype=torch.float64, generator=g)
+    bias = torch.randn(40, dtype=torch.float64, generator=g)
+    y = cpu.conv2d(x, sw.values, sw.crow, sw.col, bias, 40, (1, 1), stride, padding, (1, 1), 8)
+    ref = F.conv2d(x, w, bias, stride=stride, padding=padding)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
+    y = cpu.conv2d(x[:0], sw.values, sw.crow, sw.col, bias, 40, (1, 1), stride, padding, (1, 1), 8)  # no images
+    assert y.shape == F.conv2d(x[:0], w, bias, stride=stride, padding=padding).shape
+    if padding == (0, 0):  # no positions (F.conv2d refuses an empty image)
+        y = cpu.conv2d(x[:, :, :0], sw.values, sw.crow, sw.col, bias, 40, (1, 1), stride, padding, (1, 1), 8)
+        assert y.shape == (3, 40, 0, -(-14 // stride[1]))
 
 
 def test_sparse_conv2d_opcheck():

@@ -208,3 +208,26 @@ def test_build_wires_the_parameterization_optimizer_and_schedule():
     assert got == {(g["lr"], g["weight_decay"], 0.8) for g in expected} and len(got) > 1
     sp = build(config(parameterization="sp"))[1]
     assert {(g["lr"], g["weight_decay"]) for g in sp.param_groups} == {(3e-3, 0.0)}  # SP: the base values
+
+
+@pytest.mark.parametrize("storage", ["masked", "compact"])
+def test_recompute_trains_the_same_run_with_each_block_run_twice(tmp_path, storage, monkeypatch):
+    """--recompute (sg.checkpoint_blocks) changes memory, not numbers: the same losses step by step, RigL
+    updates included, with every block's forward run once more for backward; a run may resume without it."""
+    from sparsegraph.models import gpt
+
+    calls = []
+    forward = gpt.Block.forward
+    monkeypatch.setattr(gpt.Block, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    kw = dict(storage=storage, mask="balanced_block:16", steps=6, eval_interval=6, checkpoint_interval=3)
+    plain = train(config(**kw), str(tmp_path / "plain"), progress=False)
+    n_plain = len(calls)
+    again = train(config(recompute=True, **kw), str(tmp_path / "again"), progress=False)
+    assert [m["loss"] for m in again] == [m["loss"] for m in plain]
+    assert again[-1]["val_loss"] == plain[-1]["val_loss"]
+    assert len(calls) - n_plain == n_plain + 6  # one block (n_layer=1): once more per training step
+    train(config(recompute=True, **kw), str(tmp_path / "half"), progress=False, stop_after=3)
+    resumed = train(config(**kw), str(tmp_path / "half"), resume=True, progress=False)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in plain]
+    with pytest.raises(SparsegraphError, match="--recompute is not available with --fsdp"):
+        config(recompute=True, fsdp=True).validate()

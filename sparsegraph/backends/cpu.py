@@ -305,6 +305,8 @@ def _cols(lib, X: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tenso
           bias: Tensor | None, out: int, b: int) -> Tensor:
     P, IN, L = X.shape
     Y = torch.empty(P, out, L, dtype=X.dtype)
+    if Y.numel() == 0:  # no images or no lanes (the kernel's lane blocks would be empty)
+        return Y
     _check(getattr(lib, "sg_cols" + _sfx(X))(P, IN, out, L, b, _p(X), _p(values), _p(crow), _p(col), _p(perm),
                                              so, si, _p(bias), _p(Y), _threads()))
     return Y
@@ -500,9 +502,17 @@ def conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     lib = _native(x, values, bias)
     if lib is None:
         return None
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+        # a 1x1 conv (ResNet's shortcuts) is Y (N, n, L) = W X (N, C, L) on the positions it reads: the cols
+        # kernel on x itself, without the padded copy and the tile of y the direct kernel needs
+        xs = x[:, :, ::sh, ::sw].contiguous()  # (N, C, Ho, Wo)
+        N, C, Ho, Wo = xs.shape
+        bias = bias.contiguous() if bias is not None else None
+        return _cols(lib, xs.view(N, C, Ho * Wo), values.contiguous(), _i32(crow), _i32(col), None, b, 1, bias,
+                     out_channels, b).view(N, out_channels, Ho, Wo)
     x = x.contiguous()
     N, C, H, W = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     y = torch.empty(N, out_channels, max(Ho, 0), max(Wo, 0), dtype=x.dtype)
     if y.numel() == 0:

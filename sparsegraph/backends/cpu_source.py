@@ -326,7 +326,10 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
  * along L (spatial positions of an im2col view, or the batch of a transposed linear); an
  * OR x LV register tile (OR output rows, LV vectors of lanes) accumulates broadcast weights,
  * starting from zero, or from Y itself when `load` is set (a K chunk after the first; bias NULL).
- * L == 1 takes a dot-product path (x is then a (P, IN) matrix: small-batch linear layers).
+ * A layer's blocks may not fit in L2 (a widened ResNet stage holds megabytes), and the rows a tile
+ * reads follow no stride a prefetcher learns, so the tile prefetches its weight lines: two blocks
+ * ahead, and this block's rows of the next OR output rows. L == 1 takes a dot-product path (x is
+ * then a (P, IN) matrix: small-batch linear layers).
  * ---------------------------------------------------------------------------------------- */
 /* sum of each of VL vectors, as one vector (lane r = sum of acc[r]): pairwise shuffle transpose */
 static inline V FN(reduce_rows)(V *acc) {
@@ -383,6 +386,12 @@ static void FN(mk_cols_##OR##_##LV)(int64_t orr, const int32_t *col, int64_t j0,
         const T *blk = vals + (int64_t)(perm ? perm[j0 + jj] : j0 + jj) * b * b;                 \
         const T *wr[OR];                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++) wr[r] = blk + (ob0 + (r < orr ? r : orr - 1)) * so; \
+        if (jj + 2 < nz) {  /* weight lines two blocks ahead: a layer's blocks may be in L3 */         \
+            const T *nb = vals + (int64_t)(perm ? perm[j0 + jj + 2] : j0 + jj + 2) * b * b + ob0 * so;   \
+            _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++) __builtin_prefetch(nb + r * so);        \
+        }                                                                                        \
+        if (si == 1 && ob0 + 2 * OR <= b)  /* and this block's rows for the next tile of output rows */  \
+            _Pragma("GCC unroll 8") for (int r = 0; r < OR; r++) __builtin_prefetch(blk + (ob0 + OR + r) * so); \
         for (int64_t i = 0; i < kn; i++) {                                                       \
             V xv[LV];                                                                            \
             const T *xr = roff ? X + roff[c + i] : X + (c + i) * ldx;                            \
@@ -556,8 +565,9 @@ static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t
  * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead).
  * Small images are interleaved G at a time (lane e*G + g is position e of image g) so that a
  * register tile stays full. A work item is ltw <= CL lanes of one group and a group of block-rows;
- * it runs over K in chunks whose rows of x stay in L2, accumulating in a tile of y, so the weights
- * are read once per ltw lanes and x once per item. */
+ * it runs over K in chunks whose x stays in L2 (the rows (c, i, j) of one channel c overlap: they
+ * span ltw lanes plus the kernel's reach), accumulating in a tile of y, so the weights are read once
+ * per ltw lanes and x once per item. */
 #define CL (8 * VL)
 #define CONV_XBYTES (192 * 1024)
 static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
@@ -569,7 +579,8 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     const int64_t NG = (N + G - 1) / G;
     G = (N + NG - 1) / NG;  /* groups of equal size */
     const int64_t lanes = Le * G, nlb = (lanes + CL - 1) / CL, ltw = ((lanes + nlb - 1) / nlb + VL - 1) / VL * VL;
-    const int64_t KC0 = CONV_XBYTES / (int64_t)(ltw * sizeof(T)) / b * b;  /* K chunk: x rows of one item in L2 */
+    const int64_t span = ltw + ((KH - 1) * DH * Wp + (KW - 1) * DW) * G;  /* lanes of one channel an item reads */
+    const int64_t KC0 = CONV_XBYTES / (int64_t)(span * sizeof(T)) * KH * KW / b * b;  /* K chunk: its x in L2 */
     const int64_t KC = KC0 < b ? b : KC0, nch = K > KC ? (K + KC - 1) / KC : 1;
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
     const int64_t RG = NG * nlb >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
@@ -596,7 +607,15 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     for (int64_t pc = 0; pc < NG * C; pc++) {  /* the padded, interleaved copy: xp[p][c][pos][g] */
         const int64_t p = pc / C, c = pc % C;
         T *dst = xp + pc * plane * G;
-        memset(dst, 0, sizeof(T) * plane * G);
+        memset(dst, 0, sizeof(T) * PH * Wp * G);  /* zero the padding only: rows above and below, columns beside */
+        memset(dst + (PH + H) * Wp * G, 0, sizeof(T) * (Hp - PH - H) * Wp * G);
+        for (int64_t h = 0; h < H; h++) {
+            memset(dst + (PH + h) * Wp * G, 0, sizeof(T) * PW * G);
+            memset(dst + ((PH + h) * Wp + PW + W) * G, 0, sizeof(T) * (Wp - PW - W) * G);
+        }
+        if (p * G + G > N)  /* a last, short group: its missing images' lanes are computed and dropped;
+                               zeros keep stale values (NaN, subnormals) out of that arithmetic */
+            memset(dst + (PH * Wp + PW) * G, 0, sizeof(T) * ((H - 1) * Wp + W) * G);
         for (int64_t g = 0; g < G && p * G + g < N; g++) {
             const T *src = x + ((p * G + g) * C + c) * H * W;
             for (int64_t h = 0; h < H; h++) {

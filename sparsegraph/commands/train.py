@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the run already in the run directory (default: refuse to start over it)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard with FSDP2 (per block, then the root) instead of DDP")
+    p.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing per block: each block keeps only its input for backward and runs "
+                        "its forward again there (less memory, one more forward of the blocks, the same numbers)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, optimizer=args.optimizer, data=args.data,
                       block_size=args.block_size, update_interval=args.update_interval,
                       eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-                      seed=args.seed, model_options=_options(args.model_option), fsdp=args.fsdp)
+                      seed=args.seed, model_options=_options(args.model_option), fsdp=args.fsdp,
+                      recompute=args.recompute)
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                     overwrite=args.overwrite)
     last = [m for m in metrics if "val_loss" in m]

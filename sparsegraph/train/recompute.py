@@ -6,9 +6,10 @@ k = 1/sqrt(1 - s) (2x at s = 0.75, 3.2x at s = 0.9), whatever the weights' stora
 training step peaks at 1.6-2.9x the dense original's memory (`python bench/train_step.py`).
 `checkpoint_blocks` runs each block of the model's stack of blocks under
 `torch.utils.checkpoint` (non-reentrant): a block keeps only its inputs for backward and runs its
-forward again there. In the same benchmark that brought the step's peak to 1.16x (gpt-mini) and
-1.44x (a 2-layer, d 512 Hugging Face GPT-2) of the dense original at s = 0.9, for one more forward
-of the blocks per step. Gradients are those of the model without it.
+forward again there. In that benchmark it brought the step's peak to 1.17x (gpt-mini) and
+1.45x (a 2-layer, d 512 Hugging Face GPT-2) of the dense original at s = 0.9, for one more forward
+of the blocks per step. Gradients are those of the model without it; `sparsegraph train --recompute`
+turns it on for a training run.
 
     >>> import torch, sparsegraph as sg
     >>> from sparsegraph.models import builtin

@@ -65,6 +65,7 @@ class TrainConfig:
     checkpoint_interval: int = 100
     seed: int = 0
     fsdp: bool = False  # under torchrun: FSDP2 (sharded) instead of DDP
+    recompute: bool = False  # activation checkpointing per block (sg.checkpoint_blocks): less memory, same numbers
     model_options: dict = field(default_factory=dict)  # e.g. {"n_layer": 2} for gpt-mini
 
     def run_settings(self) -> dict:
@@ -94,6 +95,8 @@ class TrainConfig:
             raise SparsegraphError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or constant")
         if self.storage not in STORAGES:
             raise SparsegraphError(f"unknown --storage {self.storage!r}; choose {' or '.join(STORAGES)}")
+        if self.recompute and self.fsdp:
+            raise SparsegraphError("--recompute is not available with --fsdp; use DDP (no --fsdp)")
         if self.storage == "compact" and self.fsdp:
             raise SparsegraphError("--storage compact does not shard with --fsdp (FSDP2 would split the stored "
                                    "blocks across ranks); use DDP (no --fsdp) or --storage masked")
@@ -101,8 +104,8 @@ class TrainConfig:
             raise SparsegraphError(f"model_options must be a dict, got {type(self.model_options).__name__}")
 
 
-RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches", "fsdp")  # may change on --resume (fsdp:
-#                the same arithmetic; its checkpoint format is checked by name)
+RESUME_FREE = ("eval_interval", "checkpoint_interval", "eval_batches", "fsdp", "recompute")  # may change on
+#               --resume (fsdp, recompute: the same arithmetic; fsdp's checkpoint format is checked by name)
 POSITIVE_INTS = ("steps", "batch_size", "block_size", "update_interval", "eval_interval", "eval_batches",
                  "checkpoint_interval")
 
@@ -197,6 +200,8 @@ def build(cfg: TrainConfig, dist: Distributed | None = None):
     sg.supar.init_(model)
     if cfg.storage == "compact":  # judged at the training batch; layers the cost model keeps dense stay masked
         model = sg.lower(model, example_inputs=(task.train_batch(cfg.batch_size, torch.Generator().manual_seed(0))[0],))
+    if cfg.recompute:
+        sg.checkpoint_blocks(model)
     if dist is not None:
         model = dist.wrap(model)
     groups = sg.supar.param_groups(model, cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer)
