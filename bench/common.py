@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from sparsegraph.backends import cpu
-from sparsegraph.backends.cost_model import cpu_name, cpuinfo, packed_linear
+from sparsegraph.backends.cost_model import cpu_name, cpuinfo, medians as cost_medians, packed_linear
 from sparsegraph.fsutil import atomic_write
 
 
@@ -49,26 +48,9 @@ def describe(m: dict | None = None) -> str:
 
 def medians(fns: dict[str, Callable[[], object]], rounds: int = 9, budget_s: float | None = None,
             inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each callable over interleaved rounds (one warm-up call each first).
-    Round i starts at candidate i (mod their number), so no candidate always runs right after the
-    same other one: a call is measurably faster or slower after another on the same data (caches,
-    allocator state), by 10-30% here. `inner` back-to-back calls per candidate and round are
-    averaged (for calls of a few microseconds); after three rounds, stop early once `budget_s` has
-    passed."""
-    for f in fns.values():
-        f()
-    keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    start = time.perf_counter()
-    for i in range(rounds):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-            t = time.perf_counter()
-            for _ in range(inner):
-                fns[k]()
-            times[k].append((time.perf_counter() - t) / inner)
-        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    """`rounds` interleaved rounds of rotating order, ending early after three once `budget_s` has
+    passed: the library's own timing (`cost_model.medians`), which its calibration uses too."""
+    return cost_medians(fns, rounds, seconds=budget_s, inner=inner)
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, Callable]:

@@ -130,10 +130,10 @@ def test_csr_transposes_are_measured_and_charged(calibrations, monkeypatch):
     (`CSR_SHAPE`) and charges what its nonzeros do not explain per element of x and y. With that
     layer taking 1 ms at 512 rows and every other call 10 us, t_transpose is 1 ms less the fixed
     cost (the nonzeros at the measured rate are negligible) over 512 (n + k)."""
-    def fake_timed(fns, seconds, min_rounds=3):
+    def fake_medians(fns, rounds=10000, seconds=None, min_rounds=3, inner=1):
         return {name: 1e-3 if set(fns) == {"csr"} else 1e-5 for name in fns}
 
-    monkeypatch.setattr(cm, "_timed", fake_timed)
+    monkeypatch.setattr(cm, "medians", fake_medians)
     m = cm.calibrate(save=False)
     n, k = cm.CSR_SHAPE
     assert m.t_transpose == pytest.approx((1e-3 - m.c_sparse) / (512 * (n + k)), rel=1e-3)
@@ -255,3 +255,36 @@ def test_cli_calibrate_unparsable_option(capsys):
     with pytest.raises(SystemExit) as e:
         main(["calibrate", "--threads", "two"])
     assert e.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_medians_rotate_the_order_so_no_candidate_always_follows_the_same_one():
+    calls = []
+    cm.medians({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=6)
+    warmup, rounds = calls[:3], [calls[3 + 3 * i: 6 + 3 * i] for i in range(6)]
+    assert warmup == list("abc")
+    assert rounds == [list("abc"), list("bca"), list("cab")] * 2
+    before = {k: {calls[i - 1] for i in range(4, len(calls)) if calls[i] == k} for k in "abc"}
+    assert all(len(v) == 2 for v in before.values()), before  # each follows both others in turn
+
+
+def test_medians_take_the_middle_round_and_stop_once_the_time_is_spent(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(cm.time, "perf_counter", lambda: clock["t"])
+    warm = {"a": 1, "b": 1}  # the warm-up call of each is not timed
+    durations = {"a": [5, 1, 9, 3, 7], "b": [2, 2, 2, 2, 8]}
+
+    def fn(k):
+        def call():
+            if warm[k]:
+                warm[k] -= 1
+            else:
+                clock["t"] += durations[k].pop(0)
+        return call
+
+    assert cm.medians({k: fn(k) for k in durations}, rounds=5) == {"a": 5, "b": 2}
+    calls = []
+    seconds = cm.medians({"a": lambda: calls.append(clock.__setitem__("t", clock["t"] + 1))}, seconds=4.5)
+    assert seconds == {"a": 1} and len(calls) == 1 + 5  # warm-up, then rounds until 4.5 s had passed
+    calls.clear()
+    cm.medians({"a": lambda: calls.append(clock.__setitem__("t", clock["t"] + 10))}, seconds=1, min_rounds=3)
+    assert len(calls) == 1 + 3  # at least min_rounds rounds, however long they take

@@ -44,9 +44,9 @@ How it measures: the fixed costs from the smallest possible call (a 16 x 16 weig
 the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
 3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
 at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and each block
-size alternating in rounds so all see the same machine state; the convolution rates on two
-ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the median over its rounds (as the
-benchmarks and `check` time), a rate is the work over the time minus the fixed cost, and of the
+size interleaved in rounds of rotating order so all see the same machine state; the convolution
+rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the median over its rounds
+(`medians`, as the benchmarks and `check` time), a rate is the work over the time minus the fixed cost, and of the
 two shapes the model keeps the faster dense and the slower sparse rate, so that its errors lean
 towards dense (a small layer's GEMV runs from cache and is several times faster per FLOP than a
 large one's). CSR's transposes are timed on a tall, narrow layer (`CSR_SHAPE`: 64 outputs, where
@@ -418,20 +418,29 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return lambda: torch.ops.mkldnn._linear_pointwise(x, w_packed, bias, "none", [], "")
 
 
-def _timed(fns: dict, seconds: float, min_rounds: int = 3) -> dict:
-    """The median wall time of each callable over rounds that alternate them (one warm-up call each
-    first), until `seconds` have passed and at least `min_rounds` rounds ran."""
+def medians(fns: dict[str, Callable[[], object]], rounds: int = 10000, seconds: float | None = None,
+            min_rounds: int = 3, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each callable over interleaved rounds, after one warm-up call each:
+    up to `rounds` rounds, ending early once `seconds` have passed and `min_rounds` ran. Round i
+    starts at candidate i (mod their number), so no candidate always runs right after the same other
+    one: a call is measurably faster or slower after another on the same data (caches, allocator
+    state), by 10-30% on the machines measured. `inner` back-to-back calls per candidate and round
+    are averaged (for calls of a few microseconds). The calibration, `check` and the benchmarks in
+    `bench/` all time with it."""
     for f in fns.values():
         f()
-    times: dict = {name: [] for name in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < min_rounds or (time.perf_counter() - start < seconds and rounds < 10000):
-        for name, f in fns.items():
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    start = time.perf_counter()
+    for i in range(rounds):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-        rounds += 1
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+            for _ in range(inner):
+                fns[k]()
+            times[k].append((time.perf_counter() - t) / inner)
+        if seconds is not None and i + 1 >= min_rounds and time.perf_counter() - start > seconds:
+            break
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _block_mask(n: int, k: int, block: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -500,7 +509,8 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     share = budget_s / slots
     tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
     tiny_sw = sparse_weight(16, 16, 16, 1.0, gen)
-    fixed = _timed({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)}, share)
+    fixed = medians({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x)},
+                    seconds=share)
     c_dense, c_sparse = fixed["dense"], fixed["sparse"]
     log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us")
 
@@ -515,7 +525,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
             fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
             if (onednn := packed_linear(x, w)) is not None:
                 fns["packed"] = onednn
-            t = _timed(fns, share)
+            t = medians(fns, seconds=share)
             dense[str(M)].append(_rate(M * n * k, t["dense"], c_dense))
             if "packed" in t:
                 packed.setdefault(str(M), []).append(_rate(M * n * k, t["packed"], c_dense))
@@ -527,7 +537,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
 
     (n, k), M = CSR_SHAPE, ROWS[-1]  # CSR on few outputs: its transposes of x and y, not the nonzeros, dominate
     sw, x = sparse_weight(n, k, 1, DENSITY, gen), torch.randn(M, k, generator=gen)
-    t = _timed({"csr": lambda: sw.apply(x)}, share)["csr"]
+    t = medians({"csr": lambda: sw.apply(x)}, seconds=share)["csr"]
     csr_rate = min(sparse["1"][str(M)])
     t_transpose = max(0.0, t - c_sparse - 2 * M * sw.nnzb / csr_rate) / (M * (n + k))
     log(f"CSR {n}x{k}, M={M}: {t * 1e6:.0f} us, transposes {t_transpose * 1e9:.2f} ns per element of x and y")
@@ -538,7 +548,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         swc = {b: sparse_weight(C, C * 9, b, DENSITY, gen) for b in BLOCKS}
         fns = {"dense": lambda: F.conv2d(xc, wc, padding=1)}
         fns |= {b: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for b, sw in swc.items()}
-        t = _timed(fns, share)
+        t = medians(fns, seconds=share)
         conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], c_dense))
         for b, sw in swc.items():
             conv_sparse[str(b)].append(_rate(N * H * H * sw.nnzb * b * b, t[b], c_sparse))
@@ -562,10 +572,10 @@ CHECK_SPARSITIES = (0.75, 0.9)
 
 def check(model: CostModel | None = None, seconds: float = 0.1, log: Callable[[str], object] | None = None,
           onednn: bool = False) -> list[dict]:
-    """Time dense (F.linear; `onednn`: oneDNN with a pre-packed weight, as a frozen compiled graph with
-    a dynamic batch runs it) against the op on a grid of GPT-2 layers (`CHECK_*`), in the format `decide` picks for each
-    (for a layer it keeps dense: the mask's own block format), medians of interleaved rounds over
-    about `seconds` each. One row per configuration: `picked` says whether the model lowers it, `ok`
+    """Time dense (F.linear; `onednn`: oneDNN with a pre-packed weight, as a frozen compiled graph
+    with a dynamic batch runs it) against the op on a grid of GPT-2 layers (`CHECK_*`), in the format
+    `decide` picks for each (for a layer it keeps dense: the mask's own block format), `medians` of
+    interleaved rounds over about `seconds` each. One row per configuration: `picked` says whether the model lowers it, `ok`
     whether it was right to (sparse faster, or dense kept)."""
     if onednn and packed_linear(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
         raise CostModelError("this PyTorch build has no oneDNN linear with a pre-packed weight to check against")
@@ -601,7 +611,7 @@ def _check_one(model: CostModel, w: torch.Tensor, mask: torch.Tensor, mask_block
     sw = weights.setdefault(b, _weight_of(mask, b, gen))
     x = torch.randn(M, k, generator=gen)
     dense = packed_linear(x, w) if onednn else (lambda: F.linear(x, w))
-    t = _timed({"dense": dense, "sparse": lambda: sw.apply(x)}, seconds)
+    t = medians({"dense": dense, "sparse": lambda: sw.apply(x)}, seconds=seconds)
     measured = t["dense"] / t["sparse"]
     predicted = model.linear_dense(M, n, k, onednn) / model.linear_sparse(M, n, k, sw.nnzb, b)
     return {"layer": f"{n}x{k}", "batch": M, "mask_block": mask_block,
