@@ -1,4 +1,4 @@
-"""Shared by the test suite and the package's doctests (`pytest tests --doctest-modules sparsegraph`).
+"""Shared by the test suite and the package's doctests (`pytest -n 2 --doctest-modules sparsegraph`).
 
 Doctests run in a fresh temporary directory, so the files their examples write (`wide.onnx`,
 `notes.txt`, ...) land there and nowhere else, with the same seed every time.
