@@ -88,5 +88,5 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     for c in columns:
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns])
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
     Console(width=160).print(t)

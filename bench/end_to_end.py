@@ -14,7 +14,7 @@ the fair reference for the folded variants. All run in eval mode
 under `torch.inference_mode()` (lowered layers take their one-native-call eager path), timed in
 interleaved rounds in one process and reported as medians (`common.medians`); the ratio is to the
 dense original (iso-FLOP: the goal is 1.0x). The table names the CPU, its measured fp32 FMA peak
-and the thread count.
+and the thread count, and gives the dense original's GFLOP/s (FlopCounterMode's count) and fraction of peak.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 import torch
 
 import sparsegraph as sg
+from sparsegraph.checks import count_flops
 from sparsegraph.models import builtin
 
 from common import describe, machine, medians, print_table, write_json
@@ -95,21 +96,25 @@ def main() -> None:
         for s in sparsities:
             print(f"{name}, s={s}: building variants", flush=True)
             models = variants(name, s, x, lambda m: print(m, flush=True))
+            flop = count_flops(models["dense original"], (x,))
             for threads in args.threads or [torch.get_num_threads()]:
                 torch.set_num_threads(threads)
                 machines.append(machine())
                 print(describe(machines[-1]), flush=True)
                 with torch.inference_mode():
                     times = medians({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds)
-                base = times["dense original"]
+                base, peak = times["dense original"], machines[-1]["fp32_peak_gflops"]
                 for k, t in times.items():
                     rows.append({"model": name, "input": "x".join(map(str, x.shape)), "sparsity": s,
                                  "threads": threads, "variant": k, "ms": round(t * 1e3, 3),
                                  "ratio_to_dense": round(t / base, 3)})
+                    if k == "dense original":  # the baseline's speed: its FLOPs as FlopCounterMode counts them
+                        rows[-1]["gflops"] = round(flop / t / 1e9, 1)
+                        rows[-1]["peak_frac"] = round(flop / t / 1e9 / peak, 3) if peak else None
                 print_table(f"{name} s={s}, input {tuple(x.shape)}, {threads} thread(s), {machines[-1]['cpu']}: "
                             "inference time vs the dense original",
                             [r for r in rows if r["model"] == name and r["sparsity"] == s and r["threads"] == threads],
-                            ["variant", "ms", "ratio_to_dense"])
+                            ["variant", "ms", "ratio_to_dense", "gflops", "peak_frac"])
     name = "end_to_end" + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
     print("wrote", write_json(name, rows, machines=machines, rounds=rounds, timing="median of interleaved rounds"))
 
