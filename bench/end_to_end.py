@@ -14,7 +14,8 @@ the fair reference for the folded variants. All run in eval mode
 under `torch.inference_mode()` (lowered layers take their one-native-call eager path), timed in
 interleaved rounds in one process and reported as medians (`common.medians`); the ratio is to the
 dense original (iso-FLOP: the goal is 1.0x). The table names the CPU, its measured fp32 FMA peak
-and the thread count, and gives the dense original's GFLOP/s (FlopCounterMode's count) and fraction of peak.
+and the thread count, and gives the dense original's GFLOP/s (FlopCounterMode's count) and its
+fraction of that peak.
 """
 from __future__ import annotations
 
