@@ -105,13 +105,13 @@ def main() -> None:
                 with torch.inference_mode():
                     times = medians({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds)
                 base, peak = times["dense original"], machines[-1]["fp32_peak_gflops"]
+                rate = flop / base / 1e9  # the baseline's GFLOP/s, its FLOPs as FlopCounterMode counts them
                 for k, t in times.items():
                     rows.append({"model": name, "input": "x".join(map(str, x.shape)), "sparsity": s,
                                  "threads": threads, "variant": k, "ms": round(t * 1e3, 3),
                                  "ratio_to_dense": round(t / base, 3)})
-                    if k == "dense original":  # the baseline's speed: its FLOPs as FlopCounterMode counts them
-                        rows[-1]["gflops"] = round(flop / t / 1e9, 1)
-                        rows[-1]["peak_frac"] = round(flop / t / 1e9 / peak, 3) if peak else None
+                    if k == "dense original":
+                        rows[-1] |= {"gflops": round(rate, 1), "peak_frac": round(rate / peak, 3) if peak else None}
                 print_table(f"{name} s={s}, input {tuple(x.shape)}, {threads} thread(s), {machines[-1]['cpu']}: "
                             "inference time vs the dense original",
                             [r for r in rows if r["model"] == name and r["sparsity"] == s and r["threads"] == threads],
