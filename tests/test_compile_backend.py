@@ -229,7 +229,7 @@ def block(monkeypatch):
 
     # block-16 BSR beats dense and CSR everywhere (CSR would store the 10-output head more tightly)
     monkeypatch.setattr(cost_model, "load", lambda: cost_model.CostModel(
-        c_sparse=0.0, flops_sparse={"1": {"1": 1e3}, "16": {"1": 1e18}}, flops_cols={"1": 1e18}))
+        c_sparse=0.0, flops_sparse={"10": {"1": {"1": 1e3}, "16": {"1": 1e18}}}, flops_cols={"10": {"1": 1e18}}))
     x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0))
     wide = sg.sparsify(_Block(), (x,), "sparse_wide", 0.75, mask="balanced_block:16", include_head=True, seed=1)
     return wide.eval(), x
@@ -348,7 +348,8 @@ def test_frozen_dynamic_batch_is_judged_against_onednn(block, monkeypatch):
     wide.requires_grad_(False)
     n_sparse = len(sg.plan_of(wide).sparse_weights)
     costs = cost_model.CostModel(c_dense=0.0, c_sparse=0.0, flops_dense={"1": 1e16}, flops_dense_packed={"1": 1e20},
-                                 flops_sparse={"1": {"1": 1e3}, "16": {"1": 1e18}}, flops_cols={"1": 1e18})
+                                 flops_sparse={"10": {"1": {"1": 1e3}, "16": {"1": 1e18}}},
+                                 flops_cols={"10": {"1": 1e18}})
     monkeypatch.setattr(cost_model, "load", lambda: costs)
     formats, reasons, code = {}, {}, {}
     for dynamic, freeze in ((False, True), (True, True), (True, False)):

@@ -51,15 +51,18 @@ def _cache_files(folder):
 
 
 def _rates(m):
-    return [*m.flops_dense.values(), *(r for t in m.flops_sparse.values() for r in t.values()), m.flops_conv,
-            *m.flops_cols.values()]
+    sparse = (r for by_b in m.flops_sparse.values() for t in by_b.values() for r in t.values())
+    cols = (r for by_b in m.flops_cols.values() for r in by_b.values())
+    return [*m.flops_dense.values(), *sparse, m.flops_conv, *cols]
 
 
 def test_first_load_calibrates_and_caches_per_cpu(calibrations, tmp_path, capsys):
     m = cm.load()
     assert len(calibrations) == 1 and cm.load() is m
     assert all(math.isfinite(r) and r > 0 for r in _rates(m)) and m.c_sparse > 0 and m.c_dense > 0
-    assert set(m.flops_dense) == {str(M) for M in cm.ROWS} and set(m.flops_sparse) == {str(b) for b in cm.BLOCKS}
+    assert set(m.flops_dense) == {str(M) for M in cm.ROWS}
+    assert set(m.flops_sparse) == set(m.flops_cols) == {"10", "25"}  # measured at each of DENSITIES, in % stored
+    assert all(set(by_b) == {str(b) for b in cm.BLOCKS} for t in (m.flops_sparse, m.flops_cols) for by_b in t.values())
     if torch.backends.mkldnn.is_available():  # oneDNN with pre-packed weights, measured beside F.linear
         assert set(m.flops_dense_packed) == set(m.flops_dense) and all(r > 0 for r in m.flops_dense_packed.values())
     t = [m.linear_sparse(M, 3072, 768, 230, 32) for M in range(1, 600)]
@@ -147,7 +150,9 @@ def test_csr_transposes_are_measured_and_charged(calibrations, monkeypatch):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.pop("c_sparse"), "missing c_sparse"),
     (lambda d: d.update(bw_copy=1.0), "unknown bw_copy"),
-    (lambda d: d["flops_sparse"]["32"].update({"x": 1.0}), "flops_sparse[32]: key 'x' is not a positive integer"),
+    (lambda d: d["flops_sparse"]["10"]["32"].update({"x": 1.0}),
+     "flops_sparse[10][32]: key 'x' is not a positive integer"),
+    (lambda d: d.update(flops_cols={"16": 1e11}), "flops_cols[16] must be a non-empty object"),  # no density level
     (lambda d: d["flops_dense"].update({"8": "fast"}), "flops_dense[8] must be a finite positive number"),
     (lambda d: d.update(flops_dense_packed={"8": 0}), "flops_dense_packed[8] must be a finite positive number"),
     (lambda d: d.update(c_dense=float("nan")), "c_dense must be a finite non-negative number"),
@@ -164,13 +169,22 @@ def test_bad_model_file_names_the_entry(tmp_path, monkeypatch, edit, message):
     assert str(path) in str(e.value) and message in str(e.value)
 
 
-def test_rates_interpolate_in_log_rows_and_log_block():
+def test_rates_interpolate_in_log_rows_log_block_and_log_density():
     m = cm.CostModel(flops_dense={"1": 1.0, "16": 5.0},
-                     flops_sparse={"1": {"1": 1.0, "16": 3.0}, "16": {"1": 5.0, "16": 7.0}})
+                     flops_sparse={"10": {"1": {"1": 1.0, "16": 3.0}, "16": {"1": 5.0, "16": 7.0}},
+                                   "40": {"1": {"1": 4.0, "16": 12.0}, "16": {"1": 20.0, "16": 28.0}}},
+                     flops_cols={"10": {"1": 1.0, "16": 9.0}, "40": {"1": 4.0, "16": 36.0}})
     assert m.rate_dense(4) == pytest.approx(5 ** 0.5)  # a power law: halfway in log M, halfway in log F
     assert m.rate_dense(1000) == 5.0 and m.rate_dense(1) == 1.0  # held beyond the measured rows
-    assert m.rate_sparse(4, 4) == pytest.approx((1 * 3 * 5 * 7) ** 0.25)  # halfway in both
-    assert m.rate_sparse(16, 64) == 7.0  # larger blocks than measured: the largest measured block's rate
+    assert m.rate_sparse(4, 4, 0.1) == pytest.approx((1 * 3 * 5 * 7) ** 0.25)  # halfway in both
+    assert m.rate_sparse(16, 64, 0.1) == 7.0  # larger blocks than measured: the largest measured block's rate
+    assert m.rate_sparse(4, 4, 0.2) == pytest.approx(2 * (1 * 3 * 5 * 7) ** 0.25)  # halfway in log d: x sqrt(4)
+    assert m.rate_sparse(1, 1, 0.9) == 4.0 and m.rate_sparse(1, 1, 0.01) == 1.0  # held beyond the densities
+    assert m.rate_cols(4, 0.2) == pytest.approx(2 * 3.0)  # halfway in log b (3 at 10%), then in log d
+    # predictions take the density from the layer: 25% of a 64 x 64 weight in 16 x 16 blocks is 4 blocks
+    c = m.c_sparse
+    assert m.linear_sparse(16, 64, 64, 4, 16) == pytest.approx(c + 2 * 16 * 4 * 256 / m.rate_sparse(16, 16, 0.25))
+    assert m.conv_sparse(2, 9, 64, 64, 4, 16) == pytest.approx(c + 2 * 2 * 9 * 4 * 256 / m.rate_cols(16, 0.25))
     capped = cm.CostModel(flops_dense={"1": 1.0, "8": 100.0})  # 8 rows predicted faster than 1: noise
     assert capped.rate_dense(8) == 8.0 and capped.linear_dense(8, 4, 4) >= capped.linear_dense(1, 4, 4)
 
@@ -181,7 +195,8 @@ def test_decisions_follow_the_model():
     mask = bm.repeat_interleave(32, 0).repeat_interleave(32, 1)  # 768 x 768, 1/8 of the blocks stored
     args = ("w", "op", "linear", mask, (64, 1), "auto", torch.device("cpu"))
     base = cm.CostModel()
-    slow = cm.CostModel(flops_sparse={b: {M: r / 100 for M, r in t.items()} for b, t in base.flops_sparse.items()})
+    slow = cm.CostModel(flops_sparse={d: {b: {M: r / 100 for M, r in t.items()} for b, t in by_b.items()}
+                                      for d, by_b in base.flops_sparse.items()})
     fast = cm.CostModel(flops_dense={M: r / 100 for M, r in base.flops_dense.items()})
     assert decide(*args, model=slow).format == "dense"
     choice = decide(*args, model=fast)
@@ -195,6 +210,23 @@ def test_decisions_follow_the_model():
     kept = decide(*args, model=packed, dense="onednn")
     assert kept.format == "dense" and "oneDNN" in kept.reason
     assert decide(*args, model=fast, dense="onednn").format == "bsr"  # no oneDNN rates: judged against MKL's
+
+
+def test_decisions_use_the_rate_at_the_layers_density():
+    """A sparse kernel runs faster per FLOP the more of its weight is stored. A 3 x 3 convolution
+    (64 outputs, 64 channels: 64 x 576) with a quarter of its 16 x 16 blocks stored does 1/4 of
+    dense's work: at the 25% rate (dense's) it is predicted 4x faster and lowered; judged at the 10%
+    rate, a tenth of that, it would be 2.5x slower and kept dense."""
+    bm = torch.zeros(4, 36, dtype=torch.bool)
+    bm[:, ::4] = True  # 9 of 36 blocks in every block-row
+    mask = bm.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    args = ("w", "op", "conv", mask, (8, 256), "auto", torch.device("cpu"))
+    rates = dict(c_dense=0.0, c_sparse=0.0, flops_conv=1e11)
+    both = cm.CostModel(**rates, flops_cols={"10": {"16": 1e10}, "25": {"16": 1e11}})
+    choice = decide(*args, model=both)
+    assert (choice.format, choice.block) == ("bsr", 16) and choice.predicted_speedup == pytest.approx(4.0)
+    only_10 = cm.CostModel(**rates, flops_cols={"10": {"16": 1e10}})
+    assert decide(*args, model=only_10).format == "dense"
 
 
 def test_cli_calibrate_caches_and_prints(calibrations, tmp_path, capsys):

@@ -220,7 +220,7 @@ FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped
 def _sparse_wins():
     """A cost model under which every sparse format beats dense, so every masked layer is lowered."""
     fast = 1e18
-    return cm.CostModel(c_sparse=0.0, flops_sparse={"1": {"1": fast}}, flops_cols={"1": fast})
+    return cm.CostModel(c_sparse=0.0, flops_sparse={"10": {"1": {"1": fast}}}, flops_cols={"10": {"1": fast}})
 
 
 def _logits(out):

@@ -7,17 +7,21 @@ Every prediction is one formula, a fixed cost per call plus the layer's useful m
 
     dense linear    c_dense,   MACs = M n k,          F = flops_dense(M)       F.linear (MKL)
     dense linear    c_dense,   MACs = M n k,          F = flops_dense_packed(M) oneDNN, weight pre-packed
-    sparse linear   c_sparse,  MACs = M nnzb b^2,     F = flops_sparse(b, M)   sparsegraph::sparse_linear
+    sparse linear   c_sparse,  MACs = M nnzb b^2,     F = flops_sparse(d, b, M) sparsegraph::sparse_linear
                     CSR (b = 1) from 4 rows adds M (n + k) t_transpose: it works on x^T and y^T
     dense conv      c_dense,   MACs = N L n k,        F = flops_conv           F.conv2d (oneDNN)
-    sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(b)        sparsegraph::sparse_conv2d
+    sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(d, b)     sparsegraph::sparse_conv2d
 
 with M rows (tokens) of a linear layer, N images and L output positions of a convolution, n x k
-the weight's matrix view and nnzb stored blocks of b x b. The rates are measured on the public ops
-as a lowered model runs them, never on kernel internals, at rows M in `ROWS` and blocks b in
-`BLOCKS`. Between measured points a rate follows a power law (log F linear in log M and in log b);
-beyond them it is held at the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's, which
-errs towards dense, larger blocks running faster). Each table is capped so that predicted times
+the weight's matrix view, nnzb stored blocks of b x b and d = nnzb b^2 / (n k) the fraction of the
+weight stored. The rates are measured on the public ops as a lowered model runs them, never on
+kernel internals, at rows M in `ROWS`, blocks b in `BLOCKS` and densities d in `DENSITIES`. A
+sparse kernel's rate rises with d (each row of x it reads feeds more blocks): on a 2-core Intel
+Xeon a block-32 3 x 3 convolution ran at 22-37 GFLOP/s with 10% of its weights stored and 34-45
+with 25%, so a rate measured at one density misjudges layers at another. Between measured points a
+rate follows a power law (log F linear in log M, in log b and in log d); beyond them it is held at
+the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's; d > 0.25 gets d = 0.25's, all
+of which err towards dense, larger calls running faster). Each table is capped so that predicted times
 never fall as M grows (`_rising`). A sparse format is chosen only if its predicted time is below
 `MARGIN` x the dense time, so noise in the rates errs towards dense.
 
@@ -42,23 +46,24 @@ file is named in a warning and replaced by a new calibration.
 
 How it measures: the fixed costs from the smallest possible call (a 16 x 16 weight, one row);
 the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
-3072 x 768) with `DENSITY` of the weights stored (uniform for b = 1, balanced blocks otherwise),
-at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and each block
-size interleaved in rounds of rotating order so all see the same machine state; the convolution
-rates on two ResNet-like 3 x 3 layers (`CONV_SHAPES`). Each time is the median over its rounds
-(`medians`, as the benchmarks and `check` time), a rate is the work over the time minus the fixed cost, and of the
-two shapes the model keeps the faster dense and the slower sparse rate, so that its errors lean
-towards dense (a small layer's GEMV runs from cache and is several times faster per FLOP than a
-large one's). CSR's transposes are timed on a tall, narrow layer (`CSR_SHAPE`: 64 outputs, where
-they cost more than the nonzeros): `t_transpose` is what its time at 512 rows leaves over after
-the fixed cost and the nonzeros at CSR's rate, per element of x and y.
+3072 x 768) at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and
+each block size at each density in `DENSITIES` (uniform for b = 1, balanced blocks otherwise),
+interleaved in rounds of rotating order so all see the same machine state; the convolution rates
+on two ResNet-like 3 x 3 layers (`CONV_SHAPES`), dense and at each block size and density. Each
+time is the median over its rounds (`medians`, as the benchmarks and `check` time), a rate is the
+work over the time minus the fixed cost, and of the two shapes the model keeps the faster dense
+and the slower sparse rate, so that its errors lean towards dense (a small layer's GEMV runs from
+cache and is several times faster per FLOP than a large one's). CSR's transposes are timed on a
+tall, narrow layer (`CSR_SHAPE`: 64 outputs, where they cost more than the nonzeros):
+`t_transpose` is what its time at 512 rows leaves over after the fixed cost and the nonzeros at
+CSR's rate, per element of x and y.
 
 `sparsegraph calibrate` reruns it and prints the constants; `sparsegraph calibrate --check` times
 dense against sparse on a grid of GPT-2 layers (`check`) and reports, wherever the model picks
 sparse, whether sparse was in fact faster. `SPARSEGRAPH_COST_MODEL` pins the model (`ENV`):
 `builtin` for the shipped constants (`CostModel()`, measured on a 2-core AMD EPYC with AVX-512 at
-2 threads), or the path of a JSON file (`sparsegraph calibrate -o FILE`, `CostModel.save`); unset
-or `auto` means the calibration above. The test suite pins `builtin`.
+2 threads, its sparse rates at one density, 10%), or the path of a JSON file (`sparsegraph
+calibrate -o FILE`, `CostModel.save`); unset or `auto` means the calibration above. The test suite pins `builtin`.
 
     >>> m = load()                              # the tests pin SPARSEGRAPH_COST_MODEL=builtin
     >>> m.source.startswith("builtin")
@@ -115,8 +120,8 @@ BLOCKS = (1, 8, 16, 32)  # block sizes at which sparse rates are measured (1 = C
 LINEAR_SHAPES = ((768, 768), (3072, 768))  # (n, k): GPT-2's attention projection (cached) and MLP expansion
 CSR_SHAPE = (64, 576)  # (n, k) where CSR's transposes show: few outputs, many rows (a ResNet stage's im2col)
 CONV_SHAPES = ((8, 64, 32), (8, 256, 8))  # (images, channels, side): early and late ResNet stages, 3 x 3
-DENSITY = 0.1  # fraction of the weights stored in the calibration's sparse layers
-BUDGET_S = 3.0  # seconds of timing in a calibration (building the layers and first calls add 1-2 s)
+DENSITIES = (0.1, 0.25)  # fractions of the weights stored in the calibration's sparse layers (s = 0.9, 0.75)
+BUDGET_S = 4.0  # seconds of timing in a calibration (building the layers and first calls add 1-2 s)
 QUICK_BUDGET_S = 1.0
 
 
@@ -166,29 +171,36 @@ class CostModel:
     c_sparse: float = 2.1e-5  # a sparse_linear call (dispatch, checks, native call)
     t_transpose: float = 0.0  # s per element of x and y a CSR product transposes; 0: not measured (builtin)
     flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
-    flops_sparse: dict = field(default_factory=lambda: {  # by block size, then M
+    flops_sparse: dict = field(default_factory=lambda: {"10": {  # by density (% stored), block size, then M
         "1": {"1": 5.0e9, "8": 4.0e10, "64": 3.9e10, "512": 3.5e10},
         "8": {"1": 5.0e9, "8": 4.0e10, "64": 5.5e10, "512": 5.5e10},
         "16": {"1": 1.6e10, "8": 1.2e11, "64": 1.2e11, "512": 1.2e11},
-        "32": {"1": 1.6e10, "8": 1.28e11, "64": 2.4e11, "512": 2.4e11}})
+        "32": {"1": 1.6e10, "8": 1.28e11, "64": 2.4e11, "512": 2.4e11}}})
     flops_dense_packed: dict = field(default_factory=dict)  # oneDNN, pre-packed weight; {}: not measured
     flops_conv: float = 3.6e11  # FLOP/s-equivalent of oneDNN's 3 x 3 convolution (Winograd)
-    flops_cols: dict = field(default_factory=lambda: {"1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11})
+    flops_cols: dict = field(default_factory=lambda: {"10": {  # by density (% stored), then block size
+        "1": 2.0e10, "8": 1.0e11, "16": 1.1e11, "32": 1.2e11}})
     source: str = "builtin: measured on a 2-core AMD EPYC (AVX-512), 2 threads"
 
     def __post_init__(self):
         self.flops_dense = _rising(self.flops_dense)
         self.flops_dense_packed = _rising(self.flops_dense_packed)
-        self.flops_sparse = {b: _rising(t) for b, t in self.flops_sparse.items()}
+        self.flops_sparse = {d: {b: _rising(t) for b, t in by_b.items()} for d, by_b in self.flops_sparse.items()}
 
     # -- rates ---------------------------------------------------------------------------------
     def rate_dense(self, M: int, onednn: bool = False) -> float:
         """F.linear's rate at M rows; `onednn`: oneDNN's with a pre-packed weight, where measured."""
         return _interp(self.flops_dense_packed if onednn and self.flops_dense_packed else self.flops_dense, M)
 
-    def rate_sparse(self, M: int, block: int) -> float:
-        by_block = {b: _interp(table, M) for b, table in self.flops_sparse.items()}
-        return _interp(by_block, block)
+    def rate_sparse(self, M: int, block: int, density: float) -> float:
+        """sparse_linear's rate at M rows, b x b blocks and `density` of the weight stored."""
+        by_density = {d: _interp({b: _interp(t, M) for b, t in by_b.items()}, block)
+                      for d, by_b in self.flops_sparse.items()}
+        return _interp(by_density, 100 * density)
+
+    def rate_cols(self, block: int, density: float) -> float:
+        """sparse_conv2d's rate at b x b blocks and `density` of the weight stored."""
+        return _interp({d: _interp(by_b, block) for d, by_b in self.flops_cols.items()}, 100 * density)
 
     # -- predictions ---------------------------------------------------------------------------
     def linear_dense(self, M: int, n: int, k: int, onednn: bool = False) -> float:
@@ -196,13 +208,15 @@ class CostModel:
 
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
         transposes = M * (n + k) * self.t_transpose if cpu.transposes(M, block) else 0
-        return predict(self.c_sparse, M * nnzb * block * block, self.rate_sparse(M, block)) + transposes
+        rate = self.rate_sparse(M, block, nnzb * block * block / (n * k))
+        return predict(self.c_sparse, M * nnzb * block * block, rate) + transposes
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:
         return predict(self.c_dense, N * L * n * k, self.flops_conv)
 
     def conv_sparse(self, N: int, L: int, n: int, k: int, nnzb: int, block: int) -> float:
-        return predict(self.c_sparse, N * L * nnzb * block * block, _interp(self.flops_cols, block))
+        rate = self.rate_cols(block, nnzb * block * block / (n * k))
+        return predict(self.c_sparse, N * L * nnzb * block * block, rate)
 
     # -- files ---------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -226,11 +240,11 @@ class CostModel:
         for name in ("c_dense", "c_sparse", "t_transpose"):
             _check_number(data[name], f"{where}: {name}", positive=False)
         _check_number(data["flops_conv"], f"{where}: flops_conv")
-        for name in ("flops_dense", "flops_cols"):
-            _check_table(data[name], f"{where}: {name}")
+        _check_table(data["flops_dense"], f"{where}: flops_dense")
         if data["flops_dense_packed"] != {}:
             _check_table(data["flops_dense_packed"], f"{where}: flops_dense_packed")
-        _check_table(data["flops_sparse"], f"{where}: flops_sparse", nested=True)
+        _check_table(data["flops_cols"], f"{where}: flops_cols", depth=1)  # density, block
+        _check_table(data["flops_sparse"], f"{where}: flops_sparse", depth=2)  # density, block, rows
         if not isinstance(data["source"], str):
             raise CostModelError(f"{where}: source must be a string")
         return cls(**data)
@@ -241,14 +255,15 @@ def _check_number(v: object, what: str, positive: bool = True) -> None:
         raise CostModelError(f"{what} must be a finite {'positive' if positive else 'non-negative'} number, got {v!r}")
 
 
-def _check_table(t: object, what: str, nested: bool = False) -> None:
+def _check_table(t: object, what: str, depth: int = 0) -> None:
+    """`t` is {positive integer key: rate}, nested `depth` levels deep."""
     if not isinstance(t, dict) or not t:
         raise CostModelError(f"{what} must be a non-empty object keyed by sizes")
     for key, v in t.items():
         if not (isinstance(key, str) and key.isdigit() and int(key) > 0):
             raise CostModelError(f"{what}: key {key!r} is not a positive integer")
-        if nested:
-            _check_table(v, f"{what}[{key}]")
+        if depth:
+            _check_table(v, f"{what}[{key}]", depth - 1)
         else:
             _check_number(v, f"{what}[{key}]")
 
@@ -514,51 +529,59 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     c_dense, c_sparse = fixed["dense"], fixed["sparse"]
     log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us")
 
+    kinds = [(_pct(d), str(b)) for d in DENSITIES for b in BLOCKS]  # the sparse layers: (% stored, block)
     dense: dict = {str(M): [] for M in ROWS}
     packed: dict = {}
-    sparse: dict = {str(b): {str(M): [] for M in ROWS} for b in BLOCKS}
+    sparse: dict = {d: {b: {str(M): [] for M in ROWS} for b in map(str, BLOCKS)} for d in map(_pct, DENSITIES)}
     for n, k in LINEAR_SHAPES:
         w = torch.randn(n, k, generator=gen)
-        sws = {b: sparse_weight(n, k, b, DENSITY, gen) for b in BLOCKS}
+        sws = {(d, b): sparse_weight(n, k, int(b), int(d) / 100, gen) for d, b in kinds}
         for M in ROWS:
             x = torch.randn(M, k, generator=gen)
-            fns = {"dense": lambda: F.linear(x, w)} | {b: (lambda sw=sw: sw.apply(x)) for b, sw in sws.items()}
+            fns = {"dense": lambda: F.linear(x, w)} | {key: (lambda sw=sw: sw.apply(x)) for key, sw in sws.items()}
             if (onednn := packed_linear(x, w)) is not None:
                 fns["packed"] = onednn
             t = medians(fns, seconds=share)
             dense[str(M)].append(_rate(M * n * k, t["dense"], c_dense))
             if "packed" in t:
                 packed.setdefault(str(M), []).append(_rate(M * n * k, t["packed"], c_dense))
-            for b, sw in sws.items():
-                sparse[str(b)][str(M)].append(_rate(M * sw.nnzb * b * b, t[b], c_sparse))
+            for (d, b), sw in sws.items():
+                sparse[d][b][str(M)].append(_rate(M * sw.nnzb * sw.block ** 2, t[d, b], c_sparse))
             log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s" +
                 (f" (oneDNN pre-packed {packed[str(M)][-1] / 1e9:.1f})" if "packed" in t else "") + ", sparse " +
-                ", ".join(f"b={b} {sparse[str(b)][str(M)][-1] / 1e9:.1f}" for b in BLOCKS))
+                ", ".join(f"{d}% b={b} {sparse[d][b][str(M)][-1] / 1e9:.1f}" for d, b in kinds))
 
-    (n, k), M = CSR_SHAPE, ROWS[-1]  # CSR on few outputs: its transposes of x and y, not the nonzeros, dominate
-    sw, x = sparse_weight(n, k, 1, DENSITY, gen), torch.randn(M, k, generator=gen)
+    (n, k), M, d = CSR_SHAPE, ROWS[-1], _pct(DENSITIES[0])  # CSR on few outputs: its transposes of x and y dominate
+    sw, x = sparse_weight(n, k, 1, DENSITIES[0], gen), torch.randn(M, k, generator=gen)
     t = medians({"csr": lambda: sw.apply(x)}, seconds=share)["csr"]
-    csr_rate = min(sparse["1"][str(M)])
+    csr_rate = min(sparse[d]["1"][str(M)])
     t_transpose = max(0.0, t - c_sparse - 2 * M * sw.nnzb / csr_rate) / (M * (n + k))
     log(f"CSR {n}x{k}, M={M}: {t * 1e6:.0f} us, transposes {t_transpose * 1e9:.2f} ns per element of x and y")
 
-    conv_dense, conv_sparse = [], {str(b): [] for b in BLOCKS}
+    conv_dense, conv_sparse = [], {d: {b: [] for b in map(str, BLOCKS)} for d in map(_pct, DENSITIES)}
     for N, C, H in CONV_SHAPES:
         xc, wc = torch.randn(N, C, H, H, generator=gen), torch.randn(C, C, 3, 3, generator=gen)
-        swc = {b: sparse_weight(C, C * 9, b, DENSITY, gen) for b in BLOCKS}
+        swc = {(d, b): sparse_weight(C, C * 9, int(b), int(d) / 100, gen) for d, b in kinds}
         fns = {"dense": lambda: F.conv2d(xc, wc, padding=1)}
-        fns |= {b: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for b, sw in swc.items()}
+        fns |= {key: (lambda sw=sw: sw.conv2d(xc, None, (3, 3), 1, 1, 1)) for key, sw in swc.items()}
         t = medians(fns, seconds=share)
         conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], c_dense))
-        for b, sw in swc.items():
-            conv_sparse[str(b)].append(_rate(N * H * H * sw.nnzb * b * b, t[b], c_sparse))
+        for (d, b), sw in swc.items():
+            conv_sparse[d][b].append(_rate(N * H * H * sw.nnzb * sw.block ** 2, t[d, b], c_sparse))
         log(f"conv 3x3 {N}x{C}x{H}x{H}: dense {conv_dense[-1] / 1e9:.1f} GFLOP/s, sparse " +
-            ", ".join(f"b={b} {r[-1] / 1e9:.1f}" for b, r in conv_sparse.items()))
+            ", ".join(f"{d}% b={b} {conv_sparse[d][b][-1] / 1e9:.1f}" for d, b in kinds))
     return CostModel(c_dense=c_dense, c_sparse=c_sparse, t_transpose=t_transpose,
                      flops_dense={M: max(r) for M, r in dense.items()},
                      flops_dense_packed={M: max(r) for M, r in packed.items()},
-                     flops_sparse={b: {M: min(r) for M, r in t.items()} for b, t in sparse.items()},
-                     flops_conv=max(conv_dense), flops_cols={b: min(r) for b, r in conv_sparse.items()})
+                     flops_sparse={d: {b: {M: min(r) for M, r in t.items()} for b, t in by_b.items()}
+                                   for d, by_b in sparse.items()},
+                     flops_conv=max(conv_dense),
+                     flops_cols={d: {b: min(r) for b, r in by_b.items()} for d, by_b in conv_sparse.items()})
+
+
+def _pct(density: float) -> str:
+    """A density as the key of a rate table: percent of the weight stored."""
+    return str(round(100 * density))
 
 
 # ---------------------------------------------------------------------------------------------
