@@ -27,8 +27,10 @@ Training rows (forward + backward of a cross-entropy loss, train mode; no optimi
 eager and inductor, Sparse Wide masked-dense eager and through the sparsegraph backend, lowered
 eager and through the backend. Each row gives ms, the ratio to dense eager and to the faster dense
 compiled row (iso-FLOP: the goal is 1.0x), and the largest difference of its logits from its
-eager reference (the dense or the masked-dense model). Times are medians of interleaved rounds (`common.medians`);
-the machine line comes first; results go to bench/results/compiled*.json.
+eager reference (the dense or the masked-dense model); the dense eager rows also give their GFLOP/s
+(FlopCounterMode's count of the forward, or forward and backward) and its fraction of the machine's
+FMA peak. Times are medians of interleaved rounds (`common.medians`); the machine line comes first;
+results go to bench/results/compiled*.json.
 """
 from __future__ import annotations
 
@@ -137,11 +139,14 @@ def step(model, x, y, vocab):
     return run
 
 
-def rows_of(times: dict, errors: dict, base_keys: tuple[str, str], meta: dict) -> list[dict]:
+def rows_of(times: dict, errors: dict, base_keys: tuple[str, str], meta: dict, flop: int) -> list[dict]:
+    """One row per variant; the dense eager row also gets its GFLOP/s for `flop` per call."""
     eager, comp = base_keys
     best_compiled = min(times[k] for k in times if k.startswith(comp))
+    rate = common.dense_rate(flop, times[eager], common.machine())
     return [{**meta, "variant": k, "ms": round(t * 1e3, 3), "x_dense_eager": round(t / times[eager], 3),
-             "x_dense_compiled": round(t / best_compiled, 3), "max_err": errors[k]} for k, t in times.items()]
+             "x_dense_compiled": round(t / best_compiled, 3), "max_err": errors[k], **(rate if k == eager else {})}
+            for k, t in times.items()]
 
 
 def run(name: str, sparsity: float, rounds: int, train: bool, log) -> list[dict]:
@@ -158,7 +163,8 @@ def run(name: str, sparsity: float, rounds: int, train: bool, log) -> list[dict]
         ref = {k: logits(r(x)) for k, (_, r) in variants.items()}
         errors = {k: float((first[k] - ref[k]).abs().max()) for k in variants}
         times = common.medians(fns, rounds=rounds)
-    out += rows_of(times, errors, ("dense eager", "dense inductor"), {**meta, "mode": "inference"})
+    flop = common.counted_flops(fns["dense eager"])
+    out += rows_of(times, errors, ("dense eager", "dense inductor"), {**meta, "mode": "inference"}, flop)
     if train:
         for m in (dense, wide, low):
             m.train()
@@ -168,7 +174,8 @@ def run(name: str, sparsity: float, rounds: int, train: bool, log) -> list[dict]
         first = warm(fns, log)
         errors = {k: float((first[k] - step(r, x, y, vocab)()).abs().max()) for k, (_, r) in variants.items()}
         times = common.medians(fns, rounds=max(3, rounds // 2))
-        out += rows_of(times, errors, ("train: dense eager", "train: dense inductor"), {**meta, "mode": "train"})
+        flop = common.counted_flops(fns["train: dense eager"])
+        out += rows_of(times, errors, ("train: dense eager", "train: dense inductor"), {**meta, "mode": "train"}, flop)
     return out
 
 
@@ -201,7 +208,8 @@ def main() -> None:
                 got = run(name, s, rounds, train, lambda m: print(m, flush=True))
                 rows += got
                 common.print_table(f"{name} s={s}, input {got[0]['input']} (ms; x = ratio)", got,
-                                   ["mode", "variant", "ms", "x_dense_eager", "x_dense_compiled", "max_err"])
+                                   ["mode", "variant", "ms", "x_dense_eager", "x_dense_compiled", "max_err",
+                                    "gflops", "peak_frac"])
     out = "compiled" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     print("wrote", common.write_json(out, rows, rounds=rounds, timing="median of interleaved rounds",
                                      threads=torch.get_num_threads()))

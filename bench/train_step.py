@@ -34,8 +34,10 @@ a (model, s) in one process. Memory is reported two ways:
           resident size follows live memory instead of the allocator's free lists (with the default,
           adaptive threshold, freed activations stay resident and the peak depends on allocation order).
 
-Ratios are to the dense original. The targets (issue 15): a step within 1.4x of the dense step, and at
-s = 0.9 the compact form's peak within 1.5x of the dense original's.
+Ratios are to the dense original, whose row also gives its GFLOP/s (FlopCounterMode's count of one
+step's forward and backward) and that rate's fraction of the machine's FMA peak. The targets (issue
+15): a step within 1.4x of the dense step, and at s = 0.9 the compact form's peak within 1.5x of
+the dense original's.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ import sparsegraph as sg
 from sparsegraph.models import builtin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import describe, machine, medians, print_table, write_json  # noqa: E402
+from common import counted_flops, dense_rate, describe, machine, medians, print_table, write_json  # noqa: E402
 
 MASK = "balanced_block:32"
 VARIANTS = ("dense", "masked-dense", "compact", "compact+ckpt")
@@ -144,6 +146,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FlopCounterMode's count of one `train_step`, on a copy of `model` (a step updates its weights)."""
+    probe = copy.deepcopy(model)
+    return counted_flops(lambda: train_step(probe, optimizer(probe), x, y))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,12 +316,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     rounds = args.rounds or (3 if args.quick else 9)
     steps = 2 if args.quick else 3
-    print(describe(machine()), flush=True)
+    here = machine()
+    print(describe(here), flush=True)
     rows = []
     for name in args.models:
         w = workload(name)
         x, y = w.inputs()
         dense = w.build().train()
+        flop = step_flops(dense, x, y)
         dense_mem = measure_memory({"model": name, "variant": "dense", "sparsity": 0.0, "steps": steps,
                                     "threads": threads})
         for s in args.sparsity:
@@ -329,11 +339,11 @@ def main() -> None:
                 job = {"model": name, "variant": v, "sparsity": s, "steps": steps, "threads": threads}
                 mem = dense_mem if v == "dense" else measure_memory(job)
                 check_same_lowering(job, formats[v], mem["formats"])
-                rows.append(row(name, s, v, times[v], mem))
+                rows.append(row(name, s, v, times[v], mem) | (dense_rate(flop, times[v], here) if v == "dense" else {}))
             done = ratios([r for r in rows if r["model"] == name and r["sparsity"] == s])
             print_table(f"{name} s={s}, batch {w.batch[0]}x{w.batch[1]}: one AdamW training step vs the dense original",
-                        done, ["variant", "ms", "time_ratio", "peak_mb", "peak_ratio", "state_mb", "state_ratio",
-                               "params_mb", "optimizer_mb", "buffers_mb"])
+                        done, ["variant", "ms", "time_ratio", "gflops", "peak_frac", "peak_mb", "peak_ratio",
+                               "state_mb", "state_ratio", "params_mb", "optimizer_mb", "buffers_mb"])
     rows = ratios(rows)
     out = "train_step" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     print("wrote", write_json(out, rows, rounds=rounds, measured_steps=steps, mask=MASK,

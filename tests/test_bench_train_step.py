@@ -114,3 +114,18 @@ def test_a_memory_run_sees_at_least_the_state_it_counts(ts):
     else:  # a kernel without /proc/self/clear_refs: no peak is claimed
         assert r["step_peak"] is None and "clear_refs" in r["note"]
     assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+
+
+def test_step_flops_count_forward_and_backward_on_a_copy(ts):
+    """The dense row's GFLOP/s divides one step's FLOPs: every product of a GPT runs once forward and
+    twice backward (dX and dW, of the same size), so a step counts 3x the forward; the model's own
+    weights are left as they were (the step runs on a copy)."""
+    from sparsegraph.checks import count_flops
+
+    options, batch = ts.TINY["gpt-mini"]
+    w = ts.workload("gpt-mini", options, batch)
+    dense = w.build().train()
+    x, y = w.inputs()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    assert ts.step_flops(dense, x, y) == 3 * count_flops(dense, (x,)) > 0
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
