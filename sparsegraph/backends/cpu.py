@@ -54,7 +54,7 @@ _tried = False
 BUILD_ERROR: str | None = None  # why the native kernels are unavailable (None: available or not tried)
 
 # path thresholds (see bench/kernels.py and cost_model.py for the measurements behind them)
-SMALL_M = 4  # below this many rows, linear products run as dot products over W's rows
+SMALL_M = 4  # below this many rows, linear products run as dot products over W's own rows (no copy of its blocks)
 TRANSPOSE_BELOW_BLOCK = 8  # blocks narrower than this run the rows layout through x^T (lanes along M)
 TRANSPOSE_ROWS = 2048  # ... in chunks of this many rows, so x^T and y^T stay in cache
 
@@ -381,10 +381,10 @@ def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     bias = bias.contiguous() if bias is not None else None
     if M == 0:
         return x.new_zeros(0, n)
+    if M < SMALL_M:  # dot products along W's own (out, in) rows, x read as (M, k, 1): no copy of the blocks
+        return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
     if b % _lanes(x) == 0:
         return _rows_packed(lib, x, _blocks_in_out(values), crow, col, None, bias, n, b)
-    if M < SMALL_M:  # dot products along W's rows, x read as (M, k, 1)
-        return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
     if transposes(M, b):  # lanes along M: y^T = W x^T, in chunks of rows
         y = x.new_empty(M, n)
         for m0 in range(0, M, TRANSPOSE_ROWS):
