@@ -21,9 +21,9 @@ Xeon a block-32 3 x 3 convolution ran at 22-37 GFLOP/s with 10% of its weights s
 with 25%, so a rate measured at one density misjudges layers at another. Between measured points a
 rate follows a power law (log F linear in log M, in log b and in log d); beyond them it is held at
 the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's; d > 0.25 gets d = 0.25's, all
-of which err towards dense, larger calls running faster). Each table is capped so that predicted times
-never fall as M grows (`_rising`). A sparse format is chosen only if its predicted time is below
-`MARGIN` x the dense time, so noise in the rates errs towards dense.
+of which err towards dense: more rows, larger blocks and denser weights run faster). Each table is
+capped so that predicted times never fall as M grows (`_rising`). A sparse format is chosen only if
+its predicted time is below `MARGIN` x the dense time, so noise in the rates errs towards dense.
 
 Which dense? Eager PyTorch runs a dense fp32 linear layer through MKL (`F.linear`), and so does a
 frozen graph of `torch.compile` with a static batch (Inductor packs the weight for MKL's sgemm:
@@ -63,7 +63,8 @@ dense against sparse on a grid of GPT-2 layers (`check`) and reports, wherever t
 sparse, whether sparse was in fact faster. `SPARSEGRAPH_COST_MODEL` pins the model (`ENV`):
 `builtin` for the shipped constants (`CostModel()`, measured on a 2-core AMD EPYC with AVX-512 at
 2 threads, its sparse rates at one density, 10%), or the path of a JSON file (`sparsegraph
-calibrate -o FILE`, `CostModel.save`); unset or `auto` means the calibration above. The test suite pins `builtin`.
+calibrate -o FILE`, `CostModel.save`); unset or `auto` means the calibration above. The test
+suite pins `builtin`.
 
     >>> m = load()                              # the tests pin SPARSEGRAPH_COST_MODEL=builtin
     >>> m.source.startswith("builtin")
