@@ -152,7 +152,9 @@ def test_csr_transposes_are_measured_and_charged(calibrations, monkeypatch):
     (lambda d: d.update(bw_copy=1.0), "unknown bw_copy"),
     (lambda d: d["flops_sparse"]["10"]["32"].update({"x": 1.0}),
      "flops_sparse[10][32]: key 'x' is not a positive integer"),
-    (lambda d: d.update(flops_cols={"16": 1e11}), "flops_cols[16] must be a non-empty object"),  # no density level
+    (lambda d: d.update(flops_cols={"16": 1e11, "32": {"16": 1e11}}), "flops_cols[16] must be a non-empty object"),
+    (lambda d: d.update(flops_sparse=d["flops_sparse"]["10"], flops_cols=d["flops_cols"]["10"]),  # an earlier format
+     "no density level (a model written by an earlier sparsegraph"),
     (lambda d: d["flops_dense"].update({"8": "fast"}), "flops_dense[8] must be a finite positive number"),
     (lambda d: d.update(flops_dense_packed={"8": 0}), "flops_dense_packed[8] must be a finite positive number"),
     (lambda d: d.update(c_dense=float("nan")), "c_dense must be a finite non-negative number"),

@@ -244,6 +244,11 @@ class CostModel:
         _check_table(data["flops_dense"], f"{where}: flops_dense")
         if data["flops_dense_packed"] != {}:
             _check_table(data["flops_dense_packed"], f"{where}: flops_dense_packed")
+        if isinstance(data["flops_cols"], dict) and data["flops_cols"] and not any(
+                isinstance(v, dict) for v in data["flops_cols"].values()):  # rates by block alone
+            raise CostModelError(f"{where}: its sparse rates have no density level (a model written by an "
+                                 "earlier sparsegraph, measured at one density); write a new one with "
+                                 "`sparsegraph calibrate -o FILE`")
         _check_table(data["flops_cols"], f"{where}: flops_cols", depth=1)  # density, block
         _check_table(data["flops_sparse"], f"{where}: flops_sparse", depth=2)  # density, block, rows
         if not isinstance(data["source"], str):
