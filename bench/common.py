@@ -67,19 +67,6 @@ def gflops(flop: float, seconds: float) -> float:
     return flop / seconds / 1e9
 
 
-def counted_flops(fn: Callable[[], object]) -> int:
-    """FlopCounterMode's total for one call of `fn` (matmuls, convolutions and attention, through the
-    math attention kernel as `sparsegraph.checks.count_flops` counts it; a training step's backward
-    included): the work a dense baseline's GFLOP/s is computed from."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from sparsegraph.flops import flop_counter
-
-    with flop_counter() as fc, sdpa_kernel(SDPBackend.MATH):
-        fn()
-    return int(fc.get_total_flops())
-
-
 def dense_rate(flop: float, seconds: float, m: dict) -> dict:
     """A dense baseline's `gflops` and its fraction of the machine's FMA peak (`peak_frac`), for its row."""
     rate, peak = gflops(flop, seconds), m["fp32_peak_gflops"]

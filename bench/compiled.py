@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import sparsegraph as sg
 from sparsegraph.backends import compile as sgc
+from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
 import common
@@ -163,7 +164,7 @@ def run(name: str, sparsity: float, rounds: int, train: bool, log) -> list[dict]
         ref = {k: logits(r(x)) for k, (_, r) in variants.items()}
         errors = {k: float((first[k] - ref[k]).abs().max()) for k in variants}
         times = common.medians(fns, rounds=rounds)
-    flop = common.counted_flops(fns["dense eager"])
+    flop = call_flops(fns["dense eager"])
     out += rows_of(times, errors, ("dense eager", "dense inductor"), {**meta, "mode": "inference"}, flop)
     if train:
         for m in (dense, wide, low):
@@ -174,7 +175,7 @@ def run(name: str, sparsity: float, rounds: int, train: bool, log) -> list[dict]
         first = warm(fns, log)
         errors = {k: float((first[k] - step(r, x, y, vocab)()).abs().max()) for k, (_, r) in variants.items()}
         times = common.medians(fns, rounds=max(3, rounds // 2))
-        flop = common.counted_flops(fns["train: dense eager"])
+        flop = call_flops(fns["train: dense eager"])
         out += rows_of(times, errors, ("train: dense eager", "train: dense inductor"), {**meta, "mode": "train"}, flop)
     return out
 

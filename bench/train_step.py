@@ -57,10 +57,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsegraph as sg
+from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import counted_flops, dense_rate, describe, machine, medians, print_table, write_json  # noqa: E402
+from common import dense_rate, describe, machine, medians, print_table, write_json  # noqa: E402
 
 MASK = "balanced_block:32"
 VARIANTS = ("dense", "masked-dense", "compact", "compact+ckpt")
@@ -151,7 +152,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """FlopCounterMode's count of one `train_step`, on a copy of `model` (a step updates its weights)."""
     probe = copy.deepcopy(model)
-    return counted_flops(lambda: train_step(probe, optimizer(probe), x, y))
+    return call_flops(lambda: train_step(probe, optimizer(probe), x, y))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -33,17 +33,23 @@ from .flops import flop_counter
 ISO_TOLERANCE = 1e-3
 
 
-def count_flops(model: nn.Module, inputs: tuple) -> int:
-    """FlopCounterMode's total for one forward pass (math attention, grouped matmuls counted; without
-    nn.MultiheadAttention's fused inference path, whose op FlopCounterMode does not count)."""
+def call_flops(fn: Callable[[], object]) -> int:
+    """FlopCounterMode's total for one call of `fn`, a training step's backward included (math
+    attention, grouped matmuls counted; without nn.MultiheadAttention's fused inference path, whose op
+    FlopCounterMode does not count)."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with flop_counter() as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            model(*inputs)
+        with flop_counter() as fc, sdpa_kernel(SDPBackend.MATH):
+            fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(fc.get_total_flops())
+
+
+def count_flops(model: nn.Module, inputs: tuple) -> int:
+    """`call_flops` of one forward pass, without autograd."""
+    return call_flops(torch.no_grad()(lambda: model(*inputs)))
 
 
 def masked_flops(g) -> int:
@@ -127,4 +133,4 @@ def check_rewrite(model: nn.Module, example_inputs: tuple, transform: str, spars
     return row
 
 
-__all__ = ["check_rewrite", "count_flops", "masked_flops", "widened", "ISO_TOLERANCE"]
+__all__ = ["call_flops", "check_rewrite", "count_flops", "masked_flops", "widened", "ISO_TOLERANCE"]

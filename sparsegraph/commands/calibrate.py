@@ -123,11 +123,12 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
     for col in ["rows M", "dense (F.linear)", *onednn, "stored", *(f"sparse b={b}" for b in blocks)]:
         t.add_column(col, justify="right")
     for M in sorted(model.flops_dense, key=int):
-        for i, d in enumerate(densities):
-            dense = [f"{model.flops_dense[M] / 1e9:.3g}",
-                     *([f"{model.rate_dense(int(M), onednn=True) / 1e9:.3g}"] if onednn else [])]
-            t.add_row(M if i == 0 else "", *(dense if i == 0 else [""] * len(dense)), f"{d}%",
-                      *(f"{model.rate_sparse(int(M), int(b), int(d) / 100) / 1e9:.3g}" for b in blocks))
+        dense = [M, f"{model.flops_dense[M] / 1e9:.3g}",
+                 *([f"{model.rate_dense(int(M), onednn=True) / 1e9:.3g}"] if onednn else [])]
+        for d in densities:  # one line per density, the dense columns on the first
+            sparse = (model.rate_sparse(int(M), int(b), int(d) / 100) for b in blocks)
+            t.add_row(*dense, f"{d}%", *(f"{r / 1e9:.3g}" for r in sparse))
+            dense = [""] * len(dense)
     console().print(t)
     top = max(model.flops_dense, key=int)
     dense = model.flops_dense[top]
@@ -136,10 +137,9 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
           + (f"; oneDNN pre-packed {model.flops_dense_packed[top] / 1e9:.1f}" if top in model.flops_dense_packed
              else ""))
     print(f"fixed cost per call: dense {model.c_dense * 1e6:.1f} us, sparse {model.c_sparse * 1e6:.1f} us")
-    by_key = lambda t: sorted(t.items(), key=lambda i: int(i[0]))  # noqa: E731
     print(f"conv 3x3: dense (oneDNN) {model.flops_conv / 1e9:.1f} GFLOP/s, sparse "
-          + "; ".join(f"{d}% stored: " + ", ".join(f"b={b} {r / 1e9:.3g}" for b, r in by_key(by_b))
-                      for d, by_b in by_key(model.flops_cols)))
+          + "; ".join(f"{d}% stored: " + ", ".join(f"b={b} {by_b[b] / 1e9:.3g}" for b in sorted(by_b, key=int))
+                      for d, by_b in sorted(model.flops_cols.items(), key=lambda i: int(i[0]))))
 
 
 def _print_check(rows: list[dict], onednn: bool = False) -> None:
