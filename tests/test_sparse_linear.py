@@ -106,6 +106,7 @@ def test_float32_against_float64(block, balanced, rows):
     (256, 256, 64, (7,)),      # four vectors per block-row
     (96, 100, 48, (13,)),      # three vectors
     (200, 96, 96, (33,)),      # two lane groups (64 + 32)
+    (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
 ])
 def test_packed_rows_kernel_against_float64(n, k, block, rows):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,

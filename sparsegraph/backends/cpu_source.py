@@ -766,11 +766,14 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
  * SDDMM, rows layout: dV[j](o, i) = sum_m G[m, o0 + o] X[m, c0 + i] on the nonzero blocks j of
  * B (out block-row r of j, in block col[j]); dV is (nnzb, b, b) in (out, in) orientation, zero
  * at ragged edges. An OT x IV tile (OT output rows, IV vectors of input lanes) runs down SDD_MC
- * rows at a time, adding to dV. Threads take block-rows; for each chunk of rows, the block-row's
- * columns of G and then each block's columns of X are first copied to contiguous, zero-padded
- * (SDD_MC, b) panels: read in place, the rows of G and X lie a row stride apart (4 KiB for 1024
- * outputs), all in the same few L1 sets, and the tiles of each block re-read them from L2; with
- * the panels the kernel ran 1.6-2.2x as fast on GPT-sized layers at 1-2k rows (one thread).
+ * rows at a time, adding to dV. Rows go in chunks whose X fits in half of L2 (SDD_L2): the
+ * threads first copy the chunk of X into one contiguous, zero-padded (rows, b) panel per block
+ * column, then take block-rows, copying each SDD_MC rows of the block-row's columns of G into a
+ * panel of their own. Read in place, the rows of G and X lie a row stride apart (4 KiB for 1024
+ * outputs), all in the same few L1 sets, and the tiles of each block re-read them from L2 (panels
+ * per block: 1.6-2.2x as fast on GPT-sized layers at 1-2k rows, one thread); a panel of X copied
+ * per block was copied again for every block of its column, a quarter of the block-rows at 75%
+ * sparsity (one copy per chunk: another 1.15-1.6x).
  * ---------------------------------------------------------------------------------------- */
 #define MK_SDD_ROWS(OT, IV)                                                                      \
 static void FN(mk_sdd_rows_##OT##_##IV)(int64_t M, int64_t ot, const T *G, int64_t ldg,         \
@@ -795,46 +798,60 @@ MK_SDD_ROWS(8, 2)
 MK_SDD_ROWS(8, 1)
 
 #define SDD_MC 64
+#define SDD_L2 (1024 * 1024)  /* bytes of X's chunk, packed: half a 2 MiB L2 */
 int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G, int64_t ldg,
                        const T *X, int64_t ldx, const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
-    const int64_t R = (OUT + b - 1) / b, nnzb = crow[R];
+    const int64_t R = (OUT + b - 1) / b, C = (IN + b - 1) / b, nnzb = crow[R];
     const double work = (double)M * (double)nnzb * (double)(b * b);
+    int64_t mcl = SDD_L2 / (int64_t)(sizeof(T) * C * b) / SDD_MC * SDD_MC;
+    mcl = mcl < SDD_MC ? SDD_MC : mcl > M ? M : mcl;
+    T *Xk = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(mcl * C * b));  /* (C, mcl, b): X's chunk by block column */
+    if (Xk == NULL) return 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (work > 32768.0)
     {
-        T *Gp = (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(2 * SDD_MC * b)), *Xp = Gp + SDD_MC * b;
+        T *Gp = (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(SDD_MC * b));
         failed = Gp == NULL;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < R; r++) {
-            if (failed) continue;
-            const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++)
             memset(dV + (int64_t)crow[r] * b * b, 0, sizeof(T) * (size_t)((crow[r + 1] - crow[r]) * b * b));
-            for (int64_t m0 = 0; m0 < M; m0 += SDD_MC) {
-                const int64_t mc = M - m0 < SDD_MC ? M - m0 : SDD_MC;
-                for (int64_t m = 0; m < mc; m++) {  /* the block-row's columns of G, zero past ob */
-                    memcpy(Gp + m * b, G + (m0 + m) * ldg + o0, sizeof(T) * ob);
-                    if (ob < b) memset(Gp + m * b + ob, 0, sizeof(T) * (b - ob));
+        for (int64_t ml = 0; ml < M; ml += mcl) {
+            const int64_t mk = M - ml < mcl ? M - ml : mcl;
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < mk; m++)  /* X's rows, each block column to its panel, zero past IN */
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t kn = IN - c * b < b ? IN - c * b : b;
+                    T *dst = Xk + (c * mcl + m) * b;
+                    memcpy(dst, X + (ml + m) * ldx + c * b, sizeof(T) * kn);
+                    if (kn < b) memset(dst + kn, 0, sizeof(T) * (b - kn));
                 }
-                for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
-                    const int64_t c0 = (int64_t)col[j] * b, kn = IN - c0 < b ? IN - c0 : b;
-                    for (int64_t m = 0; m < mc; m++) {  /* the block's columns of X, zero past kn */
-                        memcpy(Xp + m * b, X + (m0 + m) * ldx + c0, sizeof(T) * kn);
-                        if (kn < b) memset(Xp + m * b + kn, 0, sizeof(T) * (b - kn));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t r = 0; r < R; r++) {
+                if (failed) continue;
+                const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+                for (int64_t m0 = 0; m0 < mk; m0 += SDD_MC) {
+                    const int64_t mc = mk - m0 < SDD_MC ? mk - m0 : SDD_MC;
+                    for (int64_t m = 0; m < mc; m++) {  /* the block-row's columns of G, zero past ob */
+                        memcpy(Gp + m * b, G + (ml + m0 + m) * ldg + o0, sizeof(T) * ob);
+                        if (ob < b) memset(Gp + m * b + ob, 0, sizeof(T) * (b - ob));
                     }
-                    T *D = dV + j * b * b;
-                    for (int64_t t0 = 0; t0 < ob; t0 += 8) {
-                        const int64_t ot = ob - t0 < 8 ? ob - t0 : 8;
-                        int64_t i0 = 0;
-                        for (; i0 + 2 * VL <= b; i0 += 2 * VL)
-                            FN(mk_sdd_rows_8_2)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
-                        for (; i0 + VL <= b; i0 += VL)
-                            FN(mk_sdd_rows_8_1)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
-                        for (; i0 < b; i0++)
-                            for (int64_t t = 0; t < ot; t++) {
-                                T s = 0;
-                                for (int64_t m = 0; m < mc; m++) s += Gp[m * b + t0 + t] * Xp[m * b + i0];
-                                D[(t0 + t) * b + i0] += s;
-                            }
+                    for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
+                        const T *Xp = Xk + ((int64_t)col[j] * mcl + m0) * b;
+                        T *D = dV + j * b * b;
+                        for (int64_t t0 = 0; t0 < ob; t0 += 8) {
+                            const int64_t ot = ob - t0 < 8 ? ob - t0 : 8;
+                            int64_t i0 = 0;
+                            for (; i0 + 2 * VL <= b; i0 += 2 * VL)
+                                FN(mk_sdd_rows_8_2)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
+                            for (; i0 + VL <= b; i0 += VL)
+                                FN(mk_sdd_rows_8_1)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
+                            for (; i0 < b; i0++)
+                                for (int64_t t = 0; t < ot; t++) {
+                                    T s = 0;
+                                    for (int64_t m = 0; m < mc; m++) s += Gp[m * b + t0 + t] * Xp[m * b + i0];
+                                    D[(t0 + t) * b + i0] += s;
+                                }
+                        }
                     }
                 }
             }
@@ -843,6 +860,7 @@ int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G,
     return failed;
 }
 #undef SDD_MC
+#undef SDD_L2
 
 /* ------------------------------------------------------------------------------------------
  * SDDMM, cols layout: dV[j](o, i) = sum_p sum_l G[p, o0 + o, l] X[p, c0 + i, l]; dot products
