@@ -107,12 +107,21 @@ def test_float32_against_float64(block, balanced, rows):
     (96, 100, 48, (13,)),      # three vectors
     (200, 96, 96, (33,)),      # two lane groups (64 + 32)
     (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
+    (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
 ])
 def test_packed_rows_kernel_against_float64(n, k, block, rows):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
     dvalues, with empty block-rows, ragged edges, partial tiles and multi-chunk row counts."""
     sw, w = _weight(n, k, block, 0.3, 3, balanced=False, empty_rows=1)
     _check(sw, w, (*rows, k), -1, True, "auto", torch.float32, 3)
+
+
+@pytest.mark.parametrize("rows", [(3,), (40,), (700,)])
+def test_packed_rows_kernel_float64(rows):
+    """float64 (8 lanes): W's blocks transposed per block-row (one chunk of rows: 3, 40) or into one
+    shared copy up front (several chunks: 700 rows)."""
+    sw, w = _weight(100, 520, 16, 0.3, 5, balanced=False, empty_rows=1)
+    _check(sw, w, (*rows, 520), -1, True, "auto", torch.float64, 5)
 
 
 def _lowered(n=96, k=64, block=16, seed=0):

@@ -54,7 +54,7 @@ _tried = False
 BUILD_ERROR: str | None = None  # why the native kernels are unavailable (None: available or not tried)
 
 # path thresholds (see bench/kernels.py and cost_model.py for the measurements behind them)
-SMALL_M = 4  # below this many rows, linear products run as dot products over W's own rows (no copy of its blocks)
+SMALL_M = 4  # below this many rows, narrow-block linear products run as dot products over W's own rows
 TRANSPOSE_BELOW_BLOCK = 8  # blocks narrower than this run the rows layout through x^T (lanes along M)
 TRANSPOSE_ROWS = 2048  # ... in chunks of this many rows, so x^T and y^T stay in cache
 
@@ -117,7 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     sigs = {
         "sg_rows": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i32],
-        "sg_rows_packed": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32],
+        "sg_rows_packed": [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i32],
         "sg_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i32],
         "sg_sddmm_rows": [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32],
         "sg_sddmm_cols": [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32],
@@ -237,17 +237,18 @@ def _lanes(t: Tensor) -> int:
 
 def _blocks_in_out(values: Tensor) -> Tensor:
     """`values.transpose(1, 2)`, contiguous: each block of W stored (in, out), as the packed rows
-    kernel reads it. The op makes it per call (compiled code may rewrite a tensor's memory without
-    bumping its version, so nothing keyed on a tensor can be trusted there); `Prepared` keeps one."""
+    kernel reads it. `Prepared` keeps one; the op passes W's own blocks and the kernel transposes them
+    as it goes (compiled code may rewrite a tensor's memory without bumping its version, so no copy
+    keyed on a tensor could be trusted there)."""
     return values.detach().transpose(1, 2).contiguous()
 
 
-def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, bias: Tensor | None,
-                 out: int, b: int) -> Tensor:
+def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, trans: bool,
+                 bias: Tensor | None, out: int, b: int) -> Tensor:
     M, IN = x.shape
     y = torch.empty(M, out, dtype=x.dtype)
     _check(getattr(lib, "sg_rows_packed" + _sfx(x))(M, IN, out, b, _p(x), IN, _p(wp), _p(crow), _p(col), _p(perm),
-                                                    _p(bias), _p(y), out, _threads()))
+                                                    int(trans), _p(bias), _p(y), out, _threads()))
     return y
 
 
@@ -297,7 +298,7 @@ class Prepared:
         y = torch.empty(M, self.n, dtype=x.dtype)  # (M, n)
         if M:
             k, n, b, wp, crow, col, bias = self.args
-            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, bias, y.data_ptr(), n, _threads()))
+            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, 0, bias, y.data_ptr(), n, _threads()))
         return y.view(*x.shape[:-1], self.n)
 
 
@@ -381,10 +382,11 @@ def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     bias = bias.contiguous() if bias is not None else None
     if M == 0:
         return x.new_zeros(0, n)
-    if M < SMALL_M:  # dot products along W's own (out, in) rows, x read as (M, k, 1): no copy of the blocks
+    packed = b % _lanes(x) == 0
+    if M == 1 or (M < SMALL_M and not packed):  # dot products along W's own (out, in) rows, x read as (M, k, 1)
         return _cols(lib, x.view(M, k, 1), values, crow, col, None, b, 1, bias, n, b).view(M, n)
-    if b % _lanes(x) == 0:
-        return _rows_packed(lib, x, _blocks_in_out(values), crow, col, None, bias, n, b)
+    if packed:  # W's own (out, in) blocks, transposed by the kernel as it goes
+        return _rows_packed(lib, x, values, crow, col, None, True, bias, n, b)
     if transposes(M, b):  # lanes along M: y^T = W x^T, in chunks of rows
         y = x.new_empty(M, n)
         for m0 in range(0, M, TRANSPOSE_ROWS):
@@ -407,7 +409,7 @@ def linear_grad_input(dy: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor,
     if M == 0:
         return dy.new_zeros(0, k)
     if b % _lanes(dy) == 0:  # W's blocks are W^T's blocks stored (in, out): read in place through perm_t
-        return _rows_packed(lib, dy, values, crow_t, col_t, perm_t, None, k, b)
+        return _rows_packed(lib, dy, values, crow_t, col_t, perm_t, False, None, k, b)
     if b < TRANSPOSE_BELOW_BLOCK and M >= SMALL_M:  # element (o=kk, i=nn) of a W^T block at nn*b + kk
         dx = dy.new_empty(M, k)
         for m0 in range(0, M, TRANSPOSE_ROWS):

@@ -6,7 +6,8 @@ per 64-byte vector) and double (8 lanes). `sg_fma_peak` measures the CPU's fp32 
 Exported symbols (suffix _f32 / _f64):
 
   sg_rows_packed y (M, OUT) = x (M, IN) @ B + bias        b a multiple of the vector width: B's blocks
-                 read (in, out), x in chunks of L2-resident tiles (linear layers, their dX)
+                 read (in, out), or (out, in) and transposed on the way; x in chunks of L2-resident
+                 tiles (linear layers, their dX)
   sg_rows        the same for any b, blocks repacked per call (narrow and ragged block sizes)
   sg_cols        Y (P, OUT, L) = B X (P, IN, L) + bias     lanes along L (im2col / transposed x)
   sg_sddmm_rows  dV[j] = G[:, rows of j]^T X[:, cols of j]  on B's nonzero blocks
@@ -34,9 +35,10 @@ int sg_abi_version(void) { return 1; }
  * slot, grown on demand, freed when the thread exits. Allocated and freed on every call, a buffer
  * of 128 KiB or more can be a fresh mapping from glibc each time (whenever its adaptive mmap
  * threshold is low, as in a process holding many models), all of its pages faulted in and zeroed
- * anew. Slots: the caller's copy of x (SG_X) and index tables (SG_IDX), an OpenMP thread's tile
- * and table (SG_TILE, SG_TILE2); the caller is also thread 0 of its regions. */
-enum { SG_X, SG_IDX, SG_TILE, SG_TILE2, SG_SLOTS };
+ * anew. Slots: the caller's copy of x (SG_X), index tables (SG_IDX) and transposed weight blocks
+ * (SG_W), an OpenMP thread's tile and table (SG_TILE, SG_TILE2); the caller is also thread 0 of its
+ * regions. */
+enum { SG_X, SG_IDX, SG_W, SG_TILE, SG_TILE2, SG_SLOTS };
 typedef struct { void *p[SG_SLOTS]; size_t n[SG_SLOTS]; } sg_scratch_t;
 static pthread_key_t sg_key;
 static pthread_once_t sg_once = PTHREAD_ONCE_INIT;
@@ -202,12 +204,37 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
 /* ------------------------------------------------------------------------------------------
  * packed rows kernel (b % VL == 0): y (M, OUT) = x (M, IN) @ B + bias with B's blocks stored
  * (in, out): element (i, o) of block j at wp + idx*b*b + i*b + o, idx = perm ? perm[j] : j. W^T of a
- * linear layer's values reads them in place through perm (dX); W itself needs one transposed copy
- * (`values.transpose(1, 2)`, made by the caller). An MR x NV register tile of y (MR rows of x, NV
- * vectors of outputs) runs over all blocks of its block-row, broadcasting x and loading W's rows.
- * Threads split the block-rows of one chunk of tiles at a time: the chunk stays in L2 while every
- * block-row's W panel passes over it, each panel reused by all the chunk's tiles.
+ * linear layer's values reads them in place through perm (dX). W itself (trans = 1, no perm) is
+ * stored (out, in) and transposed here: with one chunk of rows, each block-row's blocks into the
+ * thread's L1/L2 panel as the row is taken (W is read once, as from a transposed copy, and nothing
+ * is written back to memory); with several, into one copy up front, shared (SG_W). An MR x NV
+ * register tile of y (MR rows of x, NV vectors of outputs) runs over all blocks of its block-row,
+ * broadcasting x and loading W's rows. Threads split the block-rows of one chunk of tiles at a
+ * time: the chunk stays in L2 while every block-row's W panel passes over it, each panel reused by
+ * all the chunk's tiles.
  * ---------------------------------------------------------------------------------------- */
+/* dst (in, out) <- src (out, in), one b x b block (b a multiple of VL), in VL x VL tiles transposed
+ * in registers: log2(VL) perfect shuffles (rows 2q, 2q + 1 <- the interleaved halves of rows q and
+ * q + VL/2), each rotating the (row, column) index bits left by one: after log2(VL) of them the
+ * row and column bits have swapped places. */
+static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
+    MI lo, hi;
+    for (int j = 0; j < VL; j++) { lo[j] = (j % 2 ? VL : 0) + j / 2; hi[j] = lo[j] + VL / 2; }
+    for (int64_t o0 = 0; o0 < b; o0 += VL)
+        for (int64_t i0 = 0; i0 < b; i0 += VL) {
+            V r[VL], t[VL];
+            _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = FN(ld)(src + (o0 + q) * b + i0);
+            _Pragma("GCC unroll 4") for (int h = 1; h < VL; h *= 2) {
+                _Pragma("GCC unroll 8") for (int q = 0; q < VL / 2; q++) {
+                    t[2 * q] = __builtin_shuffle(r[q], r[q + VL / 2], lo);
+                    t[2 * q + 1] = __builtin_shuffle(r[q], r[q + VL / 2], hi);
+                }
+                _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = t[q];
+            }
+            _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) FN(st)(dst + (i0 + q) * b + o0, r[q]);
+        }
+}
+
 #define MK_PACKED(NV, MR)                                                                        \
 static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
         const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, T *y, int64_t ldy,    \
@@ -264,8 +291,8 @@ static int FN(mr_index)(int64_t m, int64_t nv) {
 }
 
 int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx, const T *wp,
-                        const int32_t *crow, const int32_t *col, const int32_t *perm, const T *bias, T *y,
-                        int64_t ldy, int nthreads) {
+                        const int32_t *crow, const int32_t *col, const int32_t *perm, int trans, const T *bias,
+                        T *y, int64_t ldy, int nthreads) {
     if (M <= 0) return 0;
     const int64_t R = (OUT + b - 1) / b, Kp = (IN + b - 1) / b * b;
     const int64_t nv0 = b / VL < 4 ? b / VL : 4;
@@ -286,9 +313,21 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
         xp = (T *)sg_scratch(SG_X, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
         if (xp == NULL) return 1;
     }
+    const int row_t = trans && ntile <= per_chunk;  /* transposed per block-row (one chunk) */
+    int64_t maxnz = 0;
+    for (int64_t r = 0; r < R; r++) maxnz = crow[r + 1] - crow[r] > maxnz ? crow[r + 1] - crow[r] : maxnz;
+    T *wt = NULL;  /* the shared transposed copy (several chunks) */
+    if (trans && !row_t && (wt = (T *)sg_scratch(SG_W, sizeof(T) * (size_t)(crow[R] * b * b))) == NULL) return 1;
     const double work = (double)M * (double)crow[R] * (double)(b * b);
-#pragma omp parallel num_threads(nthreads) if (work > 32768.0)
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (work > 32768.0) reduction(| : failed)
     {
+        T *panel = row_t ? (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(maxnz * b * b)) : NULL;
+        failed |= row_t && panel == NULL;  /* (the thread still takes part in every worksharing loop) */
+        if (wt) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < crow[R]; j++) FN(transpose_block)(wt + j * b * b, wp + j * b * b, b);
+        }
         for (int64_t t0 = 0; t0 < ntile; t0 += per_chunk) {
             const int64_t t1 = t0 + per_chunk < ntile ? t0 + per_chunk : ntile;
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
@@ -302,7 +341,17 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
 #pragma omp for schedule(dynamic, 1)
             for (int64_t r = 0; r < R; r++) {
                 const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = crow[r + 1] - crow[r];
-                const T *wr = wp + (perm ? 0 : (int64_t)crow[r] * b * b);
+                const T *wr = (wt ? wt : wp) + (perm ? 0 : (int64_t)crow[r] * b * b);
+                if (row_t) {
+                    if (panel == NULL) continue;
+                    for (int64_t jj = 0; jj < nz; jj++) {  /* W streams from L3 or memory: fetch two blocks ahead */
+                        if (crow[r] + jj + 2 < crow[R])
+                            for (int64_t l = 0; l < b * b; l += 64 / (int64_t)sizeof(T))
+                                __builtin_prefetch(wr + (jj + 2) * b * b + l);
+                        FN(transpose_block)(panel + jj * b * b, wr + jj * b * b, b);
+                    }
+                    wr = panel;
+                }
                 for (int64_t lane0 = 0; lane0 < ob; lane0 += 4 * VL) {
                     const int64_t nv = (b - lane0) / VL < 4 ? (b - lane0) / VL : 4;
                     const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
@@ -317,7 +366,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
             }
         }
     }
-    return 0;
+    return failed;
 }
 
 /* ------------------------------------------------------------------------------------------
