@@ -1,11 +1,11 @@
 """Shared bits for the benchmarks: the machine, honest timing, dense baselines, tables, JSON.
 
 Every benchmark states what it ran on (`machine()`: CPU model, threads, the CPU's measured fp32 FMA
-peak) and times its candidates with `medians()`: interleaved rounds in rotating order, so all of
-them see the same machine state, and the median of each, so one lucky or unlucky round does not
-decide. Dense baselines are the faster of PyTorch's default (MKL) and oneDNN with a pre-packed
-weight (`dense_linear`), printed with their GFLOP/s and fraction of peak. Benchmarks never assert
-on time.
+peak) and times its candidates with `medians()`: interleaved rounds, each in a new order, so all of
+them see the same machine state and none always runs after the same neighbour, and the median of
+each, so one lucky or unlucky round does not decide. Dense baselines are the faster of PyTorch's
+default (MKL) and oneDNN with a pre-packed weight (`dense_linear`), printed with their GFLOP/s and
+fraction of peak. Benchmarks never assert on time.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def describe(m: dict | None = None) -> str:
 
 def medians(fns: dict[str, Callable[[], object]], rounds: int = 9, budget_s: float | None = None,
             inner: int = 1) -> dict[str, float]:
-    """`rounds` interleaved rounds of rotating order, ending early after three once `budget_s` has
+    """`rounds` interleaved rounds, each in a new order, ending early after three once `budget_s` has
     passed: the library's own timing (`cost_model.medians`), which its calibration uses too."""
     return cost_medians(fns, rounds, seconds=budget_s, inner=inner)
 

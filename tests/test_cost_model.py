@@ -291,14 +291,21 @@ def test_cli_calibrate_unparsable_option(capsys):
     assert e.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
 
 
-def test_medians_rotate_the_order_so_no_candidate_always_follows_the_same_one():
+def test_medians_shuffle_the_order_so_no_candidate_always_follows_the_same_one():
     calls = []
-    cm.medians({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=6)
-    warmup, rounds = calls[:3], [calls[3 + 3 * i: 6 + 3 * i] for i in range(6)]
-    assert warmup == list("abc")
-    assert rounds == [list("abc"), list("bca"), list("cab")] * 2
-    before = {k: {calls[i - 1] for i in range(4, len(calls)) if calls[i] == k} for k in "abc"}
-    assert all(len(v) == 2 for v in before.values()), before  # each follows both others in turn
+    cm.medians({k: (lambda k=k: calls.append(k)) for k in "abcd"}, rounds=24)
+    warmup, rounds = calls[:4], [calls[4 + 4 * i: 8 + 4 * i] for i in range(24)]
+    assert warmup == list("abcd")
+    assert all(sorted(r) == list("abcd") for r in rounds)  # every candidate once per round
+    assert len({"".join(r) for r in rounds}) > 6  # not a rotation (which has 4 orders)
+    before = {k: [calls[i - 1] for i in range(4, len(calls)) if calls[i] == k] for k in "abcd"}
+    for k, prev in before.items():
+        assert k not in prev  # never straight after itself (its caches still warm)
+        assert max(prev.count(p) for p in set(prev)) <= 12, (k, prev)  # no neighbour in half the rounds or more
+        assert set(prev) == set("abcd") - {k}
+    calls.clear()
+    cm.medians({k: (lambda k=k: calls.append(k)) for k in "abcd"}, rounds=24)
+    assert [calls[4 + 4 * i: 8 + 4 * i] for i in range(24)] == rounds  # seeded: runs repeat
 
 
 def test_medians_take_the_middle_round_and_stop_once_the_time_is_spent(monkeypatch):

@@ -48,7 +48,7 @@ How it measures: the fixed costs from the smallest possible call (a 16 x 16 weig
 the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
 3072 x 768) at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and
 each block size at each density in `DENSITIES` (uniform for b = 1, balanced blocks otherwise),
-interleaved in rounds of rotating order so all see the same machine state; the convolution rates
+interleaved in rounds of shuffled order so all see the same machine state; the convolution rates
 on two ResNet-like 3 x 3 layers (`CONV_SHAPES`), dense and at each block size and density. Each
 time is the median over its rounds (`medians`, as the benchmarks and `check` time), a rate is the
 work over the time minus the fixed cost, and of the two shapes the model keeps the faster dense
@@ -101,6 +101,7 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -442,19 +443,26 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
 def medians(fns: dict[str, Callable[[], object]], rounds: int = 10000, seconds: float | None = None,
             min_rounds: int = 3, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each callable over interleaved rounds, after one warm-up call each:
-    up to `rounds` rounds, ending early once `seconds` have passed and `min_rounds` ran. Round i
-    starts at candidate i (mod their number), so no candidate always runs right after the same other
-    one: a call is measurably faster or slower after another on the same data (caches, allocator
-    state), by 10-30% on the machines measured. `inner` back-to-back calls per candidate and round
-    are averaged (for calls of a few microseconds). The calibration, `check` and the benchmarks in
-    `bench/` all time with it."""
+    up to `rounds` rounds, ending early once `seconds` have passed and `min_rounds` ran. Each round
+    runs the candidates in a new order (seeded, so runs repeat), never one straight after itself:
+    a call is measurably faster or slower after another (caches, allocator state), by 10-30% on
+    the machines measured, and a call whose Python path is long can take 2-4x as long right after
+    one that evicted the caches (a 768 x 768 layer at one row: 27 -> 99 us). With a fixed rotation
+    a candidate ran after the same neighbour in all but one round in n. `inner` back-to-back calls
+    per candidate and round are averaged (for calls of a few microseconds). The calibration, `check`
+    and the benchmarks in `bench/` all time with it."""
     for f in fns.values():
         f()
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
+    rng, last = random.Random(0), keys[-1]
     start = time.perf_counter()
     for i in range(rounds):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+        order = rng.sample(keys, len(keys))
+        if len(order) > 1 and order[0] == last:
+            order = order[1:] + order[:1]
+        last = order[-1]
+        for k in order:
             t = time.perf_counter()
             for _ in range(inner):
                 fns[k]()
