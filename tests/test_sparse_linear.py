@@ -124,6 +124,23 @@ def test_packed_rows_kernel_float64(rows):
     _check(sw, w, (*rows, 520), -1, True, "auto", torch.float64, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_one_row_and_several_against_float64(dtype):
+    """`cpu.Prepared` (the packed kernel on its transposed copy of the blocks): one row and several,
+    ragged n and k, an empty block-row, a bias; an in-place update of the values makes it invalid."""
+    sw, w = _weight(100, 70, 16, 0.4, 11, empty_rows=1, dtype=dtype)
+    bias = torch.randn(100, dtype=dtype)
+    prep = cpu.Prepared.make(sw.values, sw.crow, sw.col, bias, 100, 70, 16)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for rows in ((1, 70), (1, 1, 70), (5, 70)):
+        x = torch.randn(rows, dtype=dtype)
+        assert prep.valid(x, bias)
+        want = x.double() @ w.double().T + bias.double()
+        torch.testing.assert_close(prep(x).double(), want, rtol=tol, atol=tol)
+    sw.values.mul_(2)
+    assert not prep.valid(x, bias)
+
+
 def _lowered(n=96, k=64, block=16, seed=0):
     from sparsegraph.nn.lowered import LoweredLinear, SparseLayout
 
