@@ -63,6 +63,12 @@ static void *sg_scratch(int slot, size_t bytes) {  /* 64-byte aligned; NULL if o
     }
     return s->p[slot];
 }
+/* the most blocks in any block-row: the size of a per-block-row packing buffer */
+static int64_t sg_max_row_blocks(const int32_t *crow, int64_t R) {
+    int64_t m = 0;
+    for (int64_t r = 0; r < R; r++) m = crow[r + 1] - crow[r] > m ? crow[r + 1] - crow[r] : m;
+    return m;
+}
 /* fp32 FMA throughput probe: `iters` rounds of 12 independent vector FMA chains per thread (enough
  * to hide the FMA latency on every x86 and Arm core); 384 FLOP per round and thread. */
 float sg_fma_peak(int64_t iters, int nthreads) {
@@ -143,8 +149,7 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
                  const T *vals, const int32_t *crow, const int32_t *col, const int32_t *perm, int trans,
                  const T *bias, T *y, int64_t ldy, int nthreads) {
     const int64_t R = (OUT + b - 1) / b, bp = (b + VL - 1) / VL * VL;
-    int64_t maxnz = 1;
-    for (int64_t r = 0; r < R; r++) if (crow[r + 1] - crow[r] > maxnz) maxnz = crow[r + 1] - crow[r];
+    const int64_t maxnz = sg_max_row_blocks(crow, R);
     const double work = (double)M * (double)crow[R] * (double)(b * b);
     const int64_t chunk = CHUNK(R, nthreads);
     int failed = 0;
@@ -314,8 +319,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
         if (xp == NULL) return 1;
     }
     const int row_t = trans && ntile <= per_chunk;  /* transposed per block-row (one chunk) */
-    int64_t maxnz = 0;
-    for (int64_t r = 0; r < R; r++) maxnz = crow[r + 1] - crow[r] > maxnz ? crow[r + 1] - crow[r] : maxnz;
+    const int64_t maxnz = row_t ? sg_max_row_blocks(crow, R) : 0;
     T *wt = NULL;  /* the shared transposed copy (several chunks) */
     if (trans && !row_t && (wt = (T *)sg_scratch(SG_W, sizeof(T) * (size_t)(crow[R] * b * b))) == NULL) return 1;
     const double work = (double)M * (double)crow[R] * (double)(b * b);
