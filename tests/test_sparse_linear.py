@@ -256,6 +256,37 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("N, C, H, W, kernel, padding, dilation", [
+    (7, 40, 2, 2, (3, 3), (1, 1), (1, 1)),  # 7 small images interleaved: groups of 4 and 3 (a short last one)
+    (2, 24, 12, 11, (3, 5), (2, 3), (2, 1)),  # asymmetric kernel, wider padding, dilation
+    (3, 16, 6, 5, (3, 3), (3, 3), (1, 1)),  # padding past the kernel's reach: rows Wo apart, not W + PW
+    (1, 70, 33, 34, (3, 3), (1, 1), (1, 1)),  # three lane items in one image; K = 630 not a multiple of b
+])
+@pytest.mark.parametrize("block", [16, 32])
+def test_native_conv2d_output_channels_along_the_vector(N, C, H, W, kernel, padding, dilation, block):
+    """Stride-1 convolutions with b a multiple of the vector width run output channels along the
+    vector, reading the padded images with one column of zeros between rows: float32 and float64
+    against F.conv2d in float64, with a ragged last block-row (50 outputs), an empty block-row and a
+    bias."""
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(C + block)
+    K = C * kernel[0] * kernel[1]
+    mask = torch.rand(50, K, generator=g) < 0.3
+    mask = block_mask_of(mask, block).repeat_interleave(block, 0).repeat_interleave(block, 1)[:50, :K]
+    mask[:block] = False
+    w = torch.randn(50, C, *kernel, dtype=torch.float64, generator=g) * mask.view(50, C, *kernel)
+    sw = SparseWeight.from_dense(w.reshape(50, -1), block, mask=mask)
+    x = torch.randn(N, C, H, W, dtype=torch.float64, generator=g)
+    bias = torch.randn(50, dtype=torch.float64, generator=g)
+    ref = F.conv2d(x, w, bias, padding=padding, dilation=dilation)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        y = cpu.conv2d(x.to(dtype), sw.values.to(dtype), sw.crow, sw.col, bias.to(dtype), 50, kernel, (1, 1),
+                       padding, dilation, block)
+        assert y is not None and y.shape == ref.shape and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("stride, padding", [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (0, 0)), ((2, 2), (1, 0))])
 def test_native_1x1_conv2d(stride, padding):
     """A 1x1 convolution without padding (ResNet's shortcuts) runs the cols kernel on the positions it

@@ -12,9 +12,10 @@ Exported symbols (suffix _f32 / _f64):
   sg_cols        Y (P, OUT, L) = B X (P, IN, L) + bias     lanes along L (im2col / transposed x)
   sg_sddmm_rows  dV[j] = G[:, rows of j]^T X[:, cols of j]  on B's nonzero blocks
   sg_sddmm_cols  dV[j] = sum_p G[p, rows of j] X[p, cols of j]^T
-  sg_conv2d      y = conv2d(x, W, bias) for a block-sparse W (out, C kh kw): stride 1 reads the padded
-                 image (small images interleaved) through row offsets, no im2col, in L2-sized chunks
-                 of K; other strides build im2col tiles per thread
+  sg_conv2d      y = conv2d(x, W, bias) for a block-sparse W (out, C kh kw), no im2col tensor: stride 1
+                 reads the padded image (small images interleaved) through row offsets, output channels
+                 along the vector for b a multiple of the vector width, else positions, in L2-sized
+                 chunks of K; other strides build im2col tiles per thread
 
 A block-sparse B is given as BSR row pointers `crow`, block columns `col` (int32), values
 (nnzb, b, b) and an optional `perm` (value index of each block, for W^T read through W's values).
@@ -218,26 +219,27 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
  * time: the chunk stays in L2 while every block-row's W panel passes over it, each panel reused by
  * all the chunk's tiles.
  * ---------------------------------------------------------------------------------------- */
-/* dst (in, out) <- src (out, in), one b x b block (b a multiple of VL), in VL x VL tiles transposed
- * in registers: log2(VL) perfect shuffles (rows 2q, 2q + 1 <- the interleaved halves of rows q and
- * q + VL/2), each rotating the (row, column) index bits left by one: after log2(VL) of them the
- * row and column bits have swapped places. */
-static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
+/* dst <- src^T for one VL x VL tile (row strides ldd, lds), in registers: log2(VL) perfect shuffles
+ * (rows 2q, 2q + 1 <- the interleaved halves of rows q and q + VL/2), each rotating the (row, column)
+ * index bits left by one: after log2(VL) of them the row and column bits have swapped places.
+ * transpose_block: dst (in, out) <- src (out, in), one b x b block (b a multiple of VL). */
+static inline void FN(transpose_tile)(T *dst, int64_t ldd, const T *src, int64_t lds) {
     MI lo, hi;
     for (int j = 0; j < VL; j++) { lo[j] = (j % 2 ? VL : 0) + j / 2; hi[j] = lo[j] + VL / 2; }
-    for (int64_t o0 = 0; o0 < b; o0 += VL)
-        for (int64_t i0 = 0; i0 < b; i0 += VL) {
-            V r[VL], t[VL];
-            _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = FN(ld)(src + (o0 + q) * b + i0);
-            _Pragma("GCC unroll 4") for (int h = 1; h < VL; h *= 2) {
-                _Pragma("GCC unroll 8") for (int q = 0; q < VL / 2; q++) {
-                    t[2 * q] = __builtin_shuffle(r[q], r[q + VL / 2], lo);
-                    t[2 * q + 1] = __builtin_shuffle(r[q], r[q + VL / 2], hi);
-                }
-                _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = t[q];
-            }
-            _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) FN(st)(dst + (i0 + q) * b + o0, r[q]);
+    V r[VL], t[VL];
+    _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = FN(ld)(src + q * lds);
+    _Pragma("GCC unroll 4") for (int h = 1; h < VL; h *= 2) {
+        _Pragma("GCC unroll 8") for (int q = 0; q < VL / 2; q++) {
+            t[2 * q] = __builtin_shuffle(r[q], r[q + VL / 2], lo);
+            t[2 * q + 1] = __builtin_shuffle(r[q], r[q + VL / 2], hi);
         }
+        _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) r[q] = t[q];
+    }
+    _Pragma("GCC unroll 16") for (int q = 0; q < VL; q++) FN(st)(dst + q * ldd, r[q]);
+}
+static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
+    for (int64_t o0 = 0; o0 < b; o0 += VL)
+        for (int64_t i0 = 0; i0 < b; i0 += VL) FN(transpose_tile)(dst + i0 * b + o0, b, src + o0 * b + i0, b);
 }
 
 #define MK_PACKED(NV, MR)                                                                        \
@@ -612,30 +614,92 @@ static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t
         for (int64_t k = 0; k < K; k++) memset(buf + k * ldb + lt, 0, sizeof(T) * (ldb - lt));
 }
 
-/* stride-1 convolution without im2col: on the zero-padded image (Hp x Wp per channel), the
- * im2col row (c, i, j) over "extended" positions e = ho * Wp + wo is the contiguous run starting
- * at plane c + i*DH*Wp + j*DW, so the cols register tiles read the padded image through a table
- * of row offsets. Positions with wo >= Wo are computed and dropped (a (Wp - Wo) / Wp overhead).
- * Small images are interleaved G at a time (lane e*G + g is position e of image g) so that a
- * register tile stays full. A work item is ltw <= CL lanes of one group and a group of block-rows;
- * it runs over K in chunks whose x stays in L2 (the rows (c, i, j) of one channel c overlap: they
- * span ltw lanes plus the kernel's reach), accumulating in a tile of y, so the weights are read once
- * per ltw lanes and x once per item. Within a block-row, JB blocks at a time run for all b output
- * rows, so their rows of x are read from L1 (1.0-1.1x as fast as each tile of output rows running
- * over all of the row's blocks, on Sparse Wide ResNet-18's layers). */
+/* The padded images of the stride-1 kernels: rows S = max(W + PW, Wo) apart, the zeros between two
+ * rows serving as the right padding of one and the left padding of the next (S = W + 1 for a 3 x 3,
+ * padding-1 convolution, where Hp x (W + 2 PW) would give W + 2): element (hp, w) of a plane, hp a
+ * padded row and -PW <= w < W + PW, at PW + hp S + w. The im2col row (c, i, j) over the "extended"
+ * positions e = ho S + wo is then the contiguous run from roff[(c, i, j)] = c plane + i DH S + j DW;
+ * positions with wo >= Wo are computed and dropped ((S - Wo) / S of the work). Small images are
+ * interleaved G at a time: lane e G + g is position e of image g of a group, every offset times G.
+ * xp[p][c][pos][g] <- x, for NG groups; the lanes of a last, short group's missing images are zero
+ * (stale values, NaN or subnormal, would slow that arithmetic down). Returns the plane's size. */
+static int64_t FN(pad_images)(T *xp, int64_t *roff, const T *x, int64_t N, int64_t C, int64_t H, int64_t W,
+                              int64_t KH, int64_t KW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S,
+                              int64_t G, int64_t NG, int nthreads) {
+    const int64_t Hp = H + 2 * PH, plane = Hp * S + 2 * PW, d0 = PW + PH * S, d1 = d0 + (H - 1) * S + W;
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t i = 0; i < KH; i++)
+            for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = (c * plane + i * DH * S + j * DW) * G;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pc = 0; pc < NG * C; pc++) {
+        const int64_t p = pc / C, c = pc % C;
+        T *dst = xp + pc * plane * G;
+        memset(dst, 0, sizeof(T) * d0 * G);  /* zero the padding only: before the first row, after the last */
+        memset(dst + d1 * G, 0, sizeof(T) * (plane - d1) * G);
+        if (p * G + G > N) memset(dst + d0 * G, 0, sizeof(T) * (d1 - d0) * G);
+        else for (int64_t h = 0; h + 1 < H; h++) memset(dst + (d0 + h * S + W) * G, 0, sizeof(T) * (S - W) * G);
+        for (int64_t g = 0; g < G && p * G + g < N; g++) {
+            const T *src = x + ((p * G + g) * C + c) * H * W;
+            for (int64_t h = 0; h < H; h++) {
+                T *d = dst + (d0 + h * S) * G + g;
+                if (G == 1) memcpy(d, src + h * W, sizeof(T) * W);
+                else for (int64_t w = 0; w < W; w++) d[w * G] = src[h * W + w];
+            }
+        }
+    }
+    return plane;
+}
+
+/* y's rows o0..o1 of image group p <- lanes l0..l0 + lt of a tile (row o at tile + (o - o0) ldt),
+ * keeping the columns wo < Wo of real images */
+static void FN(store_lanes)(T *y, const T *tile, int64_t ldt, int64_t o0, int64_t o1, int64_t p, int64_t G, int64_t N,
+                           int64_t OUT, int64_t L, int64_t S, int64_t Wo, int64_t l0, int64_t lt) {
+    for (int64_t o = o0; o < o1; o++) {
+        const T *src = tile + (o - o0) * ldt;
+        if (G == 1) {
+            T *Y = y + (p * OUT + o) * L;
+            for (int64_t e = l0; e < l0 + lt;) {
+                const int64_t ho = e / S, wo = e % S;
+                const int64_t run = S - wo < l0 + lt - e ? S - wo : l0 + lt - e;
+                if (wo < Wo) memcpy(Y + ho * Wo + wo, src + (e - l0), sizeof(T) * (Wo - wo < run ? Wo - wo : run));
+                e += run;
+            }
+            continue;
+        }
+        int64_t e = l0 / G, g0 = l0 % G, l = 0;
+        for (int64_t ho = e / S, wo = e % S; l < lt; e++, g0 = 0, wo = wo + 1 == S ? 0 : wo + 1, ho += wo == 0) {
+            const int64_t gn = G - g0 < lt - l ? G - g0 : lt - l;
+            if (wo < Wo) {
+                T *Y = y + ((p * G + g0) * OUT + o) * L + ho * Wo + wo;
+                for (int64_t g = 0; g < gn && p * G + g0 + g < N; g++) Y[g * OUT * L] = src[l + g];
+            }
+            l += gn;
+        }
+    }
+}
+
+/* stride-1 convolution without im2col, b not a multiple of VL: the cols register tiles (positions
+ * along the vector) read the padded images (pad_images; small ones interleaved so that a register
+ * tile stays full) through the table of row offsets. A work item is ltw <= CL lanes of one group and
+ * a group of block-rows; it runs over K in chunks whose x stays in L2 (the rows (c, i, j) of one
+ * channel c overlap: they span ltw lanes plus the kernel's reach), accumulating in a tile of y, so
+ * the weights are read once per ltw lanes and x once per item. Within a block-row, JB blocks at a
+ * time run for all b output rows, so their rows of x are read from L1 (1.0-1.1x as fast as each tile
+ * of output rows running over all of the row's blocks, on Sparse Wide ResNet-18's layers). */
 #define CL (8 * VL)
 #define JB 4
 #define CONV_XBYTES (192 * 1024)
 static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
                               int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
                               const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
-    const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, Ho = Hp - DH * (KH - 1), Wo = Wp - DW * (KW - 1);
-    const int64_t L = Ho * Wo, Le = (Ho - 1) * Wp + Wo, K = C * KH * KW, R = (OUT + b - 1) / b, plane = Hp * Wp;
+    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1), S = W + PW > Wo ? W + PW : Wo;
+    const int64_t L = Ho * Wo, Le = (Ho - 1) * S + Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
+    const int64_t plane = (H + 2 * PH) * S + 2 * PW;
     int64_t G = Le >= 2 * CL ? 1 : ((2 * CL + Le - 1) / Le < N ? (2 * CL + Le - 1) / Le : N);
     const int64_t NG = (N + G - 1) / G;
     G = (N + NG - 1) / NG;  /* groups of equal size */
     const int64_t lanes = Le * G, nlb = (lanes + CL - 1) / CL, ltw = ((lanes + nlb - 1) / nlb + VL - 1) / VL * VL;
-    const int64_t span = ltw + ((KH - 1) * DH * Wp + (KW - 1) * DW) * G;  /* lanes of one channel an item reads */
+    const int64_t span = ltw + ((KH - 1) * DH * S + (KW - 1) * DW) * G;  /* lanes of one channel an item reads */
     const int64_t KC0 = CONV_XBYTES / (int64_t)(span * sizeof(T)) * KH * KW / b * b;  /* K chunk: its x in L2 */
     const int64_t KC = KC0 < b ? b : KC0, nch = K > KC ? (K + KC - 1) / KC : 1;
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
@@ -646,9 +710,6 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     if (xp == NULL || roff == NULL) return 1;
     int64_t *cs = roff + K;  /* cs[r (nch+1) + q]: first block of row r in chunk q (a partition of the
                                 row's blocks, whatever their order; sorted columns make it exact) */
-    for (int64_t c = 0; c < C; c++)
-        for (int64_t i = 0; i < KH; i++)
-            for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = (c * plane + i * DH * Wp + j * DW) * G;
     for (int64_t r = 0; r < R; r++) {
         int64_t j = crow[r];
         cs[r * (nch + 1)] = j;
@@ -659,28 +720,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
         cs[r * (nch + 1) + nch] = crow[r + 1];
     }
     memset(xp + NG * C * plane * G, 0, sizeof(T) * ltw);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t pc = 0; pc < NG * C; pc++) {  /* the padded, interleaved copy: xp[p][c][pos][g] */
-        const int64_t p = pc / C, c = pc % C;
-        T *dst = xp + pc * plane * G;
-        memset(dst, 0, sizeof(T) * PH * Wp * G);  /* zero the padding only: rows above and below, columns beside */
-        memset(dst + (PH + H) * Wp * G, 0, sizeof(T) * (Hp - PH - H) * Wp * G);
-        for (int64_t h = 0; h < H; h++) {
-            memset(dst + (PH + h) * Wp * G, 0, sizeof(T) * PW * G);
-            memset(dst + ((PH + h) * Wp + PW + W) * G, 0, sizeof(T) * (Wp - PW - W) * G);
-        }
-        if (p * G + G > N)  /* a last, short group: its missing images' lanes are computed and dropped;
-                               zeros keep stale values (NaN, subnormals) out of that arithmetic */
-            memset(dst + (PH * Wp + PW) * G, 0, sizeof(T) * ((H - 1) * Wp + W) * G);
-        for (int64_t g = 0; g < G && p * G + g < N; g++) {
-            const T *src = x + ((p * G + g) * C + c) * H * W;
-            for (int64_t h = 0; h < H; h++) {
-                T *d = dst + ((PH + h) * Wp + PW) * G + g;
-                if (G == 1) memcpy(d, src + h * W, sizeof(T) * W);
-                else for (int64_t w = 0; w < W; w++) d[w * G] = src[h * W + w];
-            }
-        }
-    }
+    FN(pad_images)(xp, roff, x, N, C, H, W, KH, KW, PH, PW, DH, DW, S, G, NG, nthreads);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
@@ -719,29 +759,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
                             }
                         }
                     const int64_t o1 = r1 * b < OUT ? r1 * b : OUT, lt = lanes - l0 < ltw ? lanes - l0 : ltw;
-                    for (int64_t o = r0 * b; o < o1; o++) {  /* keep the columns wo < Wo of real images */
-                        const T *src = ytile + (o - r0 * b) * ltw;
-                        if (G == 1) {
-                            T *Y = y + (p * OUT + o) * L;
-                            for (int64_t e = l0; e < l0 + lt;) {
-                                const int64_t ho = e / Wp, wo = e % Wp;
-                                const int64_t run = Wp - wo < l0 + lt - e ? Wp - wo : l0 + lt - e;
-                                if (wo < Wo) memcpy(Y + ho * Wo + wo, src + (e - l0), sizeof(T) * (Wo - wo < run ? Wo - wo : run));
-                                e += run;
-                            }
-                            continue;
-                        }
-                        int64_t e = l0 / G, g0 = l0 % G, l = 0;
-                        for (int64_t ho = e / Wp, wo = e % Wp; l < lt; e++, g0 = 0, wo = wo + 1 == Wp ? 0 : wo + 1,
-                             ho += wo == 0) {
-                            const int64_t gn = G - g0 < lt - l ? G - g0 : lt - l;
-                            if (wo < Wo) {
-                                T *Y = y + ((p * G + g0) * OUT + o) * L + ho * Wo + wo;
-                                for (int64_t g = 0; g < gn && p * G + g0 + g < N; g++) Y[g * OUT * L] = src[l + g];
-                            }
-                            l += gn;
-                        }
-                    }
+                    FN(store_lanes)(y, ytile, ltw, r0 * b, o1, p, G, N, OUT, L, S, Wo, l0, lt);
                 }
     }
     return failed;
@@ -749,6 +767,119 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
 #undef CONV_XBYTES
 #undef CL
 #undef JB
+
+/* stride-1 convolution for b a multiple of VL, output channels along the vector: on the padded
+ * images of pad_images and their extended lanes, a register tile holds P lanes x VL output channels
+ * of one block-row and runs over all of the row's blocks, acc[t] += x[roff[k] + l + t] * W^T[k, VL
+ * channels]: one 4-byte broadcast per FMA, where positions along the vector load a shifted vector
+ * per tap, split across two cache lines at most taps (the stride-1 3 x 3 layers of a Sparse Wide
+ * ResNet-18, block 16, one thread: 1.2-1.5x as fast at s = 0.75, 1.3-1.7x at s = 0.9), and the sum
+ * stays in registers over all of K. The tile goes to a (outputs, lanes) tile of y by register
+ * transposes (scattered to y's rows directly, 4 KiB apart at 32 x 32, that layer ran 1.6x slower).
+ * W's blocks are transposed to (in, out) once per call (SG_W). A work item is ltw lanes of one group
+ * (their x, all channels, sized to stay in L2) and a group of block-rows whose weights stay in L2
+ * as all items pass (on the 4 x 4 stage, 9 MB of weights would otherwise stream from memory once
+ * per item). Images per group, lanes per item and P (from MK_BC's sizes) are chosen for the fewest
+ * lanes computed. At stride 2 (phases of the padded image, every tap a shift of one of them) it ran
+ * 0.92-1.16x the time of the im2col tiles, so other strides keep those. */
+#define MK_BC(P)                                                                                  \
+static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t b, int64_t K,      \
+                          const T *X, const int64_t *roff, T *tb) {                               \
+    V acc[P];                                                                                     \
+    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) acc[t] = (V){0};                         \
+    for (int64_t jj = 0; jj < nz; jj++) {                                                         \
+        const int64_t c = (int64_t)colr[jj] * b, kn = K - c < b ? K - c : b;                      \
+        const T *w = wt + jj * b * b;                                                             \
+        for (int64_t i = 0; i < kn; i++) {                                                        \
+            const V wv = FN(ld)(w + i * b);                                                       \
+            const T *xr = X + roff[c + i];                                                        \
+            __asm__("" : "+r"(xr));  /* xr[t] as one register + offset: indexed, the fused FMA splits */ \
+            _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) acc[t] += wv * xr[t];            \
+        }                                                                                         \
+    }                                                                                             \
+    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) FN(st)(tb + t * VL, acc[t]);             \
+}
+MK_BC(28)
+MK_BC(24)
+MK_BC(20)
+MK_BC(16)
+#define BC_XBYTES (512 * 1024)
+#define BC_WBYTES (1024 * 1024)
+static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
+                            int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
+                            const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
+    static const int64_t sizes[] = {28, 24, 20, 16};
+    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1), S = W + PW > Wo ? W + PW : Wo;
+    const int64_t L = Ho * Wo, Le = (Ho - 1) * S + Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
+    const int64_t plane = (H + 2 * PH) * S + 2 * PW;
+    const int64_t reach = (KH - 1) * DH * S + (KW - 1) * DW, nnzb = crow[R];
+    int64_t G = 1, NG = N, nlb = 1, P = 0, ltw = 0;
+    for (int64_t g1 = 1; g1 <= N; g1++) {  /* images per group, lanes per item and tile: the fewest lanes computed */
+        const int64_t ng = (N + g1 - 1) / g1, g = (N + ng - 1) / ng;  /* groups of equal size */
+        if (g != g1) continue;
+        int64_t tl = BC_XBYTES / (C * (int64_t)sizeof(T)) - reach * g;  /* lanes of an item: its x in L2 */
+        tl = tl < 4 * 28 ? 4 * 28 : tl > 16 * 28 ? 16 * 28 : tl;
+        if (g > 1 && reach * g > tl) break;  /* an item would read more of x around its lanes than in them */
+        const int64_t nl = (Le * g + tl - 1) / tl;
+        for (int q = 0; q < 4; q++) {
+            const int64_t w = ((Le * g + nl - 1) / nl + sizes[q] - 1) / sizes[q] * sizes[q];
+            if (P == 0 || ng * nl * w < NG * nlb * ltw) G = g, NG = ng, nlb = nl, P = sizes[q], ltw = w;
+        }
+    }
+    const int64_t lanes = Le * G;
+    int64_t RG = (nnzb * b * b * (int64_t)sizeof(T) + BC_WBYTES - 1) / BC_WBYTES;  /* a group's weights in L2 */
+    if (NG * nlb * RG < 4 * nthreads) RG = (4 * nthreads + NG * nlb - 1) / (NG * nlb);
+    RG = RG < 1 ? 1 : RG > R ? R : RG;
+    const int64_t per = (R + RG - 1) / RG;
+    T *xp = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(NG * C * plane * G + nlb * ltw));
+    int64_t *roff = (int64_t *)sg_scratch(SG_IDX, sizeof(int64_t) * (size_t)K);
+    T *wt = (T *)sg_scratch(SG_W, sizeof(T) * (size_t)(nnzb * b * b));
+    if (xp == NULL || roff == NULL || wt == NULL) return 1;
+    memset(xp + NG * C * plane * G, 0, sizeof(T) * nlb * ltw);
+    FN(pad_images)(xp, roff, x, N, C, H, W, KH, KW, PH, PW, DH, DW, S, G, NG, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < nnzb; j++) FN(transpose_block)(wt + j * b * b, vals + j * b * b, b);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        const int64_t ldt = ltw + VL;  /* ytile (outputs, lanes): a row's last tile spills into its slack */
+        T *ytile = (T *)sg_scratch(SG_TILE, (size_t)(per * b * ldt) * sizeof(T));
+        failed = ytile == NULL;
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t g = 0; g < RG; g++)  /* a group of block-rows, its weights in L2, over all lanes */
+            for (int64_t p = 0; p < NG; p++)
+                for (int64_t t = 0; t < nlb; t++) {
+                    if (failed) continue;
+                    T tb[32 * VL] __attribute__((aligned(64)));  /* (lanes, VL outputs); rows P.. are never stored */
+                    const int64_t r0 = g * per, r1 = (g + 1) * per < R ? (g + 1) * per : R, lb = t * ltw;
+                    const T *X = xp + p * C * plane * G + lb;
+                    for (int64_t r = r0; r < r1; r++)
+                        for (int64_t v = 0; v < b && r * b + v < OUT; v += VL) {
+                            const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
+                            const T *w = wt + j0 * b * b + v;
+                            T *yt = ytile + ((r - r0) * b + v) * ldt;
+                            for (int64_t l0 = 0; l0 < ltw; l0 += P) {
+                                if (P == 28) FN(mk_bc_28)(nz, col + j0, w, b, K, X + l0, roff, tb);
+                                else if (P == 24) FN(mk_bc_24)(nz, col + j0, w, b, K, X + l0, roff, tb);
+                                else if (P == 20) FN(mk_bc_20)(nz, col + j0, w, b, K, X + l0, roff, tb);
+                                else FN(mk_bc_16)(nz, col + j0, w, b, K, X + l0, roff, tb);
+                                /* (P lanes, VL outputs) -> VL rows of lanes, VL lanes at a time: the last
+                                   one's columns past P spill into the next tile's lanes (written after) */
+                                for (int64_t q = 0; q < P; q += VL)
+                                    FN(transpose_tile)(yt + l0 + q, ldt, tb + q * VL, VL);
+                            }
+                            if (bias)
+                                for (int64_t o = 0; o < VL && r * b + v + o < OUT; o++)
+                                    for (int64_t l = 0; l < ltw; l++) yt[o * ldt + l] += bias[r * b + v + o];
+                        }
+                    const int64_t o1 = r1 * b < OUT ? r1 * b : OUT, lt = lanes - lb < ltw ? lanes - lb : ltw;
+                    FN(store_lanes)(y, ytile, ldt, r0 * b, o1, p, G, N, OUT, L, S, Wo, lb, lt);
+                }
+    }
+    return failed;
+}
+#undef BC_XBYTES
+#undef BC_WBYTES
 
 /* ------------------------------------------------------------------------------------------
  * direct convolution: y (N, OUT, Ho, Wo) = conv2d(x (N, C, H, W), W, bias) for a block-sparse
@@ -764,6 +895,8 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
     const int64_t Ho = (H + 2 * PH - DH * (KH - 1) - 1) / SH + 1, Wo = (W + 2 * PW - DW * (KW - 1) - 1) / SW + 1;
     if (Ho <= 0 || Wo <= 0) return 0;
     const int64_t L = Ho * Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
+    if (SH == 1 && SW == 1 && b % VL == 0)
+        return FN(conv2d_bcast)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, b, x, vals, crow, col, bias, y, nthreads);
     if (SH == 1 && SW == 1)
         return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, b, x, vals, crow, col, bias, y, nthreads);
     const int64_t ntiles = (L + LT - 1) / LT, ltw = ((L + ntiles - 1) / ntiles + VL - 1) / VL * VL;  /* tile width */
