@@ -257,7 +257,7 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
 
 
 @pytest.mark.parametrize("N, C, H, W, kernel, padding, dilation", [
-    (7, 40, 2, 2, (3, 3), (1, 1), (1, 1)),  # 7 small images interleaved: groups of 4 and 3 (a short last one)
+    (23, 40, 2, 2, (3, 3), (1, 1), (1, 1)),  # small images interleaved: 6 groups of 4, the last one short
     (2, 24, 12, 11, (3, 5), (2, 3), (2, 1)),  # asymmetric kernel, wider padding, dilation
     (3, 16, 6, 5, (3, 3), (3, 3), (1, 1)),  # padding past the kernel's reach: rows Wo apart, not W + PW
     (1, 70, 33, 34, (3, 3), (1, 1), (1, 1)),  # three lane items in one image; K = 630 not a multiple of b
