@@ -4,6 +4,7 @@
     python bench/end_to_end.py --quick         # fewer repeats, s = 0.75 only
     python bench/end_to_end.py --models gpt-mini --sparsity 0.75
     python bench/end_to_end.py --models hf-gpt2 --threads 1 2   # HF GPT-2 (2 layers, d 512, vocab 2048)
+    python bench/end_to_end.py --models resnet18 --threads 1    # one model: end_to_end_resnet18_t1.json
 
 For each built-in model and sparsity: the dense original; Sparse Wide run masked-dense (the
 trainable `weight * mask` graph), and lowered with `sg.lower` (balanced block masks and uniform
@@ -118,7 +119,9 @@ def main() -> None:
                             "inference time vs the dense original",
                             [r for r in rows if r["model"] == name and r["sparsity"] == s and r["threads"] == threads],
                             ["variant", "ms", "ratio_to_dense", "gflops", "peak_frac"])
-    name = "end_to_end" + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
+    subset = sorted(args.models) != sorted(p.get_default("models"))
+    models = "_" + "-".join(args.models) if subset else ""  # a subset of the models writes its own file
+    name = "end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
     print("wrote", write_json(name, rows, machines=machines, rounds=rounds, timing="median of interleaved rounds"))
 
 

@@ -3,6 +3,7 @@ PyTorch CSR / BSR vs sparsegraph.
 
     python bench/kernels.py --quick --threads 1 2   # s in {0.75, 0.9}, blocks {1, 32}, batch 1/8/64/1024
     python bench/kernels.py                         # blocks 1/16/32/64, batch 1/8/64/256/1024 (long)
+    python bench/kernels.py --quick --conv-only     # only the convolution table (a minute per thread count)
 
 Shapes: GPT-2 small projections (n x k = 768x768, 3072x768, 768x3072) and Llama-style ones
 (2048x2048, 5632x2048, 2048x5632) as linear layers with `batch` rows, and CIFAR ResNet-18 3x3
@@ -133,6 +134,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per configuration")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts to run (default: PyTorch's)")
     p.add_argument("--no-conv", action="store_true", help="skip the convolution table")
+    p.add_argument("--conv-only", action="store_true", help="only the convolution table (kernels_conv*.json)")
     p.add_argument("--no-peers", action="store_true", help="skip PyTorch's CSR/BSR (slow on large shapes)")
     args = p.parse_args()
     sparsities = [0.75, 0.9] if args.quick else [0.5, 0.75, 0.9, 0.95]
@@ -150,6 +152,7 @@ def main() -> None:
         print(f"native kernels: {cpu.available()}; cost model: {model.source}", flush=True)
         configs = [(nm, n, k, 1, batch) for nm, n, k in GPT2 + LLAMA for batch in batches]
         configs += [(nm, n, k, L, batch) for nm, n, k, L in RESNET for batch in (1, 64)]
+        configs = [] if args.conv_only else configs
         total = len(configs) * len(sparsities) * len(blocks)
         first = len(rows)
         for name, n, k, L, batch in configs:
@@ -172,18 +175,22 @@ def main() -> None:
     cols = ["layer", "rows", "threads", "sparsity", "block", "density", "dense_us", "mkl_gflops", "onednn_gflops",
             "dense_peak_frac", "eta_torch_csr", "eta_torch_bsr", "eta_sg_op", "eta_sg_eager", "sg_speedup_vs_mkl",
             "choice", "pred_x", "ok"]
-    print_table(f"sparse kernels vs dense (eta = t_dense * rho / t_sparse; dense = faster of MKL and oneDNN) "
-                f"on {machines[0]['cpu']}", rows, cols)
+    if rows:
+        print_table(f"sparse kernels vs dense (eta = t_dense * rho / t_sparse; dense = faster of MKL and oneDNN) "
+                    f"on {machines[0]['cpu']}", rows, cols)
     if conv_rows:
         print_table("ResNet-18 convolutions: dense conv2d (oneDNN) vs sparsegraph::sparse_conv2d", conv_rows,
                     ["layer", "threads", "batch", "sparsity", "block", "density", "dense_conv_us", "sg_conv_us",
                      "eta_sg", "sg_speedup", "choice", "pred_x", "ok"])
     for label, rs in (("GEMM", rows), ("conv", conv_rows)):
+        if not rs:
+            continue
         picked = [r for r in rs if r["choice"] != "dense"]
         slower = [r for r in picked if r["ok"] == "NO"]
         print(f"{label}: the cost model picked sparse in {len(picked)} of {len(rs)} configurations; measured slower "
               f"than dense in {len(slower)}")
-    name = "kernels" + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
+    name = ("kernels" + ("_conv" if args.conv_only else "") + ("_quick" if args.quick else "")
+            + "".join(f"_t{t}" for t in args.threads or []))
     print("wrote", write_json(name, rows, conv=conv_rows, machines=machines, rounds=rounds,
                               timing="median of interleaved rounds", native=cpu.available(),
                               cost_model=sources, seconds=round(time.perf_counter() - t0)))
