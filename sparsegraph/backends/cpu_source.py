@@ -49,6 +49,8 @@ static void sg_scratch_free(void *v) {
     free(s);
 }
 static void sg_key_make(void) { pthread_key_create(&sg_key, sg_scratch_free); }
+/* elements per channel of a stride-1 kernel's padded image, rows S apart (pad_images) */
+static inline int64_t sg_pad_plane(int64_t H, int64_t PH, int64_t PW, int64_t S) { return (H + 2 * PH) * S + 2 * PW; }
 static void *sg_scratch(int slot, size_t bytes) {  /* 64-byte aligned; NULL if out of memory */
     pthread_once(&sg_once, sg_key_make);
     sg_scratch_t *s = (sg_scratch_t *)pthread_getspecific(sg_key);
@@ -622,11 +624,11 @@ static void FN(im2col_tile)(T *buf, int64_t ldb, const T *xp, int64_t C, int64_t
  * positions with wo >= Wo are computed and dropped ((S - Wo) / S of the work). Small images are
  * interleaved G at a time: lane e G + g is position e of image g of a group, every offset times G.
  * xp[p][c][pos][g] <- x, for NG groups; the lanes of a last, short group's missing images are zero
- * (stale values, NaN or subnormal, would slow that arithmetic down). Returns the plane's size. */
-static int64_t FN(pad_images)(T *xp, int64_t *roff, const T *x, int64_t N, int64_t C, int64_t H, int64_t W,
-                              int64_t KH, int64_t KW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S,
-                              int64_t G, int64_t NG, int nthreads) {
-    const int64_t Hp = H + 2 * PH, plane = Hp * S + 2 * PW, d0 = PW + PH * S, d1 = d0 + (H - 1) * S + W;
+ * (stale values, NaN or subnormal, would slow that arithmetic down). */
+static void FN(pad_images)(T *xp, int64_t *roff, const T *x, int64_t N, int64_t C, int64_t H, int64_t W,
+                           int64_t KH, int64_t KW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S,
+                           int64_t G, int64_t NG, int nthreads) {
+    const int64_t plane = sg_pad_plane(H, PH, PW, S), d0 = PW + PH * S, d1 = d0 + (H - 1) * S + W;
     for (int64_t c = 0; c < C; c++)
         for (int64_t i = 0; i < KH; i++)
             for (int64_t j = 0; j < KW; j++) roff[(c * KH + i) * KW + j] = (c * plane + i * DH * S + j * DW) * G;
@@ -647,7 +649,6 @@ static int64_t FN(pad_images)(T *xp, int64_t *roff, const T *x, int64_t N, int64
             }
         }
     }
-    return plane;
 }
 
 /* y's rows o0..o1 of image group p <- lanes l0..l0 + lt of a tile (row o at tile + (o - o0) ldt),
@@ -690,11 +691,12 @@ static void FN(store_lanes)(T *y, const T *tile, int64_t ldt, int64_t o0, int64_
 #define JB 4
 #define CONV_XBYTES (192 * 1024)
 static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
-                              int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
-                              const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
-    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1), S = W + PW > Wo ? W + PW : Wo;
+                              int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S, int64_t b, const T *x,
+                              const T *vals, const int32_t *crow, const int32_t *col, const T *bias, T *y,
+                              int nthreads) {
+    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1);
     const int64_t L = Ho * Wo, Le = (Ho - 1) * S + Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
-    const int64_t plane = (H + 2 * PH) * S + 2 * PW;
+    const int64_t plane = sg_pad_plane(H, PH, PW, S);
     int64_t G = Le >= 2 * CL ? 1 : ((2 * CL + Le - 1) / Le < N ? (2 * CL + Le - 1) / Le : N);
     const int64_t NG = (N + G - 1) / G;
     G = (N + NG - 1) / NG;  /* groups of equal size */
@@ -806,12 +808,13 @@ MK_BC(16)
 #define BC_XBYTES (512 * 1024)
 #define BC_WBYTES (1024 * 1024)
 static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
-                            int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const T *x, const T *vals,
-                            const int32_t *crow, const int32_t *col, const T *bias, T *y, int nthreads) {
+                            int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S, int64_t b, const T *x,
+                            const T *vals, const int32_t *crow, const int32_t *col, const T *bias, T *y,
+                            int nthreads) {
     static const int64_t sizes[] = {28, 24, 20, 16};
-    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1), S = W + PW > Wo ? W + PW : Wo;
+    const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1);
     const int64_t L = Ho * Wo, Le = (Ho - 1) * S + Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
-    const int64_t plane = (H + 2 * PH) * S + 2 * PW;
+    const int64_t plane = sg_pad_plane(H, PH, PW, S);
     const int64_t reach = (KH - 1) * DH * S + (KW - 1) * DW, nnzb = crow[R];
     int64_t G = 1, NG = N, nlb = 1, P = 0, ltw = 0;
     for (int64_t g1 = 1; g1 <= N; g1++) {  /* images per group, lanes per item and tile: the fewest lanes computed */
@@ -850,7 +853,7 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
             for (int64_t p = 0; p < NG; p++)
                 for (int64_t t = 0; t < nlb; t++) {
                     if (failed) continue;
-                    T tb[32 * VL] __attribute__((aligned(64)));  /* (lanes, VL outputs); rows P.. are never stored */
+                    T tb[32 * VL] __attribute__((aligned(64))) = {0};  /* (lanes, VL outputs); rows P.. stay 0 */
                     const int64_t r0 = g * per, r1 = (g + 1) * per < R ? (g + 1) * per : R, lb = t * ltw;
                     const T *X = xp + p * C * plane * G + lb;
                     for (int64_t r = r0; r < r1; r++)
@@ -895,13 +898,13 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
     const int64_t Ho = (H + 2 * PH - DH * (KH - 1) - 1) / SH + 1, Wo = (W + 2 * PW - DW * (KW - 1) - 1) / SW + 1;
     if (Ho <= 0 || Wo <= 0) return 0;
     const int64_t L = Ho * Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
-    const int64_t S = W + PW > Wo ? W + PW : Wo;  /* pad_images' row stride */
+    const int64_t S = W + PW > Wo ? W + PW : Wo;  /* pad_images' row stride (stride 1) */
     /* below 4 tiles of lanes in all, the weights' transposition costs more than output channels along
        the vector save (batch 1 on 8 x 8 and 4 x 4 images: 1.04-1.14x the time of positions along it) */
     if (SH == 1 && SW == 1 && b % VL == 0 && N * ((Ho - 1) * S + Wo) >= 4 * 28)
-        return FN(conv2d_bcast)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, b, x, vals, crow, col, bias, y, nthreads);
+        return FN(conv2d_bcast)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
     if (SH == 1 && SW == 1)
-        return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, b, x, vals, crow, col, bias, y, nthreads);
+        return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
     const int64_t ntiles = (L + LT - 1) / LT, ltw = ((L + ntiles - 1) / ntiles + VL - 1) / VL * VL;  /* tile width */
     const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
     const int64_t items0 = N * ntiles;
