@@ -1,5 +1,6 @@
 """sparsegraph::sparse_linear against dense masked products (float64 reference), every format."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -12,6 +13,48 @@ from hypothesis import strategies as st
 from sparsegraph.backends import cpu
 from sparsegraph.backends.sparse_linear import (SparseLinearError, SparseWeight, block_mask_of, sparse_conv2d,
                                                 sparse_linear)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _targets() -> dict[str, int | None]:
+    """The library's forms this CPU runs, by `-march`, with their vector bytes: its own, and on x86
+    the AVX2 form (under AVX-512) and the SSE form, whose register tiles and vector widths differ."""
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or "avx" not in flags:
+        return {"native": None}
+    out = {"native": 64 if "avx512f" in flags else 32}
+    if "avx512f" in flags:
+        out["x86-64-v3"] = 32
+    return {**out, "x86-64-v2": 16}
+
+
+@pytest.fixture(params=list(_targets()))
+def target(request, monkeypatch):
+    """Runs a test once per form of the native library (see `_targets`)."""
+    if request.param != "native":
+        if not cpu.available():
+            pytest.skip("no C compiler")
+        monkeypatch.setattr(cpu, "_lib", cpu.load(request.param))
+    return request.param
+
+
+def test_vector_width_follows_the_target():
+    """One vector is one register of the target (a wider GCC vector lives on the stack), and blocks
+    of a multiple of its width take the packed kernels."""
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    for march, vbytes in _targets().items():
+        lib = cpu.load(march)
+        if vbytes is not None:
+            assert lib.sg_vector_bytes() == vbytes, march
+    assert cpu._lanes(torch.zeros(1)) * 4 == cpu.library().sg_vector_bytes()
 
 
 def _weight(n, k, block, density, seed, balanced=False, empty_rows=0, dtype=torch.float64):
@@ -94,7 +137,7 @@ def test_cols_layout_matches_dense(n, k, block, density, P, L, with_bias, impl, 
 
 @pytest.mark.parametrize("block,balanced", [(1, False), (16, False), (32, True)])
 @pytest.mark.parametrize("rows", [(1,), (64,), (4, 33)])
-def test_float32_against_float64(block, balanced, rows):
+def test_float32_against_float64(block, balanced, rows, target):
     sw, w = _weight(200, 150, block, 0.2, 7, balanced, empty_rows=1)
     _check(sw, w, (*rows, 150), -1, True, "auto", torch.float32, 7)
 
@@ -109,7 +152,7 @@ def test_float32_against_float64(block, balanced, rows):
     (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
     (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
 ])
-def test_packed_rows_kernel_against_float64(n, k, block, rows):
+def test_packed_rows_kernel_against_float64(n, k, block, rows, target):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
     dvalues, with empty block-rows, ragged edges, partial tiles and multi-chunk row counts."""
     sw, w = _weight(n, k, block, 0.3, 3, balanced=False, empty_rows=1)
@@ -117,7 +160,7 @@ def test_packed_rows_kernel_against_float64(n, k, block, rows):
 
 
 @pytest.mark.parametrize("rows", [(3,), (40,), (700,)])
-def test_packed_rows_kernel_float64(rows):
+def test_packed_rows_kernel_float64(rows, target):
     """float64 (8 lanes): W's blocks transposed per block-row (one chunk of rows: 3, 40) or into one
     shared copy up front (several chunks: 700 rows)."""
     sw, w = _weight(100, 520, 16, 0.3, 5, balanced=False, empty_rows=1)
@@ -125,7 +168,7 @@ def test_packed_rows_kernel_float64(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_prepared_one_row_and_several_against_float64(dtype):
+def test_prepared_one_row_and_several_against_float64(dtype, target):
     """`cpu.Prepared` (the packed kernel on its transposed copy of the blocks): one row and several,
     ragged n and k, an empty block-row, a bias; an in-place update of the values makes it invalid."""
     sw, w = _weight(100, 70, 16, 0.4, 11, empty_rows=1, dtype=dtype)
@@ -201,7 +244,7 @@ def test_no_blocks_at_all():
 @pytest.mark.parametrize("conf", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=0, dilation=2),
                                   dict(stride=(1, 2), padding=(2, 0), dilation=1)])
 @pytest.mark.parametrize("impl", ["auto", "torch"])
-def test_sparse_conv2d_matches_conv2d(block, conf, impl):
+def test_sparse_conv2d_matches_conv2d(block, conf, impl, target):
     g = torch.Generator().manual_seed(block)
     mask = torch.rand(24, 5 * 9, generator=g) < 0.3
     mask = block_mask_of(mask, block).repeat_interleave(block, 0).repeat_interleave(block, 1)[:24, :45]
@@ -227,7 +270,7 @@ def test_sparse_conv2d_matches_conv2d(block, conf, impl):
 @pytest.mark.parametrize("shape", [(7, 256, 5, 4), (2, 48, 20, 17), (33, 128, 2, 2)])
 @pytest.mark.parametrize("block", [8, 16])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
+def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride, target):
     """The native kernels with K long enough to run in two chunks at stride 1 (the first and last
     shapes; a chunk holds as many channels as fit 192 KiB of x), where small images are interleaved
     several to a group (with a ragged last group in float64) and large ones take several lane tiles,
@@ -263,7 +306,7 @@ def test_native_conv2d_chunks_and_interleaved_images(shape, block, stride):
     (1, 70, 33, 34, (3, 3), (1, 1), (1, 1)),  # three lane items in one image; K = 630 not a multiple of b
 ])
 @pytest.mark.parametrize("block", [16, 32])
-def test_native_conv2d_output_channels_along_the_vector(N, C, H, W, kernel, padding, dilation, block):
+def test_native_conv2d_output_channels_along_the_vector(N, C, H, W, kernel, padding, dilation, block, target):
     """Stride-1 convolutions with b a multiple of the vector width run output channels along the
     vector, reading the padded images with one column of zeros between rows: float32 and float64
     against F.conv2d in float64, with a ragged last block-row (50 outputs), an empty block-row and a
@@ -288,7 +331,7 @@ def test_native_conv2d_output_channels_along_the_vector(N, C, H, W, kernel, padd
 
 
 @pytest.mark.parametrize("stride, padding", [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (0, 0)), ((2, 2), (1, 0))])
-def test_native_1x1_conv2d(stride, padding):
+def test_native_1x1_conv2d(stride, padding, target):
     """A 1x1 convolution without padding (ResNet's shortcuts) runs the cols kernel on the positions it
     reads; with padding, the im2col tiles. Both against F.conv2d in float64."""
     if not cpu.available():

@@ -13,7 +13,7 @@ A block-sparse W (n, k) with blocks b x b is given in BSR form: `values` (nnzb, 
 orientation, zero-padded at ragged edges; `crow` (ceil(n/b)+1,), `col` (nnzb,) int32; and the
 BSR of W^T as `crow_t`, `col_t` and `perm_t` (the value index of each W^T block). CSR is b = 1.
 
-Linear layers whose block is a multiple of the vector width (16 floats, 8 doubles) run the packed
+Linear layers whose block is a multiple of the vector width (16 floats with AVX-512, 8 with AVX2) run the packed
 rows kernel (`sg_rows_packed`); `Prepared` makes such a product one native call for eager
 inference. Two data layouts, for the two ways a sparse weight is applied:
 
@@ -53,7 +53,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 BUILD_ERROR: str | None = None  # why the native kernels are unavailable (None: available or not tried)
 
-# path thresholds (see bench/kernels.py and cost_model.py for the measurements behind them)
+# path thresholds (see bench/layer_kernels.py and cost_model.py for the measurements behind them)
 SMALL_M = 4  # below this many rows, narrow-block linear products run as dot products over W's own rows
 TRANSPOSE_BELOW_BLOCK = 8  # blocks narrower than this run the rows layout through x^T (lanes along M)
 TRANSPOSE_ROWS = 2048  # ... in chunks of this many rows, so x^T and y^T stay in cache
@@ -86,12 +86,13 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
-def _build(cc: str) -> str:
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+def _build(cc: str, march: str = "native") -> str:
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([source(), " ".join(flags), version, _cpu_signature()]).encode()).hexdigest()[:16]
     folder = cache_dir()
-    path = os.path.join(folder, f"libsparsegraph_cpu-{key}.so")
+    prefix = "libsparsegraph_cpu-" if march == "native" else f"libsparsegraph_cpu_{march}-"
+    path = os.path.join(folder, f"{prefix}{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
@@ -104,8 +105,8 @@ def _build(cc: str) -> str:
         if proc.returncode != 0:
             raise RuntimeError(f"{os.path.basename(cc)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[:1]}")
         os.replace(out, path)  # atomic: concurrent builders never see a half-written library
-    for old in os.listdir(folder):  # libraries of earlier sources (a loaded one stays valid when unlinked)
-        if old.startswith("libsparsegraph_cpu-") and old.endswith(".so") and old != os.path.basename(path):
+    for old in os.listdir(folder):  # this target's libraries of earlier sources (a loaded one stays valid)
+        if old.startswith(prefix) and old.endswith(".so") and old != os.path.basename(path):
             try:
                 os.unlink(os.path.join(folder, old))
             except OSError:
@@ -124,10 +125,25 @@ def _declare(lib: ctypes.CDLL) -> None:
         "sg_conv2d": [i64] * 14 + [ptr] * 6 + [i32],
     }
     lib.sg_fma_peak.argtypes, lib.sg_fma_peak.restype = [i64, i32], ctypes.c_float
+    lib.sg_vector_bytes.argtypes, lib.sg_vector_bytes.restype = [], ctypes.c_int
     for name, args in sigs.items():
         for suffix in ("_f32", "_f64"):
             fn = getattr(lib, name + suffix)
             fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+def load(march: str = "native") -> ctypes.CDLL:
+    """Build (once, cached) and load the library for `gcc -march=<march>`. The vector width and the
+    register tiles follow the target's registers, so an AVX-512 CPU also runs the AVX2 form
+    (`x86-64-v3`) and the SSE form (`x86-64-v2`): the tests check every form the CPU can run."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'gcc')}) on PATH")
+    lib = ctypes.CDLL(_build(cc, march))
+    if lib.sg_abi_version() != ABI_VERSION:
+        raise RuntimeError("stale library in the cache (ABI version mismatch)")
+    _declare(lib)
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -141,14 +157,7 @@ def library() -> ctypes.CDLL | None:
         try:
             if os.environ.get("SPARSEGRAPH_NATIVE", "1") == "0":
                 raise RuntimeError("disabled by SPARSEGRAPH_NATIVE=0")
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'gcc')}) on PATH")
-            lib = ctypes.CDLL(_build(cc))
-            if lib.sg_abi_version() != ABI_VERSION:
-                raise RuntimeError("stale library in the cache (ABI version mismatch)")
-            _declare(lib)
-            _lib = lib
+            _lib = load()
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch fallback
             BUILD_ERROR = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
             if os.environ.get("SPARSEGRAPH_NATIVE", "1") != "0":
@@ -176,7 +185,7 @@ def fma_peak(threads: int | None = None) -> float | None:
         for _ in range(3):
             t = time.perf_counter()
             lib.sg_fma_peak(iters, threads)
-            best = max(best, iters * 384.0 * threads / (time.perf_counter() - t))
+            best = max(best, iters * 6.0 * lib.sg_vector_bytes() * threads / (time.perf_counter() - t))
         _peaks[threads] = best
     return _peaks[threads]
 
@@ -231,8 +240,9 @@ def _rows(lib, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tenso
 
 
 def _lanes(t: Tensor) -> int:
-    """Elements per 64-byte vector: blocks of a multiple of this run the packed rows kernel."""
-    return 64 // t.element_size()
+    """Elements per vector register (64 bytes with AVX-512, 32 with AVX2): blocks of a multiple of
+    this run the packed rows kernel."""
+    return library().sg_vector_bytes() // t.element_size()
 
 
 def _blocks_in_out(values: Tensor) -> Tensor:

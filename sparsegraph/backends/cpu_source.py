@@ -1,8 +1,9 @@
 """C source of the CPU block-sparse kernels (built by `sparsegraph.backends.cpu` on first use).
 
 Plain C11 with GCC vector extensions and OpenMP; no PyTorch headers, so it builds in about two
-seconds with `gcc -O3 -march=native -fopenmp`. `BODY` is instantiated twice, for float (16 lanes
-per 64-byte vector) and double (8 lanes). `sg_fma_peak` measures the CPU's fp32 FMA throughput.
+seconds with `gcc -O3 -march=native -fopenmp`. `BODY` is instantiated twice, for float and double,
+in vectors of one register (64 bytes with AVX-512, 32 with AVX2: VL lanes) and register tiles sized
+for the register file (32 or 16 registers). `sg_fma_peak` measures the CPU's fp32 FMA throughput.
 Exported symbols (suffix _f32 / _f64):
 
   sg_rows_packed y (M, OUT) = x (M, IN) @ B + bias        b a multiple of the vector width: B's blocks
@@ -31,7 +32,27 @@ HEADER = r"""
 #define CAT(a, b) CAT2(a, b)
 #define FN(n) CAT(n, SUF)
 #define CHUNK(items, nt) ((items) / (8 * (nt)) > 1 ? (items) / (8 * (nt)) : 1)
+/* The vector type is the widest the target keeps in registers: a wider GCC vector has no machine
+ * mode there, so every variable of it lives on the stack (64-byte vectors on an AVX2 CPU ran the
+ * linear kernels about 20x below their speed at 32 bytes). SG_NREG vector registers bound the register
+ * tiles: with 16, the tables below halve them. */
+#if defined(__AVX512F__)
+#define SG_VBYTES 64
+#elif defined(__AVX__)
+#define SG_VBYTES 32
+#else
+#define SG_VBYTES 16
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define SG_NREG 32
+#else
+#define SG_NREG 16
+#endif
+/* an MR x NV tile of accumulators fits beside one row of NV weight vectors and a broadcast */
+#define SG_FITS(NV, MR) ((MR) * (NV) + (NV) < SG_NREG)
+#define SG_NVMAX (SG_NREG >= 32 ? 4 : 2)  /* output vectors per tile of the rows kernels */
 int sg_abi_version(void) { return 1; }
+int sg_vector_bytes(void) { return SG_VBYTES; }
 /* Work buffers that outlive the call: per thread (the caller's, and each OpenMP thread's), one per
  * slot, grown on demand, freed when the thread exits. Allocated and freed on every call, a buffer
  * of 128 KiB or more can be a fresh mapping from glibc each time (whenever its adaptive mmap
@@ -73,14 +94,14 @@ static int64_t sg_max_row_blocks(const int32_t *crow, int64_t R) {
     return m;
 }
 /* fp32 FMA throughput probe: `iters` rounds of 12 independent vector FMA chains per thread (enough
- * to hide the FMA latency on every x86 and Arm core); 384 FLOP per round and thread. */
+ * to hide the FMA latency on every x86 and Arm core); 12 x 2 x SG_VBYTES / 4 FLOP per round and thread. */
 float sg_fma_peak(int64_t iters, int nthreads) {
-    typedef float P16 __attribute__((vector_size(64)));
+    typedef float PV __attribute__((vector_size(SG_VBYTES)));
     float out = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : out)
     {
-        P16 a[12], m = (P16){0} + 0.999f, c = (P16){0} + 1e-3f;
-        for (int i = 0; i < 12; i++) a[i] = (P16){0} + (float)i;
+        PV a[12], m = (PV){0} + 0.999f, c = (PV){0} + 1e-3f;
+        for (int i = 0; i < 12; i++) a[i] = (PV){0} + (float)i;
         for (int64_t n = 0; n < iters; n++) {
             _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = a[i] * m + c;
         }
@@ -91,9 +112,9 @@ float sg_fma_peak(int64_t iters, int nthreads) {
 """
 
 BODY = r"""
-/* ---- one instantiation: T (element type), SUF (name suffix), VL (lanes per 64-byte vector) ---- */
-typedef T FN(vec) __attribute__((vector_size(64)));
-typedef IT FN(ivec) __attribute__((vector_size(64)));
+/* ---- one instantiation: T (element type), SUF (name suffix), VL (lanes per vector) ---- */
+typedef T FN(vec) __attribute__((vector_size(SG_VBYTES)));
+typedef IT FN(ivec) __attribute__((vector_size(SG_VBYTES)));
 #define V FN(vec)
 #define MI FN(ivec)
 
@@ -109,6 +130,7 @@ static inline T FN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i];
  * (b rounded up to whole vectors), then an MR x NV register tile of y is accumulated over them.
  * ---------------------------------------------------------------------------------------- */
 #define MK_ROWS(NV, MR)                                                                          \
+_Static_assert(SG_FITS(NV, MR), "register tile too large");                                     \
 static void FN(mk_rows_##NV##_##MR)(int64_t mr, int64_t nz, const T *x, int64_t ldx,            \
         const T *buf, int64_t b, int64_t bp, int64_t lane0, const int64_t *in0, const int64_t *kb,\
         T *y, int64_t ldy, int64_t olim, const T *bias) {                                       \
@@ -143,10 +165,19 @@ static void FN(mk_rows_##NV##_##MR)(int64_t mr, int64_t nz, const T *x, int64_t 
         }                                                                                        \
     }                                                                                            \
 }
-MK_ROWS(1, 16)
-MK_ROWS(2, 12)
-MK_ROWS(3, 8)
-MK_ROWS(4, 6)
+/* tiles by NV (1..SG_NVMAX): the tallest that fits */
+#if SG_NREG >= 32
+#define ROWS_TILES(X) X(1, 16) X(2, 12) X(3, 8) X(4, 6)
+#else
+#define ROWS_TILES(X) X(1, 12) X(2, 6)
+#endif
+ROWS_TILES(MK_ROWS)
+typedef void (*FN(mk_rows_fn))(int64_t, int64_t, const T *, int64_t, const T *, int64_t, int64_t, int64_t,
+                               const int64_t *, const int64_t *, T *, int64_t, int64_t, const T *);
+#define ROWS_ENTRY(NV, MR) {MR, FN(mk_rows_##NV##_##MR)},
+static const struct { int64_t mr; FN(mk_rows_fn) f; } FN(rows_tiles)[SG_NVMAX] = {ROWS_TILES(ROWS_ENTRY)};
+#undef ROWS_ENTRY
+#undef ROWS_TILES
 
 int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx,
                  const T *vals, const int32_t *crow, const int32_t *col, const int32_t *perm, int trans,
@@ -178,8 +209,8 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
                     for (int64_t o = b; o < bp; o++) d[o] = 0;
                 }
             }
-            for (int64_t lane0 = 0; lane0 < bp; lane0 += 4 * VL) {
-                const int64_t lanes = bp - lane0 < 4 * VL ? bp - lane0 : 4 * VL, nv = lanes / VL;
+            for (int64_t lane0 = 0; lane0 < bp; lane0 += SG_NVMAX * VL) {
+                const int64_t lanes = bp - lane0 < SG_NVMAX * VL ? bp - lane0 : SG_NVMAX * VL, nv = lanes / VL;
                 const int64_t olim = ob - lane0;
                 if (olim <= 0) break;
                 const T *bb = bias ? bias + o0 : NULL;
@@ -190,19 +221,10 @@ int FN(sg_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64
                             yb[m * ldy + lane0 + o] = bb ? bb[lane0 + o] : 0;
                     continue;
                 }
-                const int64_t MR = nv == 1 ? 16 : nv == 2 ? 12 : nv == 3 ? 8 : 6;
-                for (int64_t m0 = 0; m0 < M; m0 += MR) {
-                    const int64_t mr = M - m0 < MR ? M - m0 : MR;
-                    const T *xm = x + m0 * ldx;
-                    T *ym = yb + m0 * ldy;
-                    const int64_t ol = olim < lanes ? olim : lanes;
-                    switch (nv) {
-                    case 1: FN(mk_rows_1_16)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
-                    case 2: FN(mk_rows_2_12)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
-                    case 3: FN(mk_rows_3_8)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
-                    default: FN(mk_rows_4_6)(mr, nz, xm, ldx, buf, b, bp, lane0, in0, kb, ym, ldy, ol, bb); break;
-                    }
-                }
+                const int64_t MR = FN(rows_tiles)[nv - 1].mr, ol = olim < lanes ? olim : lanes;
+                for (int64_t m0 = 0; m0 < M; m0 += MR)
+                    FN(rows_tiles)[nv - 1].f(M - m0 < MR ? M - m0 : MR, nz, x + m0 * ldx, ldx, buf, b, bp, lane0,
+                                            in0, kb, yb + m0 * ldy, ldy, ol, bb);
             }
         }
     }
@@ -245,6 +267,7 @@ static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
 }
 
 #define MK_PACKED(NV, MR)                                                                        \
+_Static_assert(SG_FITS(NV, MR), "register tile too large");                                     \
 static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
         const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, T *y, int64_t ldy,    \
         int64_t mr, int64_t olim, const T *bias) {                                               \
@@ -276,21 +299,25 @@ static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t I
             else for (int64_t l = 0; l < left; l++) y[i * ldy + v * VL + l] = out[l] + (bias ? bias[v * VL + l] : 0); \
         }                                                                                        \
 }
-#define MK_PACKED_ALL(NV) MK_PACKED(NV, 1) MK_PACKED(NV, 2) MK_PACKED(NV, 4) MK_PACKED(NV, 6)
-MK_PACKED_ALL(1) MK_PACKED(1, 8) MK_PACKED(1, 12) MK_PACKED(1, 16)
-MK_PACKED_ALL(2) MK_PACKED(2, 8) MK_PACKED(2, 12)
-MK_PACKED_ALL(3) MK_PACKED(3, 8)
-MK_PACKED_ALL(4)
+/* every tile that fits (SG_FITS), by NV (1..SG_NVMAX) */
+#if SG_NREG >= 32
+#define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(1, 16) X(2, 1) X(2, 2) X(2, 4) \
+    X(2, 6) X(2, 8) X(2, 12) X(3, 1) X(3, 2) X(3, 4) X(3, 6) X(3, 8) X(4, 1) X(4, 2) X(4, 4) X(4, 6)
+#else
+#define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(2, 1) X(2, 2) X(2, 4) X(2, 6)
+#endif
+PACKED_TILES(MK_PACKED)
 
 typedef void (*FN(mk_p_fn))(int64_t, const T *, int64_t, int64_t, const T *, const int32_t *, int64_t,
                              const int32_t *, T *, int64_t, int64_t, int64_t, const T *);
 /* register tiles by [NV - 1][index of MR in mr_sizes]; NULL where NV x MR would spill */
 static const int FN(mr_sizes)[7] = {1, 2, 4, 6, 8, 12, 16};
-static const FN(mk_p_fn) FN(mk_p_table)[4][7] = {
-    {FN(mk_p_1_1), FN(mk_p_1_2), FN(mk_p_1_4), FN(mk_p_1_6), FN(mk_p_1_8), FN(mk_p_1_12), FN(mk_p_1_16)},
-    {FN(mk_p_2_1), FN(mk_p_2_2), FN(mk_p_2_4), FN(mk_p_2_6), FN(mk_p_2_8), FN(mk_p_2_12), NULL},
-    {FN(mk_p_3_1), FN(mk_p_3_2), FN(mk_p_3_4), FN(mk_p_3_6), FN(mk_p_3_8), NULL, NULL},
-    {FN(mk_p_4_1), FN(mk_p_4_2), FN(mk_p_4_4), FN(mk_p_4_6), NULL, NULL, NULL}};
+#define MR_INDEX(MR) ((MR) <= 2 ? (MR) - 1 : (MR) <= 8 ? (MR) / 2 : (MR) / 4 + 2)
+#define PACKED_ENTRY(NV, MR) [NV - 1][MR_INDEX(MR)] = FN(mk_p_##NV##_##MR),
+static const FN(mk_p_fn) FN(mk_p_table)[SG_NVMAX][7] = {PACKED_TILES(PACKED_ENTRY)};
+#undef PACKED_ENTRY
+#undef MR_INDEX
+#undef PACKED_TILES
 
 /* the smallest tile height >= m that NV vectors of accumulators allow (the largest if none) */
 static int FN(mr_index)(int64_t m, int64_t nv) {
@@ -304,7 +331,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                         T *y, int64_t ldy, int nthreads) {
     if (M <= 0) return 0;
     const int64_t R = (OUT + b - 1) / b, Kp = (IN + b - 1) / b * b;
-    const int64_t nv0 = b / VL < 4 ? b / VL : 4;
+    const int64_t nv0 = b / VL < SG_NVMAX ? b / VL : SG_NVMAX;
     const int mi = FN(mr_index)(M, nv0), TM = FN(mr_sizes)[mi];
     const int64_t ntile = (M + TM - 1) / TM;
     const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
@@ -360,8 +387,8 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                     }
                     wr = panel;
                 }
-                for (int64_t lane0 = 0; lane0 < ob; lane0 += 4 * VL) {
-                    const int64_t nv = (b - lane0) / VL < 4 ? (b - lane0) / VL : 4;
+                for (int64_t lane0 = 0; lane0 < ob; lane0 += SG_NVMAX * VL) {
+                    const int64_t nv = (b - lane0) / VL < SG_NVMAX ? (b - lane0) / VL : SG_NVMAX;
                     const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
                     for (int64_t t = t0; t < t1; t++) {
                         const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
@@ -430,6 +457,7 @@ static void FN(dot_rows)(T *y, const T *bias, const T *vals, const int32_t *perm
 }
 
 #define MK_COLS(OR, LV)                                                                          \
+_Static_assert(SG_FITS(LV, OR), "register tile too large");                                     \
 static void FN(mk_cols_##OR##_##LV)(int64_t orr, const int32_t *col, int64_t j0, int64_t nz,       \
         const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si, int64_t ob0,       \
         const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy, const T *bias, \
@@ -464,32 +492,28 @@ static void FN(mk_cols_##OR##_##LV)(int64_t orr, const int32_t *col, int64_t j0,
         _Pragma("GCC unroll 4") for (int v = 0; v < LV; v++) FN(st)(Y + r * ldy + v * VL, acc[r][v] + bv); \
     }                                                                                            \
 }
-MK_COLS(8, 2)
-MK_COLS(4, 4)
-MK_COLS(2, 4)
-MK_COLS(1, 4)
-MK_COLS(4, 2)
-MK_COLS(2, 2)
-MK_COLS(1, 2)
-MK_COLS(8, 1)
-MK_COLS(4, 1)
-MK_COLS(2, 1)
-MK_COLS(1, 1)
+/* OR in {1, 2, 4, 8}, LV in {1, 2, 4}: those that fit, and the most lanes a tile of OR rows takes */
+#if SG_NREG >= 32
+#define COLS_TILES(X) X(8, 2) X(4, 4) X(2, 4) X(1, 4) X(4, 2) X(2, 2) X(1, 2) X(8, 1) X(4, 1) X(2, 1) X(1, 1)
+#else
+#define COLS_TILES(X) X(2, 4) X(1, 4) X(4, 2) X(2, 2) X(1, 2) X(8, 1) X(4, 1) X(2, 1) X(1, 1)
+#endif
+#define COLS_LV(OR) (SG_FITS(4, OR) ? 4 : SG_FITS(2, OR) ? 2 : 1)
+COLS_TILES(MK_COLS)
+typedef void (*FN(mk_cols_fn))(int64_t, const int32_t *, int64_t, int64_t, const int32_t *, const T *, int64_t,
+                                int64_t, int64_t, int64_t, const T *, int64_t, const int64_t *, int64_t, T *, int64_t,
+                                const T *, int);
+#define COLS_ENTRY(OR, LV) [OR >= 4 ? OR / 4 + 1 : OR - 1][LV / 2] = FN(mk_cols_##OR##_##LV),
+static const FN(mk_cols_fn) FN(cols_table)[4][3] = {COLS_TILES(COLS_ENTRY)};
+#undef COLS_ENTRY
+#undef COLS_TILES
 
 static void FN(cols_tile)(int64_t OR, int64_t LV, int64_t orr, const int32_t *col, int64_t j0,
                           int64_t nz, const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si,
                           int64_t ob0, const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy,
                           const T *bias, int load) {
-#define CALL_COLS(a, c) FN(mk_cols_##a##_##c)(orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff, IN, Y, ldy, bias, load)
-    if (LV == 1) {
-        if (OR == 8) CALL_COLS(8, 1); else if (OR == 4) CALL_COLS(4, 1); else if (OR == 2) CALL_COLS(2, 1); else CALL_COLS(1, 1);
-    } else if (LV == 2 && OR != 8) {
-        if (OR == 4) CALL_COLS(4, 2); else if (OR == 2) CALL_COLS(2, 2); else CALL_COLS(1, 2);
-    } else if (OR == 8) CALL_COLS(8, 2);
-    else if (OR == 4) CALL_COLS(4, 4);
-    else if (OR == 2) CALL_COLS(2, 4);
-    else CALL_COLS(1, 4);
-#undef CALL_COLS
+    FN(cols_table)[OR >= 4 ? OR / 4 + 1 : OR - 1][LV / 2](orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff,
+                                                          IN, Y, ldy, bias, load);
 }
 
 int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *X, const T *vals,
@@ -548,7 +572,7 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
                 const T *bb = bias ? bias + o0 + ob0 : NULL;
                 T *Yr = Yp + (o0 + ob0) * L;
                 int64_t l0 = lbeg;
-                const int64_t LV = OR == 8 ? 2 : 4;
+                const int64_t LV = COLS_LV(OR);
                 for (; l0 + LV * VL <= lend; l0 += LV * VL)
                     FN(cols_tile)(OR, LV, orr, col, j0, nz, perm, vals, b, so, si, ob0, Xp + l0, L, NULL, IN, Yr + l0, L, bb, 0);
                 for (; l0 + VL <= lend; l0 += VL)
@@ -704,7 +728,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
     const int64_t span = ltw + ((KH - 1) * DH * S + (KW - 1) * DW) * G;  /* lanes of one channel an item reads */
     const int64_t KC0 = CONV_XBYTES / (int64_t)(span * sizeof(T)) * KH * KW / b * b;  /* K chunk: its x in L2 */
     const int64_t KC = KC0 < b ? b : KC0, nch = K > KC ? (K + KC - 1) / KC : 1;
-    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
+    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = COLS_LV(OR);
     const int64_t RG = NG * nlb >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
     const int64_t per = (R + RG - 1) / RG;
     T *xp = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(NG * C * plane * G + ltw));
@@ -785,6 +809,7 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
  * lanes computed. At stride 2 (phases of the padded image, every tap a shift of one of them) it ran
  * 0.92-1.16x the time of the im2col tiles, so other strides keep those. */
 #define MK_BC(P)                                                                                  \
+_Static_assert(SG_FITS(1, P), "register tile too large");                                        \
 static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t b, int64_t K,      \
                           const T *X, const int64_t *roff, T *tb) {                               \
     V acc[P];                                                                                     \
@@ -801,32 +826,41 @@ static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t 
     }                                                                                             \
     _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) FN(st)(tb + t * VL, acc[t]);             \
 }
-MK_BC(28)
-MK_BC(24)
-MK_BC(20)
-MK_BC(16)
+/* P lanes per tile, widest first: 28 beside the weight vector (AVX-512's FMA takes the broadcast
+ * from memory), 14 beside it and a broadcast register with 16 registers */
+#if SG_NREG >= 32
+#define BC_TILES(X) X(28) X(24) X(20) X(16)
+#else
+#define BC_TILES(X) X(14) X(12) X(10) X(8)
+#endif
+BC_TILES(MK_BC)
+typedef void (*FN(mk_bc_fn))(int64_t, const int32_t *, const T *, int64_t, int64_t, const T *, const int64_t *, T *);
+#define BC_ENTRY(P) {P, FN(mk_bc_##P)},
+static const struct { int64_t p; FN(mk_bc_fn) f; } FN(bc_tiles)[4] = {BC_TILES(BC_ENTRY)};
+#undef BC_ENTRY
+#undef BC_TILES
 #define BC_XBYTES (512 * 1024)
 #define BC_WBYTES (1024 * 1024)
 static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
                             int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S, int64_t b, const T *x,
                             const T *vals, const int32_t *crow, const int32_t *col, const T *bias, T *y,
                             int nthreads) {
-    static const int64_t sizes[] = {28, 24, 20, 16};
+    const int64_t P0 = FN(bc_tiles)[0].p;
     const int64_t Ho = H + 2 * PH - DH * (KH - 1), Wo = W + 2 * PW - DW * (KW - 1);
     const int64_t L = Ho * Wo, Le = (Ho - 1) * S + Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
     const int64_t plane = sg_pad_plane(H, PH, PW, S);
     const int64_t reach = (KH - 1) * DH * S + (KW - 1) * DW, nnzb = crow[R];
-    int64_t G = 1, NG = N, nlb = 1, P = 0, ltw = 0;
+    int64_t G = 1, NG = N, nlb = 1, P = 0, ltw = 0, tile = 0;
     for (int64_t g1 = 1; g1 <= N; g1++) {  /* images per group, lanes per item and tile: the fewest lanes computed */
         const int64_t ng = (N + g1 - 1) / g1, g = (N + ng - 1) / ng;  /* groups of equal size */
         if (g != g1) continue;
         int64_t tl = BC_XBYTES / (C * (int64_t)sizeof(T)) - reach * g;  /* lanes of an item: its x in L2 */
-        tl = tl < 4 * 28 ? 4 * 28 : tl > 16 * 28 ? 16 * 28 : tl;
+        tl = tl < 4 * P0 ? 4 * P0 : tl > 16 * P0 ? 16 * P0 : tl;
         if (g > 1 && reach * g > tl) break;  /* an item would read more of x around its lanes than in them */
         const int64_t nl = (Le * g + tl - 1) / tl;
         for (int q = 0; q < 4; q++) {
-            const int64_t w = ((Le * g + nl - 1) / nl + sizes[q] - 1) / sizes[q] * sizes[q];
-            if (P == 0 || ng * nl * w < NG * nlb * ltw) G = g, NG = ng, nlb = nl, P = sizes[q], ltw = w;
+            const int64_t pq = FN(bc_tiles)[q].p, w = ((Le * g + nl - 1) / nl + pq - 1) / pq * pq;
+            if (P == 0 || ng * nl * w < NG * nlb * ltw) G = g, NG = ng, nlb = nl, P = pq, ltw = w, tile = q;
         }
     }
     const int64_t lanes = Le * G;
@@ -862,10 +896,7 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
                             const T *w = wt + j0 * b * b + v;
                             T *yt = ytile + ((r - r0) * b + v) * ldt;
                             for (int64_t l0 = 0; l0 < ltw; l0 += P) {
-                                if (P == 28) FN(mk_bc_28)(nz, col + j0, w, b, K, X + l0, roff, tb);
-                                else if (P == 24) FN(mk_bc_24)(nz, col + j0, w, b, K, X + l0, roff, tb);
-                                else if (P == 20) FN(mk_bc_20)(nz, col + j0, w, b, K, X + l0, roff, tb);
-                                else FN(mk_bc_16)(nz, col + j0, w, b, K, X + l0, roff, tb);
+                                FN(bc_tiles)[tile].f(nz, col + j0, w, b, K, X + l0, roff, tb);
                                 /* (P lanes, VL outputs) -> VL rows of lanes, VL lanes at a time: the last
                                    one's columns past P spill into the next tile's lanes (written after) */
                                 for (int64_t q = 0; q < P; q += VL)
@@ -901,12 +932,12 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
     const int64_t S = W + PW > Wo ? W + PW : Wo;  /* pad_images' row stride (stride 1) */
     /* below 4 tiles of lanes in all, the weights' transposition costs more than output channels along
        the vector save (batch 1 on 8 x 8 and 4 x 4 images: 1.04-1.14x the time of positions along it) */
-    if (SH == 1 && SW == 1 && b % VL == 0 && N * ((Ho - 1) * S + Wo) >= 4 * 28)
+    if (SH == 1 && SW == 1 && b % VL == 0 && N * ((Ho - 1) * S + Wo) >= 4 * FN(bc_tiles)[0].p)
         return FN(conv2d_bcast)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
     if (SH == 1 && SW == 1)
         return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
     const int64_t ntiles = (L + LT - 1) / LT, ltw = ((L + ntiles - 1) / ntiles + VL - 1) / VL * VL;  /* tile width */
-    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = 4;
+    const int64_t OR = b >= 4 ? 4 : b >= 2 ? 2 : 1, LV = COLS_LV(OR);
     const int64_t items0 = N * ntiles;
     const int64_t RG = items0 >= 4 * nthreads ? 1 : (R < 4 * nthreads ? R : 4 * nthreads);
     const int64_t per = (R + RG - 1) / RG;
@@ -986,7 +1017,9 @@ static void FN(mk_sdd_rows_##OT##_##IV)(int64_t M, int64_t ot, const T *G, int64
     for (int64_t t = 0; t < ot; t++)                                                             \
         for (int v = 0; v < IV; v++) FN(st)(D + t * b + v * VL, acc[t][v]);                      \
 }
+#if SG_FITS(2, 8)
 MK_SDD_ROWS(8, 2)
+#endif
 MK_SDD_ROWS(8, 1)
 
 #define SDD_MC 64
@@ -1033,8 +1066,10 @@ int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G,
                         for (int64_t t0 = 0; t0 < ob; t0 += 8) {
                             const int64_t ot = ob - t0 < 8 ? ob - t0 : 8;
                             int64_t i0 = 0;
+#if SG_FITS(2, 8)
                             for (; i0 + 2 * VL <= b; i0 += 2 * VL)
                                 FN(mk_sdd_rows_8_2)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
+#endif
                             for (; i0 + VL <= b; i0 += VL)
                                 FN(mk_sdd_rows_8_1)(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
                             for (; i0 < b; i0++)
@@ -1083,7 +1118,16 @@ static void FN(mk_sdd_cols_##OT##_##IT)(int64_t P, int64_t L, int64_t ot, int64_
     for (int64_t t = 0; t < ot; t++)                                                             \
         for (int64_t u = 0; u < it; u++) D[t * b + u] = FN(hsum)(acc[t][u]) + tail[t][u];        \
 }
+/* 4 x IT dot products: 4 IT accumulators beside 4 + IT loaded vectors */
+#if SG_NREG >= 32
+#define SDD_IT 4
 MK_SDD_COLS(4, 4)
+#define SDD_COLS FN(mk_sdd_cols_4_4)
+#else
+#define SDD_IT 2
+MK_SDD_COLS(4, 2)
+#define SDD_COLS FN(mk_sdd_cols_4_2)
+#endif
 MK_SDD_COLS(1, 1)
 
 int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *G, const T *X,
@@ -1101,14 +1145,16 @@ int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, 
         T *D = dV + j * b * b;
         memset(D, 0, sizeof(T) * b * b);
         for (int64_t t0 = 0; t0 < ob; t0 += 4)
-            for (int64_t u0 = 0; u0 < kn; u0 += 4) {
-                const int64_t ot = ob - t0 < 4 ? ob - t0 : 4, it = kn - u0 < 4 ? kn - u0 : 4;
+            for (int64_t u0 = 0; u0 < kn; u0 += SDD_IT) {
+                const int64_t ot = ob - t0 < 4 ? ob - t0 : 4, it = kn - u0 < SDD_IT ? kn - u0 : SDD_IT;
                 if (b == 1) FN(mk_sdd_cols_1_1)(P, L, 1, 1, G, OUT, o0, X, IN, c0, D, b);
-                else FN(mk_sdd_cols_4_4)(P, L, ot, it, G, OUT, o0 + t0, X, IN, c0 + u0, D + t0 * b + u0, b);
+                else SDD_COLS(P, L, ot, it, G, OUT, o0 + t0, X, IN, c0 + u0, D + t0 * b + u0, b);
             }
     }
     return 0;
 }
+#undef SDD_IT
+#undef SDD_COLS
 #undef V
 #undef MI
 """
@@ -1116,6 +1162,6 @@ int FN(sg_sddmm_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, 
 
 def source() -> str:
     """The full translation unit: BODY for float, then for double."""
-    return (HEADER + "#define T float\n#define IT int32_t\n#define SUF _f32\n#define VL 16\n" + BODY
+    return (HEADER + "#define T float\n#define IT int32_t\n#define SUF _f32\n#define VL (SG_VBYTES / 4)\n" + BODY
             + "#undef T\n#undef IT\n#undef SUF\n#undef VL\n"
-            + "#define T double\n#define IT int64_t\n#define SUF _f64\n#define VL 8\n" + BODY)
+            + "#define T double\n#define IT int64_t\n#define SUF _f64\n#define VL (SG_VBYTES / 8)\n" + BODY)

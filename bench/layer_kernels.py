@@ -1,9 +1,9 @@
 """Per-layer sparse kernels against dense, side by side: dense (MKL and pre-packed oneDNN) vs
 PyTorch CSR / BSR vs sparsegraph.
 
-    python bench/kernels.py --quick --threads 1 2   # s in {0.75, 0.9}, blocks {1, 32}, batch 1/8/64/1024
-    python bench/kernels.py                         # blocks 1/16/32/64, batch 1/8/64/256/1024 (long)
-    python bench/kernels.py --quick --conv-only     # only the convolution table (a minute per thread count)
+    python bench/layer_kernels.py --quick --threads 1 2   # s in {0.75, 0.9}, blocks {1, 32}, batch 1/8/64/1024
+    python bench/layer_kernels.py                         # blocks 1/16/32/64, batch 1/8/64/256/1024 (long)
+    python bench/layer_kernels.py --quick --conv-only     # only the convolution table (a minute per thread count)
 
 Shapes: GPT-2 small projections (n x k = 768x768, 3072x768, 768x3072) and Llama-style ones
 (2048x2048, 5632x2048, 2048x5632) as linear layers with `batch` rows, and CIFAR ResNet-18 3x3
