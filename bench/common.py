@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 from typing import Callable
 
 import torch
@@ -61,6 +62,14 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     if (onednn := packed_linear(x, w, bias)) is not None:
         fns["onednn"] = onednn
     return fns
+
+
+def page_faults(fn: Callable[[], object]) -> int:
+    """Minor page faults during one call of `fn`: memory the allocator gave back to the OS and takes
+    again, zeroed page by page (glibc does this to large tensors freed and re-allocated every call)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def gflops(flop: float, seconds: float) -> float:

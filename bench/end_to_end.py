@@ -16,8 +16,11 @@ under `torch.inference_mode()` (lowered layers take their one-native-call eager 
 interleaved rounds in one process and reported as medians (`common.medians`); the ratio is to the
 dense original (iso-FLOP: the goal is 1.0x). The table names the CPU, its measured fp32 FMA peak
 and the thread count, and gives the dense original's GFLOP/s (FlopCounterMode's count) and its
-fraction of that peak. The lowered variants are decided at the first thread count given (the cost
-model is calibrated per thread count).
+fraction of that peak, and each variant's minor page faults in one call after the timed rounds
+(glibc returns large freed blocks to the OS, and a model whose activations are wider can take them
+back, zeroed page by page, on every call: `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` in the
+environment keep them, see the README). The lowered variants are decided at the first thread count
+given (the cost model is calibrated per thread count).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import sparsegraph as sg
 from sparsegraph.checks import count_flops
 from sparsegraph.models import builtin
 
-from common import dense_rate, describe, machine, medians, print_table, write_json
+from common import dense_rate, describe, machine, medians, page_faults, print_table, write_json
 
 INPUTS = {"gpt-mini": lambda: torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0)),
           "resnet18": lambda: torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
@@ -108,17 +111,18 @@ def main() -> None:
                 print(describe(machines[-1]), flush=True)
                 with torch.inference_mode():
                     times = medians({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds)
+                    faults = {k: page_faults(lambda m=m: m(x)) for k, m in models.items()}
                 base = times["dense original"]
                 for k, t in times.items():
                     rows.append({"model": name, "input": "x".join(map(str, x.shape)), "sparsity": s,
                                  "threads": threads, "variant": k, "ms": round(t * 1e3, 3),
-                                 "ratio_to_dense": round(t / base, 3)})
+                                 "ratio_to_dense": round(t / base, 3), "page_faults": faults[k]})
                     if k == "dense original":
                         rows[-1] |= dense_rate(flop, base, machines[-1])
                 print_table(f"{name} s={s}, input {tuple(x.shape)}, {threads} thread(s), {machines[-1]['cpu']}: "
                             "inference time vs the dense original",
                             [r for r in rows if r["model"] == name and r["sparsity"] == s and r["threads"] == threads],
-                            ["variant", "ms", "ratio_to_dense", "gflops", "peak_frac"])
+                            ["variant", "ms", "ratio_to_dense", "gflops", "peak_frac", "page_faults"])
     subset = sorted(args.models) != sorted(p.get_default("models"))
     models = "_" + "-".join(args.models) if subset else ""  # a subset of the models writes its own file
     name = "end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
