@@ -25,17 +25,20 @@ from sparsegraph.fsutil import atomic_write
 
 def cpu_id() -> str:
     """The CPU's family and model numbers (x86), which tell apart CPUs that share a model name: a
-    virtual machine's 'AMD EPYC' is a Zen 4 (family 25) or a Zen 5 (family 26)."""
+    virtual machine's 'AMD EPYC' is a Zen 3 (family 25, model 1), a Zen 4 (family 25, model 17) or a
+    Zen 5 (family 26)."""
     info = cpuinfo("cpu family", "model")
     return f"family {info['cpu family']}, model {info['model']}" if len(info) == 2 else ""
 
 
 def machine() -> dict:
-    """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), load."""
+    """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), the
+    native kernels' vector width (bytes: 64 with AVX-512, 32 with AVX2), load."""
     threads = torch.get_num_threads()
     peak = cpu.fma_peak(threads)
     return {"cpu": cpu_name(), "cpu_id": cpu_id(), "threads": threads, "cores": os.cpu_count(),
-            "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None, "torch": torch.__version__,
+            "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None,
+            "vector_bytes": cpu.library().sg_vector_bytes() if cpu.available() else None, "torch": torch.__version__,
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -43,7 +46,8 @@ def describe(m: dict | None = None) -> str:
     """One line naming the machine, printed at the top of every benchmark."""
     m = m or machine()
     return (f"{m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "") +
-            f", {m['threads']} thread(s), fp32 FMA peak {m['fp32_peak_gflops']} GFLOP/s, "
+            f", {m['threads']} thread(s), fp32 FMA peak {m['fp32_peak_gflops']} GFLOP/s"
+            + (f" ({m['vector_bytes']}-byte vectors)" if m.get("vector_bytes") else "") + ", "
             f"torch {m['torch']}, load {m['load']}")
 
 
