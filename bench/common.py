@@ -38,7 +38,7 @@ def machine() -> dict:
     peak = cpu.fma_peak(threads)
     return {"cpu": cpu_name(), "cpu_id": cpu_id(), "threads": threads, "cores": os.cpu_count(),
             "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None,
-            "vector_bytes": cpu.library().sg_vector_bytes() if cpu.available() else None, "torch": torch.__version__,
+            "vector_bytes": cpu.library().vector_bytes if cpu.available() else None, "torch": torch.__version__,
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
 

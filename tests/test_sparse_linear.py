@@ -11,22 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsegraph.backends import cpu
+from sparsegraph.backends.cost_model import cpuinfo
 from sparsegraph.backends.sparse_linear import (SparseLinearError, SparseWeight, block_mask_of, sparse_conv2d,
                                                 sparse_linear)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 def _targets() -> dict[str, int | None]:
     """The library's forms this CPU runs, by `-march`, with their vector bytes: its own, and on x86
     the AVX2 form (under AVX-512) and the SSE form, whose register tiles and vector widths differ."""
-    flags = _cpu_flags()
+    flags = set(cpuinfo("flags").get("flags", "").split())
     if platform.machine() != "x86_64" or "avx" not in flags:
         return {"native": None}
     out = {"native": 64 if "avx512f" in flags else 32}
@@ -53,7 +46,7 @@ def test_vector_width_follows_the_target():
     for march, vbytes in _targets().items():
         lib = cpu.load(march)
         if vbytes is not None:
-            assert lib.sg_vector_bytes() == vbytes, march
+            assert lib.sg_vector_bytes() == lib.vector_bytes == vbytes, march
     assert cpu._lanes(torch.zeros(1)) * 4 == cpu.library().sg_vector_bytes()
 
 

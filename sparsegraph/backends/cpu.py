@@ -126,6 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     }
     lib.sg_fma_peak.argtypes, lib.sg_fma_peak.restype = [i64, i32], ctypes.c_float
     lib.sg_vector_bytes.argtypes, lib.sg_vector_bytes.restype = [], ctypes.c_int
+    lib.vector_bytes = lib.sg_vector_bytes()  # read once: `_lanes` runs on every product
     for name, args in sigs.items():
         for suffix in ("_f32", "_f64"):
             fn = getattr(lib, name + suffix)
@@ -185,7 +186,7 @@ def fma_peak(threads: int | None = None) -> float | None:
         for _ in range(3):
             t = time.perf_counter()
             lib.sg_fma_peak(iters, threads)
-            best = max(best, iters * 6.0 * lib.sg_vector_bytes() * threads / (time.perf_counter() - t))
+            best = max(best, iters * 6.0 * lib.vector_bytes * threads / (time.perf_counter() - t))
         _peaks[threads] = best
     return _peaks[threads]
 
@@ -242,7 +243,7 @@ def _rows(lib, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tenso
 def _lanes(t: Tensor) -> int:
     """Elements per vector register (64 bytes with AVX-512, 32 with AVX2): blocks of a multiple of
     this run the packed rows kernel."""
-    return library().sg_vector_bytes() // t.element_size()
+    return library().vector_bytes // t.element_size()
 
 
 def _blocks_in_out(values: Tensor) -> Tensor:

@@ -503,7 +503,8 @@ COLS_TILES(MK_COLS)
 typedef void (*FN(mk_cols_fn))(int64_t, const int32_t *, int64_t, int64_t, const int32_t *, const T *, int64_t,
                                 int64_t, int64_t, int64_t, const T *, int64_t, const int64_t *, int64_t, T *, int64_t,
                                 const T *, int);
-#define COLS_ENTRY(OR, LV) [OR >= 4 ? OR / 4 + 1 : OR - 1][LV / 2] = FN(mk_cols_##OR##_##LV),
+#define COLS_ROW(OR) ((OR) >= 4 ? (OR) / 4 + 1 : (OR) - 1)  /* 1, 2, 4, 8 -> 0..3 (and LV 1, 2, 4 -> LV / 2) */
+#define COLS_ENTRY(OR, LV) [COLS_ROW(OR)][LV / 2] = FN(mk_cols_##OR##_##LV),
 static const FN(mk_cols_fn) FN(cols_table)[4][3] = {COLS_TILES(COLS_ENTRY)};
 #undef COLS_ENTRY
 #undef COLS_TILES
@@ -512,8 +513,8 @@ static void FN(cols_tile)(int64_t OR, int64_t LV, int64_t orr, const int32_t *co
                           int64_t nz, const int32_t *perm, const T *vals, int64_t b, int64_t so, int64_t si,
                           int64_t ob0, const T *X, int64_t ldx, const int64_t *roff, int64_t IN, T *Y, int64_t ldy,
                           const T *bias, int load) {
-    FN(cols_table)[OR >= 4 ? OR / 4 + 1 : OR - 1][LV / 2](orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff,
-                                                          IN, Y, ldy, bias, load);
+    FN(cols_table)[COLS_ROW(OR)][LV / 2](orr, col, j0, nz, perm, vals, b, so, si, ob0, X, ldx, roff, IN, Y, ldy, bias,
+                                         load);
 }
 
 int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const T *X, const T *vals,
