@@ -38,6 +38,15 @@ def target(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Runs a test with one thread (the kernels then skip the OpenMP region: SG_TEAM) and with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def test_vector_width_follows_the_target():
     """One vector is one register of the target (a wider GCC vector lives on the stack), and blocks
     of a multiple of its width take the packed kernels."""
@@ -130,7 +139,7 @@ def test_cols_layout_matches_dense(n, k, block, density, P, L, with_bias, impl, 
 
 @pytest.mark.parametrize("block,balanced", [(1, False), (16, False), (32, True)])
 @pytest.mark.parametrize("rows", [(1,), (64,), (4, 33)])
-def test_float32_against_float64(block, balanced, rows, target):
+def test_float32_against_float64(block, balanced, rows, target, threads):
     sw, w = _weight(200, 150, block, 0.2, 7, balanced, empty_rows=1)
     _check(sw, w, (*rows, 150), -1, True, "auto", torch.float32, 7)
 
@@ -145,7 +154,7 @@ def test_float32_against_float64(block, balanced, rows, target):
     (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
     (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
 ])
-def test_packed_rows_kernel_against_float64(n, k, block, rows, target):
+def test_packed_rows_kernel_against_float64(n, k, block, rows, target, threads):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
     dvalues, with empty block-rows, ragged edges, partial tiles and multi-chunk row counts."""
     sw, w = _weight(n, k, block, 0.3, 3, balanced=False, empty_rows=1)
@@ -161,18 +170,21 @@ def test_packed_rows_kernel_float64(rows, target):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_prepared_one_row_and_several_against_float64(dtype, target):
-    """`cpu.Prepared` (the packed kernel on its transposed copy of the blocks): one row and several,
-    ragged n and k, an empty block-row, a bias; an in-place update of the values makes it invalid."""
+def test_prepared_one_row_and_several_against_float64(dtype, target, threads):
+    """`cpu.Prepared` (the packed kernel on its transposed copy of the blocks): one row and several
+    (a non-contiguous x too), ragged n and k, an empty block-row, a bias; x with the wrong number of
+    features is not valid (the op then names the mismatch); an in-place update of the values makes it invalid."""
     sw, w = _weight(100, 70, 16, 0.4, 11, empty_rows=1, dtype=dtype)
     bias = torch.randn(100, dtype=dtype)
     prep = cpu.Prepared.make(sw.values, sw.crow, sw.col, bias, 100, 70, 16)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for rows in ((1, 70), (1, 1, 70), (5, 70)):
-        x = torch.randn(rows, dtype=dtype)
+    for x in (torch.randn(1, 70, dtype=dtype), torch.randn(1, 1, 70, dtype=dtype), torch.randn(5, 70, dtype=dtype),
+              torch.randn(70, 3, dtype=dtype).t()):
         assert prep.valid(x, bias)
         want = x.double() @ w.double().T + bias.double()
         torch.testing.assert_close(prep(x).double(), want, rtol=tol, atol=tol)
+    assert not prep.valid(torch.randn(2, 35, dtype=dtype), bias) and not prep.valid(torch.randn(70, dtype=dtype)[0],
+                                                                                       bias)
     sw.values.mul_(2)
     assert not prep.valid(x, bias)
 
@@ -200,7 +212,11 @@ def test_eager_inference_takes_one_native_call_and_sees_weight_updates():
 
     with torch.no_grad():
         y = layer(x)
-    assert isinstance(lowered._prepared.get(layer), cpu.Prepared)
+        prep = lowered._prepared.get(layer)
+        assert isinstance(prep, cpu.Prepared)
+        with pytest.raises(SparseLinearError, match="dtype"):  # an input it does not accept: the op names why
+            layer(x.double())
+        assert lowered._prepared.get(layer) is prep  # and the weight is not prepared again
     torch.testing.assert_close(y, reference(), rtol=1e-5, atol=1e-5)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     out = layer(x)  # autograd: the op, differentiable

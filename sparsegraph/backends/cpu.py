@@ -126,6 +126,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     }
     lib.sg_fma_peak.argtypes, lib.sg_fma_peak.restype = [i64, i32], ctypes.c_float
     lib.sg_vector_bytes.argtypes, lib.sg_vector_bytes.restype = [], ctypes.c_int
+    for suffix in ("_f32", "_f64"):
+        fn = getattr(lib, "sg_rows_plan" + suffix)
+        fn.argtypes, fn.restype = [ptr, i64, ptr, ptr, i32], ctypes.c_int
     lib.vector_bytes = lib.sg_vector_bytes()  # read once: `_lanes` runs on every product
     for name, args in sigs.items():
         for suffix in ("_f32", "_f64"):
@@ -200,10 +203,12 @@ def _native(*tensors: Tensor):
     lib = library()
     if lib is None:
         return None
-    t0 = tensors[0]
-    if t0.dtype not in (torch.float32, torch.float64) or any(
-            t is not None and (t.device.type != "cpu" or t.dtype != t0.dtype) for t in tensors):
+    dtype = tensors[0].dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
         return None
+    for t in tensors:  # (a loop, not any(...): this runs on every product, one row included)
+        if t is not None and (not t.is_cpu or t.dtype is not dtype):
+            return None
     return lib
 
 
@@ -263,29 +268,36 @@ def _rows_packed(lib, x: Tensor, wp: Tensor, crow: Tensor, col: Tensor, perm: Te
     return y
 
 
+class _Plan(ctypes.Structure):
+    """`sg_plan_t`: one fixed weight's arguments of `sg_rows_packed`."""
+    _fields_ = [("in_", ctypes.c_int64), ("out", ctypes.c_int64), ("b", ctypes.c_int64), ("wp", ctypes.c_void_p),
+                ("crow", ctypes.c_void_p), ("col", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
 class Prepared:
     """`linear` for one fixed weight as a single native call: pointers, kernel and the blocks in
-    (in, out) order are resolved once, so a call costs one `torch.empty` and one ctypes call (the
-    eager inference path of lowered layers, where the op's Python dispatch would cost more than a
-    small product). `valid(x, bias)` says whether it still applies: x a plain CPU tensor of the
-    weight's dtype, the same bias, and the same values, bias and index tensors, unchanged since (their
-    storage and version counters: an optimizer step or an in-place DST update makes a new one)."""
+    (in, out) order are resolved once, so a call costs one `torch.empty` and one ctypes call of four
+    arguments (the eager inference path of lowered layers, where the op's Python dispatch would cost
+    more than a small product). `valid(x, bias)` says whether it applies: x a plain CPU tensor of the
+    weight's dtype with k features (`accepts`), and the same bias, and the same values, bias and index
+    tensors, unchanged since (`current`: their storage and version counters; an optimizer step or an
+    in-place DST update makes a new one)."""
 
-    __slots__ = ("fn", "src", "state", "keep", "args", "n", "k", "dtype")
+    __slots__ = ("fn", "plan", "src", "state", "keep", "n", "k", "dtype")
 
     def __init__(self, lib, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int, b: int):
         wp, crow32, col32 = _blocks_in_out(values), _i32(crow), _i32(col)
         bias_c = bias.detach().contiguous() if bias is not None else None
-        self.fn = getattr(lib, "sg_rows_packed" + _sfx(values))
+        self.fn = getattr(lib, "sg_rows_plan" + _sfx(values))
         self.src = (values, bias, crow, col)
         self.state = self._state(self.src)
-        self.keep = (wp, crow32, col32, bias_c)  # the buffers the pointers point into
+        self.keep = (wp, crow32, col32, bias_c)  # the buffers the plan points into
         self.n, self.k, self.dtype = n, k, values.dtype
-        self.args = (k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c))
+        self.plan = ctypes.byref(_Plan(k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c)))
 
     @staticmethod
-    def _state(tensors) -> tuple:
-        return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    def _state(tensors) -> list:
+        return [(t.data_ptr(), t._version) if t is not None else None for t in tensors]
 
     @classmethod
     def make(cls, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
@@ -297,20 +309,24 @@ class Prepared:
             return None  # (inference tensors keep no version counter to check)
         return cls(lib, values, crow, col, bias, n, k, b)
 
-    def valid(self, x: Tensor, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
+    def current(self, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
+        """The weight it was made for is still the layer's, unchanged."""
         values, b0, crow0, col0 = self.src
-        return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == self.dtype and bias is b0
-                and (crow is None or crow is crow0) and (col is None or col is col0)
+        return (bias is b0 and (crow is None or crow is crow0) and (col is None or col is col0)
                 and self._state(self.src) == self.state)
 
+    def accepts(self, x: Tensor) -> bool:
+        return type(x) is Tensor and x.is_cpu and x.dtype is self.dtype and x.dim() > 0 and x.shape[-1] == self.k
+
+    def valid(self, x: Tensor, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
+        return self.accepts(x) and self.current(bias, crow, col)
+
     def __call__(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.k).contiguous()  # (M, k)
-        M = x2.shape[0]
-        y = torch.empty(M, self.n, dtype=x.dtype)  # (M, n)
-        if M:
-            k, n, b, wp, crow, col, bias = self.args
-            _check(self.fn(M, k, n, b, x2.data_ptr(), k, wp, crow, col, None, 0, bias, y.data_ptr(), n, _threads()))
-        return y.view(*x.shape[:-1], self.n)
+        x = x if x.is_contiguous() else x.contiguous()  # (..., k)
+        y = torch.empty((*x.shape[:-1], self.n), dtype=self.dtype)  # (..., n)
+        if M := y.numel() // self.n:
+            _check(self.fn(self.plan, M, x.data_ptr(), y.data_ptr(), _threads()))
+        return y
 
 
 def _cols(lib, X: Tensor, values: Tensor, crow: Tensor, col: Tensor, perm: Tensor | None, so: int, si: int,

@@ -48,9 +48,23 @@ HEADER = r"""
 #else
 #define SG_NREG 16
 #endif
+/* A parallel region entered only when it pays: with one thread GOMP's team start and barriers cost 2-3 us a
+ * call (a one-row product of a GPT-2 layer at s = 0.9 takes 6-9 us), so below `par` the body runs directly,
+ * its worksharing loops orphaned (each then runs whole on the calling thread). The body is written once, as
+ * the last argument, its loops marked _Pragma("omp for ..."); `clauses` go to the parallel directive. */
+#define SG_PRAGMA(x) _Pragma(#x)
+#define SG_TEAM(par, clauses, ...)                                                              \
+    do {                                                                                        \
+        if (par) { SG_PRAGMA(omp parallel num_threads(nthreads) clauses) { __VA_ARGS__ } }      \
+        else { __VA_ARGS__ }                                                                    \
+    } while (0)
 /* an MR x NV tile of accumulators fits beside one row of NV weight vectors and a broadcast */
 #define SG_FITS(NV, MR) ((MR) * (NV) + (NV) < SG_NREG)
 #define SG_NVMAX (SG_NREG >= 32 ? 4 : 2)  /* output vectors per tile of the rows kernels */
+/* Independent sums a tile of MR x NV accumulators keeps along k, so that about 8 FMAs are in flight
+ * (two FMA ports, 4 cycles of latency): a small tile (few rows of x) would otherwise wait on each
+ * accumulator's previous FMA. */
+#define SG_KSETS(NV, MR) ((MR) * (NV) >= 8 ? 1 : (MR) * (NV) >= 4 ? 2 : (MR) * (NV) >= 2 ? 4 : 8)
 int sg_abi_version(void) { return 1; }
 int sg_vector_bytes(void) { return SG_VBYTES; }
 /* Work buffers that outlive the call: per thread (the caller's, and each OpenMP thread's), one per
@@ -87,6 +101,9 @@ static void *sg_scratch(int slot, size_t bytes) {  /* 64-byte aligned; NULL if o
     }
     return s->p[slot];
 }
+/* one fixed weight's arguments of sg_rows_packed (W's blocks stored (in, out), x and y dense), so that a
+ * product of it passes four values (cpu.Prepared: at one row the call's cost is the product's) */
+typedef struct { int64_t in, out, b; const void *wp, *crow, *col, *bias; } sg_plan_t;
 /* the most blocks in any block-row: the size of a per-block-row packing buffer */
 static int64_t sg_max_row_blocks(const int32_t *crow, int64_t R) {
     int64_t m = 0;
@@ -267,13 +284,25 @@ static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
 }
 
 #define MK_PACKED(NV, MR)                                                                        \
-_Static_assert(SG_FITS(NV, MR), "register tile too large");                                     \
+/* one k of the tile: acc[i][:] += x[i][kk] * w's row kk (NV vectors) */                        \
+static inline __attribute__((always_inline)) void FN(p_step_##NV##_##MR)(V (*acc)[NV], const T *wk, \
+        const T *const *xr, int64_t ck) {                                                        \
+    V wv[NV];                                                                                    \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = FN(ld)(wk + v * VL);            \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                                      \
+        const T a = xr[i][ck];                                                                   \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv[v] * a;             \
+    }                                                                                            \
+}                                                                                                \
+_Static_assert(SG_FITS(NV, MR * SG_KSETS(NV, MR)), "register tile too large");                  \
 static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
         const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, T *y, int64_t ldy,    \
         int64_t mr, int64_t olim, const T *bias) {                                               \
-    V acc[MR][NV];                                                                               \
-    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                        \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (V){0};                 \
+    enum { KS = SG_KSETS(NV, MR) };                                                              \
+    V acc[KS][MR][NV];  /* KS partial sums over k = kk mod KS, added up at the end */            \
+    _Pragma("GCC unroll 8") for (int s = 0; s < KS; s++)                                         \
+        _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[s][i][v] = (V){0};          \
     const T *xr[MR];  /* row i of the tile (the last real row again past mr: read, never stored) */ \
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = xp + (i < mr ? i : mr - 1) * ldx; \
     for (int64_t i = 0; i < mr; i++)  /* y's lines, owned by the time the tile is stored */      \
@@ -281,20 +310,20 @@ static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t I
     for (int64_t jj = 0; jj < nz; jj++) {                                                        \
         const int64_t c = (int64_t)colr[jj] * b, kn = IN - c < b ? IN - c : b;                   \
         const T *w = wp + (permr ? permr[jj] : jj) * b * b;                                      \
-        for (int64_t kk = 0; kk < kn; kk++) {                                                    \
-            V wv[NV];                                                                            \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = FN(ld)(w + kk * b + v * VL); \
-            _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                              \
-                const T a = xr[i][c + kk];                                                       \
-                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv[v] * a;     \
-            }                                                                                    \
-        }                                                                                        \
+        int64_t kk = 0;                                                                          \
+        for (; kk + KS <= kn; kk += KS)                                                          \
+            _Pragma("GCC unroll 8") for (int s = 0; s < KS; s++)                                 \
+                FN(p_step_##NV##_##MR)(acc[s], w + (kk + s) * b, xr, c + kk + s);                \
+        for (; kk < kn; kk++) FN(p_step_##NV##_##MR)(acc[0], w + kk * b, xr, c + kk);            \
     }                                                                                            \
+    _Pragma("GCC unroll 8") for (int s = 1; s < KS; s++)                                         \
+        _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[0][i][v] += acc[s][i][v];   \
     for (int64_t i = 0; i < mr; i++)                                                             \
         for (int v = 0; v < NV; v++) {                                                           \
             const int64_t left = olim - v * VL;                                                  \
             if (left <= 0) break;                                                                \
-            V out = acc[i][v];                                                                   \
+            V out = acc[0][i][v];                                                                \
             if (left >= VL) { if (bias) out += FN(ld)(bias + v * VL); FN(st)(y + i * ldy + v * VL, out); } \
             else for (int64_t l = 0; l < left; l++) y[i * ldy + v * VL + l] = out[l] + (bias ? bias[v * VL + l] : 0); \
         }                                                                                        \
@@ -355,25 +384,24 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     if (trans && !row_t && (wt = (T *)sg_scratch(SG_W, sizeof(T) * (size_t)(crow[R] * b * b))) == NULL) return 1;
     const double work = (double)M * (double)crow[R] * (double)(b * b);
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (work > 32768.0) reduction(| : failed)
-    {
+    SG_TEAM(nthreads > 1 && work > 32768.0, reduction(| : failed), {
         T *panel = row_t ? (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(maxnz * b * b)) : NULL;
         failed |= row_t && panel == NULL;  /* (the thread still takes part in every worksharing loop) */
         if (wt) {
-#pragma omp for schedule(static)
+_Pragma("omp for schedule(static)")
             for (int64_t j = 0; j < crow[R]; j++) FN(transpose_block)(wt + j * b * b, wp + j * b * b, b);
         }
         for (int64_t t0 = 0; t0 < ntile; t0 += per_chunk) {
             const int64_t t1 = t0 + per_chunk < ntile ? t0 + per_chunk : ntile;
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
             if (pack_x) {
-#pragma omp for schedule(static)
+_Pragma("omp for schedule(static)")
                 for (int64_t m = c0; m < c1; m++) {
                     memcpy(xp + (m - c0) * ldp, x + m * ldx, sizeof(T) * IN);
                     memset(xp + (m - c0) * ldp + IN, 0, sizeof(T) * (ldp - IN));
                 }
             }
-#pragma omp for schedule(dynamic, 1)
+_Pragma("omp for schedule(dynamic, 1)")
             for (int64_t r = 0; r < R; r++) {
                 const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = crow[r + 1] - crow[r];
                 const T *wr = (wt ? wt : wp) + (perm ? 0 : (int64_t)crow[r] * b * b);
@@ -400,8 +428,13 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                 }
             }
         }
-    }
+    });
     return failed;
+}
+
+int FN(sg_rows_plan)(const sg_plan_t *p, int64_t M, const T *x, T *y, int nthreads) {
+    return FN(sg_rows_packed)(M, p->in, p->out, p->b, x, p->in, (const T *)p->wp, (const int32_t *)p->crow,
+                              (const int32_t *)p->col, NULL, 0, (const T *)p->bias, y, p->out, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -529,7 +562,7 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
     if (L <= LB) LB = L;
     const int64_t NLB = (L + LB - 1) / LB;
     const int64_t chunk = CHUNK(P * NLB * R, nthreads);
-#pragma omp parallel for collapse(3) schedule(dynamic, chunk) num_threads(nthreads) if (work > 32768.0)
+    SG_TEAM(nthreads > 1 && work > 32768.0, , _Pragma("omp for collapse(3) schedule(dynamic, chunk)")
     for (int64_t p = 0; p < P; p++) {
       for (int64_t lb = 0; lb < NLB; lb++) {
         for (int64_t r = 0; r < R; r++) {
@@ -542,7 +575,7 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
                 T s = 0;
                 if (perm) for (int64_t j = j0; j < j0 + nz; j++) s += vals[perm[j]] * Xp[col[j]];
                 else {
-#pragma omp simd reduction(+ : s)
+_Pragma("omp simd reduction(+ : s)")
                     for (int64_t j = j0; j < j0 + nz; j++) s += vals[j] * Xp[col[j]];
                 }
                 Yp[o0] = s + (bias ? bias[o0] : 0);
@@ -597,7 +630,7 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
             }
         }
       }
-    }
+    });
     return 0;
 }
 

@@ -65,11 +65,10 @@ def _fast(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> "cpu
     buf = module._buffers
     crow, col = buf["weight_crow"], buf["weight_col"]
     prep = _prepared.get(module)
-    if prep is None or not prep.valid(x, bias, crow, col):
+    if prep is None or not prep.current(bias, crow, col):  # (re)made only when the weight changed
         lay = module.weight_layout
-        prep = cpu.Prepared.make(module.weight_values, crow, col, bias, lay.n, lay.k, lay.block)
-        _prepared[module] = prep
-    return prep if prep is not None and prep.valid(x, bias, crow, col) else None
+        _prepared[module] = prep = cpu.Prepared.make(module.weight_values, crow, col, bias, lay.n, lay.k, lay.block)
+    return prep if prep is not None and prep.accepts(x) else None
 
 
 def sparse_product(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
