@@ -5,6 +5,7 @@
     python bench/end_to_end.py --models gpt-mini --sparsity 0.75
     python bench/end_to_end.py --models hf-gpt2 --threads 1 2   # HF GPT-2 (2 layers, d 512, vocab 2048)
     python bench/end_to_end.py --models resnet18 --threads 1    # one model: end_to_end_resnet18_t1.json
+    python bench/end_to_end.py --models resnet18 --threads 1 --keep-heap   # freed memory kept (cpu.keep_heap)
 
 For each built-in model and sparsity: the dense original; Sparse Wide run masked-dense (the
 trainable `weight * mask` graph), and lowered with `sg.lower` (balanced block masks and uniform
@@ -18,8 +19,8 @@ dense original (iso-FLOP: the goal is 1.0x). The table names the CPU, its measur
 and the thread count, and gives the dense original's GFLOP/s (FlopCounterMode's count) and its
 fraction of that peak, and each variant's minor page faults in one call after the timed rounds
 (glibc returns large freed blocks to the OS, and a model whose activations are wider can take them
-back, zeroed page by page, on every call: `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` in the
-environment keep them, see the README). The lowered variants are decided at the first thread count
+back, zeroed page by page, on every call: `--keep-heap` runs `cpu.keep_heap()` first, which keeps them,
+and writes `..._heap_kept.json`; see the README). The lowered variants are decided at the first thread count
 given (the cost model is calibrated per thread count).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 import torch
 
 import sparsegraph as sg
+from sparsegraph.backends import cpu
 from sparsegraph.checks import count_flops
 from sparsegraph.models import builtin
 
@@ -93,7 +95,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     p.add_argument("--quick", action="store_true", help="s = 0.75 only, fewer rounds")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: PyTorch's)")
+    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
     args = p.parse_args()
+    if args.keep_heap and not cpu.keep_heap():
+        p.error("--keep-heap: glibc's malloc only")
     sparsities = args.sparsity or ([0.75] if args.quick else [0.75, 0.9])
     rounds = args.rounds or (7 if args.quick else 15)
     rows, machines = [], []
@@ -107,7 +112,7 @@ def main() -> None:
             flop = count_flops(models["dense original"], (x,))
             for threads in args.threads or [torch.get_num_threads()]:
                 torch.set_num_threads(threads)
-                machines.append(machine())
+                machines.append(machine() | {"heap_kept": args.keep_heap})
                 print(describe(machines[-1]), flush=True)
                 with torch.inference_mode():
                     times = medians({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds)
@@ -125,7 +130,8 @@ def main() -> None:
                             ["variant", "ms", "ratio_to_dense", "gflops", "peak_frac", "page_faults"])
     subset = sorted(args.models) != sorted(p.get_default("models"))
     models = "_" + "-".join(args.models) if subset else ""  # a subset of the models writes its own file
-    name = "end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_t{t}" for t in args.threads or [])
+    name = ("end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_s{s:g}" for s in args.sparsity or [])
+            + "".join(f"_t{t}" for t in args.threads or []) + ("_heap_kept" if args.keep_heap else ""))
     print("wrote", write_json(name, rows, machines=machines, rounds=rounds, timing="median of interleaved rounds"))
 
 

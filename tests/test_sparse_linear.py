@@ -189,6 +189,42 @@ def test_prepared_one_row_and_several_against_float64(dtype, target, threads):
     assert not prep.valid(x, bias)
 
 
+_HEAP_PROBE = """
+import ctypes, torch
+from sparsegraph.backends import cpu
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+def activation(mib=40):  # bytes mapped for a block of `mib` MiB, bytes free in the heap once it is freed
+    mapped = mallinfo2().hblkhd
+    t = torch.empty(mib << 18)
+    mapped = mallinfo2().hblkhd - mapped
+    del t
+    return mapped, mallinfo2().fordblks
+print(*activation(), *activation())
+assert cpu.keep_heap()
+print(*activation())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_heap_keeps_freed_blocks_in_the_heap():
+    """As is, glibc maps every block over 32 MiB on its own, unmaps it when it is freed and maps it
+    afresh (its pages faulted in again) the next time; after `keep_heap` such a block comes from the
+    heap and stays there, free, for the next forward. (In a child process: the setting is the process's;
+    below 32 MiB glibc's own thresholds adapt, and whether it trims depends on the heap's layout.)"""
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mapped, _, mapped_again, _, mapped_kept, free_kept = map(int, out.stdout.split())
+    MiB = 1 << 20
+    assert mapped >= 40 * MiB and mapped_again >= 40 * MiB, out.stdout  # as is
+    assert mapped_kept == 0 and free_kept >= 40 * MiB, out.stdout  # kept
+    with pytest.raises(ValueError, match="positive"):
+        cpu.keep_heap(0)
+
+
 def _lowered(n=96, k=64, block=16, seed=0):
     from sparsegraph.nn.lowered import LoweredLinear, SparseLayout
 
