@@ -320,7 +320,8 @@ class Prepared:
         self.state = self._state(self.src)
         self.keep = (wp, crow32, col32, bias_c)  # the buffers the plan points into
         self.n, self.k, self.dtype = n, k, values.dtype
-        self.plan = ctypes.byref(_Plan(k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c)))
+        plan = _Plan(k, n, b, wp.data_ptr(), crow32.data_ptr(), col32.data_ptr(), _p(bias_c))
+        self.plan = ctypes.byref(plan)  # (which holds the struct)
 
     @staticmethod
     def _state(tensors) -> list:

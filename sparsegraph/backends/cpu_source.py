@@ -388,20 +388,20 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
         T *panel = row_t ? (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(maxnz * b * b)) : NULL;
         failed |= row_t && panel == NULL;  /* (the thread still takes part in every worksharing loop) */
         if (wt) {
-_Pragma("omp for schedule(static)")
+            _Pragma("omp for schedule(static)")
             for (int64_t j = 0; j < crow[R]; j++) FN(transpose_block)(wt + j * b * b, wp + j * b * b, b);
         }
         for (int64_t t0 = 0; t0 < ntile; t0 += per_chunk) {
             const int64_t t1 = t0 + per_chunk < ntile ? t0 + per_chunk : ntile;
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
             if (pack_x) {
-_Pragma("omp for schedule(static)")
+                _Pragma("omp for schedule(static)")
                 for (int64_t m = c0; m < c1; m++) {
                     memcpy(xp + (m - c0) * ldp, x + m * ldx, sizeof(T) * IN);
                     memset(xp + (m - c0) * ldp + IN, 0, sizeof(T) * (ldp - IN));
                 }
             }
-_Pragma("omp for schedule(dynamic, 1)")
+            _Pragma("omp for schedule(dynamic, 1)")
             for (int64_t r = 0; r < R; r++) {
                 const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = crow[r + 1] - crow[r];
                 const T *wr = (wt ? wt : wp) + (perm ? 0 : (int64_t)crow[r] * b * b);
@@ -575,7 +575,7 @@ int FN(sg_cols)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const 
                 T s = 0;
                 if (perm) for (int64_t j = j0; j < j0 + nz; j++) s += vals[perm[j]] * Xp[col[j]];
                 else {
-_Pragma("omp simd reduction(+ : s)")
+                    _Pragma("omp simd reduction(+ : s)")
                     for (int64_t j = j0; j < j0 + nz; j++) s += vals[j] * Xp[col[j]];
                 }
                 Yp[o0] = s + (bias ? bias[o0] : 0);
