@@ -172,21 +172,23 @@ def test_packed_rows_kernel_float64(rows, target):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_prepared_one_row_and_several_against_float64(dtype, target, threads):
     """`cpu.Prepared` (the packed kernel on its transposed copy of the blocks): one row and several
-    (a non-contiguous x too), ragged n and k, an empty block-row, a bias; x with the wrong number of
-    features is not valid (the op then names the mismatch); an in-place update of the values makes it invalid."""
+    (a non-contiguous x too), ragged n and k, an empty block-row, a bias; it does not accept x of the
+    wrong shape or dtype (the op then names the mismatch), and an in-place update of the values or
+    another bias makes it stale."""
     sw, w = _weight(100, 70, 16, 0.4, 11, empty_rows=1, dtype=dtype)
     bias = torch.randn(100, dtype=dtype)
     prep = cpu.Prepared.make(sw.values, sw.crow, sw.col, bias, 100, 70, 16)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for x in (torch.randn(1, 70, dtype=dtype), torch.randn(1, 1, 70, dtype=dtype), torch.randn(5, 70, dtype=dtype),
               torch.randn(70, 3, dtype=dtype).t()):
-        assert prep.valid(x, bias)
+        assert prep.accepts(x) and prep.current(bias, sw.crow, sw.col)
         want = x.double() @ w.double().T + bias.double()
         torch.testing.assert_close(prep(x).double(), want, rtol=tol, atol=tol)
-    assert not prep.valid(torch.randn(2, 35, dtype=dtype), bias) and not prep.valid(torch.randn(70, dtype=dtype)[0],
-                                                                                       bias)
+    for wrong in (torch.randn(2, 35, dtype=dtype), torch.randn(70, dtype=dtype)[0], x.to(torch.float16)):
+        assert not prep.accepts(wrong)
+    assert not prep.current(torch.randn(100, dtype=dtype))  # another bias
     sw.values.mul_(2)
-    assert not prep.valid(x, bias)
+    assert not prep.current(bias)
 
 
 _HEAP_PROBE = """

@@ -305,10 +305,9 @@ class Prepared:
     """`linear` for one fixed weight as a single native call: pointers, kernel and the blocks in
     (in, out) order are resolved once, so a call costs one `torch.empty` and one ctypes call of four
     arguments (the eager inference path of lowered layers, where the op's Python dispatch would cost
-    more than a small product). `valid(x, bias)` says whether it applies: x a plain CPU tensor of the
-    weight's dtype with k features (`accepts`), and the same bias, and the same values, bias and index
-    tensors, unchanged since (`current`: their storage and version counters; an optimizer step or an
-    in-place DST update makes a new one)."""
+    more than a small product). It applies to x a plain CPU tensor of the weight's dtype with k features
+    (`accepts`) while the bias, values and index tensors are the same ones, unchanged since (`current`:
+    their storage and version counters; an optimizer step or an in-place DST update makes a new one)."""
 
     __slots__ = ("fn", "plan", "src", "state", "keep", "n", "k", "dtype")
 
@@ -345,9 +344,6 @@ class Prepared:
 
     def accepts(self, x: Tensor) -> bool:
         return type(x) is Tensor and x.is_cpu and x.dtype is self.dtype and x.dim() > 0 and x.shape[-1] == self.k
-
-    def valid(self, x: Tensor, bias: Tensor | None, crow: Tensor | None = None, col: Tensor | None = None) -> bool:
-        return self.accepts(x) and self.current(bias, crow, col)
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x if x.is_contiguous() else x.contiguous()  # (..., k)
