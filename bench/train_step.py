@@ -3,6 +3,7 @@
     python bench/train_step.py                          # gpt-mini and HF GPT-2, s = 0.75 and 0.9
     python bench/train_step.py --quick                  # fewer rounds and measured steps
     python bench/train_step.py --models hf-gpt2 --sparsity 0.9 --threads 2
+    python bench/train_step.py --quick --threads 1 --keep-heap    # freed memory kept (cpu.keep_heap) while timing
 
 A step is forward, loss, backward, AdamW `step` and `zero_grad()` (gradients set to None). For
 every model and sparsity s, three variants:
@@ -34,6 +35,10 @@ a (model, s) in one process. Memory is reported two ways:
           resident size follows live memory instead of the allocator's free lists (with the default,
           adaptive threshold, freed activations stay resident and the peak depends on allocation order).
 
+`--keep-heap` runs `cpu.keep_heap()` before timing (the memory runs keep their own setting): a
+step frees and allocates its activations again, and glibc otherwise returns the large ones to the
+system and takes them back, zeroed page by page (see the README).
+
 Ratios are to the dense original, whose row also gives its GFLOP/s (FlopCounterMode's count of one
 step's forward and backward) and that rate's fraction of the machine's FMA peak. The targets (issue
 15): a step within 1.4x of the dense step, and at s = 0.9 the compact form's peak within 1.5x of
@@ -57,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsegraph as sg
+from sparsegraph.backends import cpu
 from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
@@ -307,6 +313,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3 timing rounds and 2 measured steps per memory run")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 9, 3 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -314,6 +321,8 @@ def main() -> None:
     if args.memory_child is not None:
         print(RESULT + json.dumps(memory_run(json.loads(args.memory_child))), flush=True)
         return
+    if args.keep_heap and not cpu.keep_heap():
+        p.error("--keep-heap: glibc's malloc only")
     threads = torch.get_num_threads()
     rounds = args.rounds or (3 if args.quick else 9)
     steps = 2 if args.quick else 3
@@ -346,8 +355,9 @@ def main() -> None:
                         done, ["variant", "ms", "time_ratio", "gflops", "peak_frac", "peak_mb", "peak_ratio",
                                "state_mb", "state_ratio", "params_mb", "optimizer_mb", "buffers_mb"])
     rows = ratios(rows)
-    out = "train_step" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
-    print("wrote", write_json(out, rows, rounds=rounds, measured_steps=steps, mask=MASK,
+    out = "train_step" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "") \
+        + ("_heap_kept" if args.keep_heap else "")
+    print("wrote", write_json(out, rows, heap_kept=args.keep_heap, rounds=rounds, measured_steps=steps, mask=MASK,
                               timing="median of interleaved rounds (common.medians)",
                               memory="peak: VmHWM during the steps minus VmRSS before the build, fresh process per "
                                      f"variant, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; state: exact bytes of "

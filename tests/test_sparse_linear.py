@@ -152,6 +152,7 @@ def test_float32_against_float64(block, balanced, rows, target, threads):
     (96, 100, 48, (13,)),      # three vectors
     (200, 96, 96, (33,)),      # two lane groups (64 + 32)
     (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
+    (1030, 100, 32, (450,)),   # dY's rows 4 KiB apart: its panels copied per chunk too (three, the last ragged)
     (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
 ])
 def test_packed_rows_kernel_against_float64(n, k, block, rows, target, threads):

@@ -1023,99 +1023,111 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
  * SDDMM, rows layout: dV[j](o, i) = sum_m G[m, o0 + o] X[m, c0 + i] on the nonzero blocks j of
  * B (out block-row r of j, in block col[j]); dV is (nnzb, b, b) in (out, in) orientation, zero
  * at ragged edges. An OT x IV tile (OT output rows, IV vectors of input lanes) runs down SDD_MC
- * rows at a time, adding to dV. Rows go in chunks whose X fits in half of L2 (SDD_L2): the
- * threads first copy the chunk of X into one contiguous, zero-padded (rows, b) panel per block
- * column, then take block-rows, copying each SDD_MC rows of the block-row's columns of G into a
- * panel of their own. Read in place, the rows of G and X lie a row stride apart (4 KiB for 1024
+ * rows at a time, adding to dV. Rows go in chunks whose panels fit in SDD_L2 bytes: the threads
+ * first copy the chunk, row by row, into one contiguous, zero-padded (rows, b) panel per block
+ * column of X, then take block-rows, copying each SDD_MC rows of the block-row's columns of G into
+ * a panel of their own. Read in place, the rows of G and X lie a row stride apart (4 KiB for 1024
  * outputs), all in the same few L1 sets, and the tiles of each block re-read them from L2 (panels
  * per block: 1.6-2.2x as fast on GPT-sized layers at 1-2k rows, one thread); a panel of X copied
- * per block was copied again for every block of its column, a quarter of the block-rows at 75%
- * sparsity (one copy per chunk: another 1.2-1.9x at 75% and 90% sparsity, 1 and 2 threads).
+ * per block was copied again for every block of its column (one copy per chunk: another 1.2-1.9x
+ * at 75% and 90% sparsity, 1 and 2 threads). When G's rows lie a page apart or more, its panels
+ * too are copied per chunk, rows read whole: per block-row, each of the SDD_MC rows was on a page
+ * of its own (0.77-1.03x the time, median 0.96, at 1024 and 4096 outputs, 75% and 90% sparse, 1
+ * and 2 threads, Zen 3); with rows closer, the chunk's copy cost more than it saved (1.06-1.27x at
+ * 256 outputs).
  * ---------------------------------------------------------------------------------------- */
 #define MK_SDD_ROWS(OT, IV)                                                                      \
 _Static_assert(SG_FITS(IV, OT), "register tile too large");                                     \
-static void FN(mk_sdd_rows_##OT##_##IV)(int64_t M, int64_t ot, const T *G, int64_t ldg,         \
-        const T *X, int64_t ldx, T *D, int64_t b) {                                              \
+static void FN(mk_sdd_rows_##OT##_##IV)(int64_t M, const T *G, int64_t ldg, const T *X, int64_t ldx, \
+        T *D, int64_t b) {                                                                       \
     V acc[OT][IV];                                                                               \
     _Pragma("GCC unroll 8") for (int t = 0; t < OT; t++)                                         \
-        _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++)                                     \
-            acc[t][v] = t < ot ? FN(ld)(D + t * b + v * VL) : (V){0};                            \
+        _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) acc[t][v] = FN(ld)(D + t * b + v * VL); \
     for (int64_t m = 0; m < M; m++) {                                                            \
         V xv[IV];                                                                                \
         _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) xv[v] = FN(ld)(X + m * ldx + v * VL); \
         const T *g = G + m * ldg;                                                                \
         _Pragma("GCC unroll 8") for (int t = 0; t < OT; t++) {                                   \
-            const T a = g[t < ot ? t : ot - 1];                                                  \
+            const T a = g[t];                                                                    \
             _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) acc[t][v] += xv[v] * a;         \
         }                                                                                        \
     }                                                                                            \
-    for (int64_t t = 0; t < ot; t++)                                                             \
-        for (int v = 0; v < IV; v++) FN(st)(D + t * b + v * VL, acc[t][v]);                      \
+    _Pragma("GCC unroll 8") for (int t = 0; t < OT; t++)                                         \
+        _Pragma("GCC unroll 2") for (int v = 0; v < IV; v++) FN(st)(D + t * b + v * VL, acc[t][v]); \
 }
-/* SDD_OT output rows beside two vectors of X, or one (with 16 registers 6 x 2 took 0.54-0.98x the
- * time of 8 x 1 on GPT-2 and Llama layers at 1-2k rows, one thread) */
+/* exact tiles of SDD_OT, 4, 2 or 1 output rows beside two vectors of X, or one (with 16 registers
+ * 6 x 2 took 0.54-0.98x the time of 8 x 1 on GPT-2 and Llama layers at 1-2k rows, one thread; one
+ * tile of SDD_OT rows for fewer computed 36 rows of a 32-wide block and branched on the rows it
+ * kept: exact tiles took 0.89-0.99x its time) */
 #if SG_NREG >= 32
 #define SDD_OT 8
-MK_SDD_ROWS(8, 2)
-MK_SDD_ROWS(8, 1)
-#define SDD_ROWS2 FN(mk_sdd_rows_8_2)
-#define SDD_ROWS1 FN(mk_sdd_rows_8_1)
+#define SDD_TILES(X) X(8, 2) X(8, 1) X(4, 2) X(4, 1) X(2, 2) X(2, 1) X(1, 2) X(1, 1)
 #else
 #define SDD_OT 6
-MK_SDD_ROWS(6, 2)
-MK_SDD_ROWS(6, 1)
-#define SDD_ROWS2 FN(mk_sdd_rows_6_2)
-#define SDD_ROWS1 FN(mk_sdd_rows_6_1)
+#define SDD_TILES(X) X(6, 2) X(6, 1) X(4, 2) X(4, 1) X(2, 2) X(2, 1) X(1, 2) X(1, 1)
 #endif
+SDD_TILES(MK_SDD_ROWS)
+typedef void (*FN(mk_sdd_fn))(int64_t, const T *, int64_t, const T *, int64_t, T *, int64_t);
+#define SDD_ROW(OT) ((OT) == SDD_OT ? 3 : (OT) / 2)  /* 1, 2, 4, SDD_OT -> 0..3 */
+#define SDD_ENTRY(OT, IV) [SDD_ROW(OT)][IV - 1] = FN(mk_sdd_rows_##OT##_##IV),
+static const FN(mk_sdd_fn) FN(sdd_table)[4][2] = {SDD_TILES(SDD_ENTRY)};
 
 #define SDD_MC 64
-#define SDD_L2 (1024 * 1024)  /* bytes of X's chunk, packed: half a 2 MiB L2 */
+#define SDD_L2 (1024 * 1024)  /* bytes of a chunk's panels */
+static inline void FN(panel_row)(T *dst, const T *src, int64_t left, int64_t b) {  /* b values, zeros past left */
+    const int64_t n = left < b ? left : b;
+    memcpy(dst, src, sizeof(T) * (size_t)n);
+    if (n < b) memset(dst + n, 0, sizeof(T) * (size_t)(b - n));
+}
 int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G, int64_t ldg,
                        const T *X, int64_t ldx, const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
     const int64_t R = (OUT + b - 1) / b, C = (IN + b - 1) / b, nnzb = crow[R];
     const double work = (double)M * (double)nnzb * (double)(b * b);
-    int64_t mcl = SDD_L2 / (int64_t)(sizeof(T) * C * b) / SDD_MC * SDD_MC;
+    const int64_t RG = ldg * (int64_t)sizeof(T) >= 4096 ? R : 0;  /* G's panels per chunk if its rows are pages apart */
+    int64_t mcl = SDD_L2 / (int64_t)(sizeof(T) * (C + RG) * b) / SDD_MC * SDD_MC;
     mcl = mcl < SDD_MC ? SDD_MC : mcl > M ? M : mcl;
-    T *Xk = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(mcl * C * b));  /* (C, mcl, b): X's chunk by block column */
+    /* the chunk's panels: X by block column (C, mcl, b), then G by block-row (RG, mcl, b) */
+    T *Xk = (T *)sg_scratch(SG_X, sizeof(T) * (size_t)(mcl * (C + RG) * b)), *Gk = Xk + mcl * C * b;
     if (Xk == NULL) return 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (work > 32768.0)
     {
-        T *Gp = (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(SDD_MC * b));
-        failed = Gp == NULL;
+        T *Gt = RG ? NULL : (T *)sg_scratch(SG_TILE, sizeof(T) * (size_t)(SDD_MC * b));  /* else G's, per block-row */
+        failed = !RG && Gt == NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
             memset(dV + (int64_t)crow[r] * b * b, 0, sizeof(T) * (size_t)((crow[r + 1] - crow[r]) * b * b));
         for (int64_t ml = 0; ml < M; ml += mcl) {
             const int64_t mk = M - ml < mcl ? M - ml : mcl;
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < mk; m++)  /* X's rows, each block column to its panel, zero past IN */
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t kn = IN - c * b < b ? IN - c * b : b;
-                    T *dst = Xk + (c * mcl + m) * b;
-                    memcpy(dst, X + (ml + m) * ldx + c * b, sizeof(T) * kn);
-                    if (kn < b) memset(dst + kn, 0, sizeof(T) * (b - kn));
-                }
+            for (int64_t m = 0; m < mk; m++) {  /* row m of X (and G), each block to its panel */
+                for (int64_t c = 0; c < C; c++)
+                    FN(panel_row)(Xk + (c * mcl + m) * b, X + (ml + m) * ldx + c * b, IN - c * b, b);
+                for (int64_t r = 0; r < RG; r++)
+                    FN(panel_row)(Gk + (r * mcl + m) * b, G + (ml + m) * ldg + r * b, OUT - r * b, b);
+            }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t r = 0; r < R; r++) {
                 if (failed) continue;
-                const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b;
+                const int64_t ob = OUT - r * b < b ? OUT - r * b : b;
                 for (int64_t m0 = 0; m0 < mk; m0 += SDD_MC) {
                     const int64_t mc = mk - m0 < SDD_MC ? mk - m0 : SDD_MC;
-                    for (int64_t m = 0; m < mc; m++) {  /* the block-row's columns of G, zero past ob */
-                        memcpy(Gp + m * b, G + (ml + m0 + m) * ldg + o0, sizeof(T) * ob);
-                        if (ob < b) memset(Gp + m * b + ob, 0, sizeof(T) * (b - ob));
-                    }
+                    if (!RG)
+                        for (int64_t m = 0; m < mc; m++)
+                            FN(panel_row)(Gt + m * b, G + (ml + m0 + m) * ldg + r * b, ob, b);
+                    const T *Gp = RG ? Gk + (r * mcl + m0) * b : Gt;
                     for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
                         const T *Xp = Xk + ((int64_t)col[j] * mcl + m0) * b;
                         T *D = dV + j * b * b;
-                        for (int64_t t0 = 0; t0 < ob; t0 += SDD_OT) {
-                            const int64_t ot = ob - t0 < SDD_OT ? ob - t0 : SDD_OT;
+                        for (int64_t t0 = 0, ot; t0 < ob; t0 += ot) {
+                            const int64_t left = ob - t0;
+                            ot = left == SDD_OT || left >= SDD_OT + 4 ? SDD_OT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                            const FN(mk_sdd_fn) *tile = FN(sdd_table)[SDD_ROW(ot)];
                             int64_t i0 = 0;
                             for (; i0 + 2 * VL <= b; i0 += 2 * VL)
-                                SDD_ROWS2(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
+                                tile[1](mc, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
                             for (; i0 + VL <= b; i0 += VL)
-                                SDD_ROWS1(mc, ot, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
+                                tile[0](mc, Gp + t0, b, Xp + i0, b, D + t0 * b + i0, b);
                             for (; i0 < b; i0++)
                                 for (int64_t t = 0; t < ot; t++) {
                                     T s = 0;
@@ -1133,8 +1145,9 @@ int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G,
 #undef SDD_MC
 #undef SDD_L2
 #undef SDD_OT
-#undef SDD_ROWS2
-#undef SDD_ROWS1
+#undef SDD_TILES
+#undef SDD_ROW
+#undef SDD_ENTRY
 
 /* ------------------------------------------------------------------------------------------
  * SDDMM, cols layout: dV[j](o, i) = sum_p sum_l G[p, o0 + o, l] X[p, c0 + i, l]; dot products
