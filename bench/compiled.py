@@ -3,6 +3,7 @@
     python bench/compiled.py                       # gpt-mini and HF GPT-2, s = 0.75 and 0.9, inference + training
     python bench/compiled.py --quick               # s = 0.75 only, fewer rounds, no training rows
     python bench/compiled.py --models gpt-mini --sparsity 0.75 --threads 1
+    python bench/compiled.py --quick --threads 1 --keep-heap   # freed memory kept (cpu.keep_heap)
 
 Models: the built-in gpt-mini (4 layers, d 128, input 16 x 128 tokens) and a Hugging Face GPT-2
 built from its config (2 layers, d 512, 8 heads, vocab 2048, 128 positions, `use_cache=False`,
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsegraph as sg
-from sparsegraph.backends import compile as sgc
+from sparsegraph.backends import compile as sgc, cpu
 from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
@@ -188,7 +189,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="s = 0.75 only, 5 rounds, no training rows")
     p.add_argument("--no-train", action="store_true", help="inference rows only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
     args = p.parse_args()
+    if args.keep_heap and not cpu.keep_heap():
+        p.error("--keep-heap: glibc's malloc only")
     # every variant compiles the same forward (one code object): raise Dynamo's recompile limit,
     # and fail rather than fall back to eager silently should it still be hit
     torch._dynamo.config.recompile_limit = 64
@@ -211,8 +215,10 @@ def main() -> None:
                 common.print_table(f"{name} s={s}, input {got[0]['input']} (ms; x = ratio)", got,
                                    ["mode", "variant", "ms", "x_dense_eager", "x_dense_compiled", "max_err",
                                     "gflops", "peak_frac"])
-    out = "compiled" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
-    print("wrote", common.write_json(out, rows, rounds=rounds, timing="median of interleaved rounds",
+    out = "compiled" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "") \
+        + ("_heap_kept" if args.keep_heap else "")
+    print("wrote", common.write_json(out, rows, heap_kept=args.keep_heap, rounds=rounds,
+                                     timing="median of interleaved rounds",
                                      threads=torch.get_num_threads()))
 
 
