@@ -843,34 +843,49 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
  * lanes computed. At stride 2 (phases of the padded image, every tap a shift of one of them) it ran
  * 0.92-1.16x the time of the im2col tiles, so other strides keep those. */
 #define MK_BC(P)                                                                                  \
-_Static_assert(SG_FITS(1, P), "register tile too large");                                        \
+_Static_assert(SG_FITS(BC_NW, P), "register tile too large");                                    \
 static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t b, int64_t K,      \
                           const T *X, const int64_t *roff, T *tb) {                               \
-    V acc[P];                                                                                     \
-    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) acc[t] = (V){0};                         \
+    V acc[P][BC_NW];                                                                              \
+    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++)                                          \
+        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) acc[t][u] = (V){0};               \
     for (int64_t jj = 0; jj < nz; jj++) {                                                         \
         const int64_t c = (int64_t)colr[jj] * b, kn = K - c < b ? K - c : b;                      \
         const T *w = wt + jj * b * b;                                                             \
         for (int64_t i = 0; i < kn; i++) {                                                        \
-            const V wv = FN(ld)(w + i * b);                                                       \
+            V wv[BC_NW];                                                                          \
+            _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) wv[u] = FN(ld)(w + i * b + u * VL); \
             const T *xr = X + roff[c + i];                                                        \
             __asm__("" : "+r"(xr));  /* xr[t] as one register + offset: indexed, the fused FMA splits */ \
-            _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) acc[t] += wv * xr[t];            \
+            _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) {                                \
+                const T a = xr[t];                                                                \
+                _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) acc[t][u] += wv[u] * a;   \
+            }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++) FN(st)(tb + t * VL, acc[t]);             \
+    _Pragma("GCC unroll 32") for (int t = 0; t < P; t++)                                          \
+        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) FN(st)(tb + (u * 32 + t) * VL, acc[t][u]); \
 }
-/* P lanes per tile, widest first: 28 beside the weight vector (AVX-512's FMA takes the broadcast
- * from memory), 14 beside it and a broadcast register with 16 registers */
+/* P lanes per tile, widest first, beside BC_NW vectors of output channels: 28 x 1 with AVX-512 (its
+ * FMA takes the broadcast from memory); with 16 registers 6 or 5 x 2 and a broadcast register, half
+ * the broadcasts per multiply-add (14-8 x 1 took 1.07-1.40x its time on the widened ResNet-18's 3x3
+ * layers, blocks 16 and 32, s = 0.75 and 0.9, batch 32, one thread, Zen 3; 0.87-1.32x at two
+ * threads); 4 or 3 x 2 tiles, whose 8 or 6 accumulators cannot hide the FMA's latency, lost that
+ * again on the layers whose lanes chose them */
 #if SG_NREG >= 32
+#define BC_NW 1
 #define BC_TILES(X) X(28) X(24) X(20) X(16)
+#define BC_MIN_LANES 112  /* four tiles of the widest */
 #else
-#define BC_TILES(X) X(14) X(12) X(10) X(8)
+#define BC_NW 2
+#define BC_TILES(X) X(6) X(5)
+#define BC_MIN_LANES 56  /* four tiles of 14 x 1, where it was measured */
 #endif
 BC_TILES(MK_BC)
 typedef void (*FN(mk_bc_fn))(int64_t, const int32_t *, const T *, int64_t, int64_t, const T *, const int64_t *, T *);
 #define BC_ENTRY(P) {P, FN(mk_bc_##P)},
-static const struct { int64_t p; FN(mk_bc_fn) f; } FN(bc_tiles)[4] = {BC_TILES(BC_ENTRY)};
+static const struct { int64_t p; FN(mk_bc_fn) f; } FN(bc_tiles)[] = {BC_TILES(BC_ENTRY)};
+#define BC_NTILES ((int)(sizeof(FN(bc_tiles)) / sizeof(FN(bc_tiles)[0])))
 #undef BC_ENTRY
 #undef BC_TILES
 #define BC_XBYTES (512 * 1024)
@@ -892,7 +907,7 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
         tl = tl < 4 * P0 ? 4 * P0 : tl > 16 * P0 ? 16 * P0 : tl;
         if (g > 1 && reach * g > tl) break;  /* an item would read more of x around its lanes than in them */
         const int64_t nl = (Le * g + tl - 1) / tl;
-        for (int q = 0; q < 4; q++) {
+        for (int q = 0; q < BC_NTILES; q++) {
             const int64_t pq = FN(bc_tiles)[q].p, w = ((Le * g + nl - 1) / nl + pq - 1) / pq * pq;
             if (P == 0 || ng * nl * w < NG * nlb * ltw) G = g, NG = ng, nlb = nl, P = pq, ltw = w, tile = q;
         }
@@ -921,23 +936,25 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
             for (int64_t p = 0; p < NG; p++)
                 for (int64_t t = 0; t < nlb; t++) {
                     if (failed) continue;
-                    T tb[32 * VL] __attribute__((aligned(64))) = {0};  /* (lanes, VL outputs); rows P.. stay 0 */
+                    T tb[BC_NW * 32 * VL] __attribute__((aligned(64))) = {0};  /* BC_NW x (lanes, VL outputs) */
                     const int64_t r0 = g * per, r1 = (g + 1) * per < R ? (g + 1) * per : R, lb = t * ltw;
                     const T *X = xp + p * C * plane * G + lb;
                     for (int64_t r = r0; r < r1; r++)
-                        for (int64_t v = 0; v < b && r * b + v < OUT; v += VL) {
+                        for (int64_t v = 0; v < b && r * b + v < OUT; v += BC_NW * VL) {
                             const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
                             const T *w = wt + j0 * b * b + v;
                             T *yt = ytile + ((r - r0) * b + v) * ldt;
                             for (int64_t l0 = 0; l0 < ltw; l0 += P) {
                                 FN(bc_tiles)[tile].f(nz, col + j0, w, b, K, X + l0, roff, tb);
-                                /* (P lanes, VL outputs) -> VL rows of lanes, VL lanes at a time: the last
-                                   one's columns past P spill into the next tile's lanes (written after) */
-                                for (int64_t q = 0; q < P; q += VL)
-                                    FN(transpose_tile)(yt + l0 + q, ldt, tb + q * VL, VL);
+                                /* each (P lanes, VL outputs) -> VL rows of lanes, VL lanes at a time (rows
+                                   P.. of tb stay 0): the last one's columns past P spill into the next
+                                   tile's lanes (written after) */
+                                for (int u = 0; u < BC_NW; u++)
+                                    for (int64_t q = 0; q < P; q += VL)
+                                        FN(transpose_tile)(yt + u * VL * ldt + l0 + q, ldt, tb + (u * 32 + q) * VL, VL);
                             }
                             if (bias)
-                                for (int64_t o = 0; o < VL && r * b + v + o < OUT; o++)
+                                for (int64_t o = 0; o < BC_NW * VL && r * b + v + o < OUT; o++)
                                     for (int64_t l = 0; l < ltw; l++) yt[o * ldt + l] += bias[r * b + v + o];
                         }
                     const int64_t o1 = r1 * b < OUT ? r1 * b : OUT, lt = lanes - lb < ltw ? lanes - lb : ltw;
@@ -964,9 +981,9 @@ int FN(sg_conv2d)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64
     if (Ho <= 0 || Wo <= 0) return 0;
     const int64_t L = Ho * Wo, K = C * KH * KW, R = (OUT + b - 1) / b;
     const int64_t S = W + PW > Wo ? W + PW : Wo;  /* pad_images' row stride (stride 1) */
-    /* below 4 tiles of lanes in all, the weights' transposition costs more than output channels along
+    /* below BC_MIN_LANES lanes in all, the weights' transposition costs more than output channels along
        the vector save (batch 1 on 8 x 8 and 4 x 4 images: 1.04-1.14x the time of positions along it) */
-    if (SH == 1 && SW == 1 && b % VL == 0 && N * ((Ho - 1) * S + Wo) >= 4 * FN(bc_tiles)[0].p)
+    if (SH == 1 && SW == 1 && b % (BC_NW * VL) == 0 && N * ((Ho - 1) * S + Wo) >= BC_MIN_LANES)
         return FN(conv2d_bcast)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
     if (SH == 1 && SW == 1)
         return FN(conv2d_shifted)(N, C, H, W, OUT, KH, KW, PH, PW, DH, DW, S, b, x, vals, crow, col, bias, y, nthreads);
