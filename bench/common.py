@@ -42,6 +42,21 @@ def machine() -> dict:
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
 
+def add_keep_heap(p) -> None:
+    """The `--keep-heap` option of the timing benchmarks (see `keep_heap`)."""
+    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
+
+
+def keep_heap(p, args) -> str:
+    """`--keep-heap`: `cpu.keep_heap()` now (glibc only, else the parser's error), so that wide activations
+    freed and allocated again are not faulted back in on every call; returns the result name's suffix."""
+    if not args.keep_heap:
+        return ""
+    if not cpu.keep_heap():
+        p.error("--keep-heap: glibc's malloc only")
+    return "_heap_kept"
+
+
 def describe(m: dict | None = None) -> str:
     """One line naming the machine, printed at the top of every benchmark."""
     m = m or machine()

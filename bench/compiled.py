@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsegraph as sg
-from sparsegraph.backends import compile as sgc, cpu
+from sparsegraph.backends import compile as sgc
 from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
@@ -189,10 +189,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="s = 0.75 only, 5 rounds, no training rows")
     p.add_argument("--no-train", action="store_true", help="inference rows only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
-    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
+    common.add_keep_heap(p)
     args = p.parse_args()
-    if args.keep_heap and not cpu.keep_heap():
-        p.error("--keep-heap: glibc's malloc only")
+    heap_kept = common.keep_heap(p, args)
     # every variant compiles the same forward (one code object): raise Dynamo's recompile limit,
     # and fail rather than fall back to eager silently should it still be hit
     torch._dynamo.config.recompile_limit = 64
@@ -216,7 +215,7 @@ def main() -> None:
                                    ["mode", "variant", "ms", "x_dense_eager", "x_dense_compiled", "max_err",
                                     "gflops", "peak_frac"])
     out = "compiled" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "") \
-        + ("_heap_kept" if args.keep_heap else "")
+        + heap_kept
     print("wrote", common.write_json(out, rows, heap_kept=args.keep_heap, rounds=rounds,
                                      timing="median of interleaved rounds",
                                      threads=torch.get_num_threads()))

@@ -31,11 +31,11 @@ import time
 import torch
 
 import sparsegraph as sg
-from sparsegraph.backends import cpu
 from sparsegraph.checks import count_flops
 from sparsegraph.models import builtin
 
-from common import dense_rate, describe, machine, medians, page_faults, print_table, write_json
+from common import (add_keep_heap, dense_rate, describe, keep_heap, machine, medians, page_faults,
+                    print_table, write_json)
 
 INPUTS = {"gpt-mini": lambda: torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0)),
           "resnet18": lambda: torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
@@ -95,10 +95,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     p.add_argument("--quick", action="store_true", help="s = 0.75 only, fewer rounds")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: PyTorch's)")
-    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
+    add_keep_heap(p)
     args = p.parse_args()
-    if args.keep_heap and not cpu.keep_heap():
-        p.error("--keep-heap: glibc's malloc only")
+    heap_kept = keep_heap(p, args)
     sparsities = args.sparsity or ([0.75] if args.quick else [0.75, 0.9])
     rounds = args.rounds or (7 if args.quick else 15)
     rows, machines = [], []
@@ -131,7 +130,7 @@ def main() -> None:
     subset = sorted(args.models) != sorted(p.get_default("models"))
     models = "_" + "-".join(args.models) if subset else ""  # a subset of the models writes its own file
     name = ("end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_s{s:g}" for s in args.sparsity or [])
-            + "".join(f"_t{t}" for t in args.threads or []) + ("_heap_kept" if args.keep_heap else ""))
+            + "".join(f"_t{t}" for t in args.threads or []) + heap_kept)
     print("wrote", write_json(name, rows, machines=machines, rounds=rounds, timing="median of interleaved rounds"))
 
 

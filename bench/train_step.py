@@ -62,12 +62,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsegraph as sg
-from sparsegraph.backends import cpu
 from sparsegraph.checks import call_flops
 from sparsegraph.models import builtin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import dense_rate, describe, machine, medians, print_table, write_json  # noqa: E402
+from common import (add_keep_heap, dense_rate, describe, keep_heap, machine, medians,  # noqa: E402
+                    print_table, write_json)
 
 MASK = "balanced_block:32"
 VARIANTS = ("dense", "masked-dense", "compact", "compact+ckpt")
@@ -313,7 +313,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3 timing rounds and 2 measured steps per memory run")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 9, 3 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
-    p.add_argument("--keep-heap", action="store_true", help="keep freed memory in the heap (cpu.keep_heap)")
+    add_keep_heap(p)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -321,8 +321,7 @@ def main() -> None:
     if args.memory_child is not None:
         print(RESULT + json.dumps(memory_run(json.loads(args.memory_child))), flush=True)
         return
-    if args.keep_heap and not cpu.keep_heap():
-        p.error("--keep-heap: glibc's malloc only")
+    heap_kept = keep_heap(p, args)
     threads = torch.get_num_threads()
     rounds = args.rounds or (3 if args.quick else 9)
     steps = 2 if args.quick else 3
@@ -356,7 +355,7 @@ def main() -> None:
                                "state_mb", "state_ratio", "params_mb", "optimizer_mb", "buffers_mb"])
     rows = ratios(rows)
     out = "train_step" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "") \
-        + ("_heap_kept" if args.keep_heap else "")
+        + heap_kept
     print("wrote", write_json(out, rows, heap_kept=args.keep_heap, rounds=rounds, measured_steps=steps, mask=MASK,
                               timing="median of interleaved rounds (common.medians)",
                               memory="peak: VmHWM during the steps minus VmRSS before the build, fresh process per "

@@ -282,6 +282,11 @@ static void FN(transpose_block)(T *dst, const T *src, int64_t b) {
     for (int64_t o0 = 0; o0 < b; o0 += VL)
         for (int64_t i0 = 0; i0 < b; i0 += VL) FN(transpose_tile)(dst + i0 * b + o0, b, src + o0 * b + i0, b);
 }
+static inline void FN(panel_row)(T *dst, const T *src, int64_t left, int64_t b) {  /* b values, zeros past left */
+    const int64_t n = left < b ? left : b;
+    memcpy(dst, src, sizeof(T) * (size_t)n);
+    if (n < b) memset(dst + n, 0, sizeof(T) * (size_t)(b - n));
+}
 
 #define MK_PACKED(NV, MR)                                                                        \
 /* one k of the tile: acc[i][:] += x[i][kk] * w's row kk (NV vectors) */                        \
@@ -396,10 +401,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
             if (pack_x) {
                 _Pragma("omp for schedule(static)")
-                for (int64_t m = c0; m < c1; m++) {
-                    memcpy(xp + (m - c0) * ldp, x + m * ldx, sizeof(T) * IN);
-                    memset(xp + (m - c0) * ldp + IN, 0, sizeof(T) * (ldp - IN));
-                }
+                for (int64_t m = c0; m < c1; m++) FN(panel_row)(xp + (m - c0) * ldp, x + m * ldx, IN, ldp);
             }
             _Pragma("omp for schedule(dynamic, 1)")
             for (int64_t r = 0; r < R; r++) {
@@ -828,20 +830,21 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
 #undef CL
 #undef JB
 
-/* stride-1 convolution for b a multiple of VL, output channels along the vector: on the padded
- * images of pad_images and their extended lanes, a register tile holds P lanes x VL output channels
- * of one block-row and runs over all of the row's blocks, acc[t] += x[roff[k] + l + t] * W^T[k, VL
- * channels]: one 4-byte broadcast per FMA, where positions along the vector load a shifted vector
- * per tap, split across two cache lines at most taps (the stride-1 3 x 3 layers of a Sparse Wide
- * ResNet-18, block 16, one thread: 1.2-1.5x as fast at s = 0.75, 1.3-1.7x at s = 0.9), and the sum
- * stays in registers over all of K. The tile goes to a (outputs, lanes) tile of y by register
- * transposes (scattered to y's rows directly, 4 KiB apart at 32 x 32, that layer ran 1.6x slower).
- * W's blocks are transposed to (in, out) once per call (SG_W). A work item is ltw lanes of one group
- * (their x, all channels, sized to stay in L2) and a group of block-rows whose weights stay in L2
- * as all items pass (on the 4 x 4 stage, 9 MB of weights would otherwise stream from memory once
- * per item). Images per group, lanes per item and P (from MK_BC's sizes) are chosen for the fewest
- * lanes computed. At stride 2 (phases of the padded image, every tap a shift of one of them) it ran
- * 0.92-1.16x the time of the im2col tiles, so other strides keep those. */
+/* stride-1 convolution for b a multiple of BC_NW vectors, output channels along the vector: on the
+ * padded images of pad_images and their extended lanes, a register tile holds P lanes x BC_NW
+ * vectors of output channels of one block-row and runs over all of the row's blocks, acc[t][u] +=
+ * x[roff[k] + l + t] * W^T[k, VL channels u]: one 4-byte broadcast per BC_NW FMAs, where positions
+ * along the vector load a shifted vector per tap, split across two cache lines at most taps (the
+ * stride-1 3 x 3 layers of a Sparse Wide ResNet-18, block 16, one thread: 1.2-1.5x as fast at
+ * s = 0.75, 1.3-1.7x at s = 0.9), and the sum stays in registers over all of K. The tile goes to a
+ * (outputs, lanes) tile of y by register transposes (scattered to y's rows directly, 4 KiB apart at
+ * 32 x 32, that layer ran 1.6x slower). W's blocks are transposed to (in, out) once per call (SG_W).
+ * A work item is ltw lanes of one group (their x, all channels, sized to stay in L2) and a group of
+ * block-rows whose weights stay in L2 as all items pass (on the 4 x 4 stage, 9 MB of weights would
+ * otherwise stream from memory once per item). Images per group, lanes per item and P (from MK_BC's
+ * sizes) are chosen for the fewest lanes computed. At stride 2 (phases of the padded image, every
+ * tap a shift of one of them) it ran 0.92-1.16x the time of the im2col tiles, so other strides keep
+ * those. */
 #define MK_BC(P)                                                                                  \
 _Static_assert(SG_FITS(BC_NW, P), "register tile too large");                                    \
 static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t b, int64_t K,      \
@@ -1091,11 +1094,6 @@ static const FN(mk_sdd_fn) FN(sdd_table)[4][2] = {SDD_TILES(SDD_ENTRY)};
 
 #define SDD_MC 64
 #define SDD_L2 (1024 * 1024)  /* bytes of a chunk's panels */
-static inline void FN(panel_row)(T *dst, const T *src, int64_t left, int64_t b) {  /* b values, zeros past left */
-    const int64_t n = left < b ? left : b;
-    memcpy(dst, src, sizeof(T) * (size_t)n);
-    if (n < b) memset(dst + n, 0, sizeof(T) * (size_t)(b - n));
-}
 int FN(sg_sddmm_rows)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *G, int64_t ldg,
                        const T *X, int64_t ldx, const int32_t *crow, const int32_t *col, T *dV, int nthreads) {
     const int64_t R = (OUT + b - 1) / b, C = (IN + b - 1) / b, nnzb = crow[R];
