@@ -383,15 +383,16 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     const int mi = FN(mr_index)(M, nv0), TM = FN(mr_sizes)[mi];
     const int64_t ntile = (M + TM - 1) / TM;
     const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
-    /* chunks of about 128 KiB of x and at least 8 tiles. A chunk is first copied at a row stride of
-     * Kp + one vector (zero-padded past IN) when x's own stride is a multiple of 2 KiB (a tile's rows
-     * would share one L1 set) or x is too large to have stayed in L2 since it was written: the copy
-     * streams it in, where a tile, reading a few lines of each of its rows per block, would take
-     * scattered cache misses at memory latency. */
+    /* chunks of about 128 KiB of x and at least 4 tiles (8 made a chunk of long rows outgrow L2: at
+     * 3-5.6k inputs 4 took 0.88-1.0x the time, 1 and 2 threads, Zen 3). A chunk is first copied at a
+     * row stride of Kp + one vector (zero-padded past IN) when x's own stride is a multiple of 2 KiB (a
+     * tile's rows would share one L1 set) or x is too large to have stayed in L2 since it was written:
+     * the copy streams it in, where a tile, reading a few lines of each of its rows per block, would
+     * take scattered cache misses at memory latency. */
     const int pack_x = (IN * (int64_t)sizeof(T)) % 2048 == 0 || (double)M * IN * sizeof(T) > 262144.0;
     const int64_t ldp = pack_x ? Kp + VL : ldx;
     const double tile_bytes = (double)(pack_x ? ldp : IN) * TM * sizeof(T);
-    const int64_t per_chunk = 131072 / tile_bytes > 8 ? (int64_t)(131072 / tile_bytes) : 8;
+    const int64_t per_chunk = 131072 / tile_bytes > 4 ? (int64_t)(131072 / tile_bytes) : 4;
     T *xp = NULL;
     if (pack_x) {
         xp = (T *)sg_scratch(SG_X, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
