@@ -384,7 +384,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     const int64_t ntile = (M + TM - 1) / TM;
     const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
     /* chunks of about 128 KiB of x and at least 4 tiles (8 made a chunk of long rows outgrow L2: at
-     * 3-5.6k inputs 4 took 0.88-1.0x the time, 1 and 2 threads, Zen 3). A chunk is first copied at a
+     * 3-4.6k inputs 4 took 0.88-1.0x the time, 1 and 2 threads, Zen 3). A chunk is first copied at a
      * row stride of Kp + one vector (zero-padded past IN) when x's own stride is a multiple of 2 KiB (a
      * tile's rows would share one L1 set) or x is too large to have stayed in L2 since it was written:
      * the copy streams it in, where a tile, reading a few lines of each of its rows per block, would
