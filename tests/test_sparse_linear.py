@@ -154,6 +154,7 @@ def test_float32_against_float64(block, balanced, rows, target, threads):
     (40, 4100, 32, (150,)),    # X's rows over 1 MiB: dvalues in chunks of 64 rows, the last ragged
     (1030, 100, 32, (450,)),   # dY's rows 4 KiB apart: its panels copied per chunk too (three, the last ragged)
     (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
+    (6000, 128, 32, (60,)),    # dX's rows of 6000 inputs, ~56 blocks per block-row: dY's columns in slices
 ])
 def test_packed_rows_kernel_against_float64(n, k, block, rows, target, threads):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
@@ -168,6 +169,20 @@ def test_packed_rows_kernel_float64(rows, target):
     shared copy up front (several chunks: 700 rows)."""
     sw, w = _weight(100, 520, 16, 0.3, 5, balanced=False, empty_rows=1)
     _check(sw, w, (*rows, 520), -1, True, "auto", torch.float64, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_long_rows_in_slices_against_float64(dtype, threads):
+    """Rows of 6000 inputs with ~56 blocks per block-row (and one empty block-row): the packed kernel
+    takes x's columns in slices, summing y over them; the bias is added once."""
+    sw, w = _weight(200, 6000, 32, 0.3, 13, empty_rows=1, dtype=dtype)
+    bias = torch.randn(200, dtype=dtype)
+    prep = cpu.Prepared.make(sw.values, sw.crow, sw.col, bias, 200, 6000, 32)
+    x = torch.randn(60, 6000, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    want = x.double() @ w.double().T + bias.double()
+    scale = want.abs().max().item()
+    assert (prep(x).double() - want).abs().max().item() <= tol * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -147,6 +147,7 @@ typedef IT FN(ivec) __attribute__((vector_size(SG_VBYTES)));
 
 static inline V FN(ld)(const T *p) { V v; memcpy(&v, p, sizeof(V)); return v; }
 static inline void FN(st)(T *p, V v) { memcpy(p, &v, sizeof(V)); }
+static inline V FN(ld_part)(const T *p, int64_t n) { V v = (V){0}; memcpy(&v, p, sizeof(T) * (size_t)n); return v; }
 static inline T FN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 /* y[i][:olim] = acc[i][:] + bias[:olim] for the mr real rows of an MR x NV register tile. acc is indexed
  * by unrolled constants only, so that the tile stays in registers (a loop to mr kept it in memory:
@@ -309,32 +310,31 @@ static inline void FN(panel_row)(T *dst, const T *src, int64_t left, int64_t b) 
     if (n < b) memset(dst + n, 0, sizeof(T) * (size_t)(b - n));
 }
 
-#define MK_PACKED(NV, MR)                                                                        \
-/* one k of the tile: acc[i][:] += x[i][kk] * w's row kk (NV vectors) */                        \
-static inline __attribute__((always_inline)) void FN(p_step_##NV##_##MR)(V (*acc)[NV], const T *wk, \
-        const T *const *xr, int64_t ck) {                                                        \
-    V wv[NV];                                                                                    \
-    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) { wv[v] = FN(ld)(wk + v * VL); SG_IN_REG(wv[v]); } \
-    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                                      \
-        const T a = xr[i][ck];                                                                   \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv[v] * a;             \
-    }                                                                                            \
-}                                                                                                \
-_Static_assert(SG_FITS(NV, MR * SG_KSETS(NV, MR)), "register tile too large");                  \
-static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
-        const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, T *y, int64_t ldy,    \
-        int64_t mr, int64_t olim, const T *bias) {                                               \
+/* the tile, starting from zero (K = p, ADD = 0) or from y (K = pa, ADD = 1: a later slice of x) */
+#define MK_PACKED_FN(NV, MR, K, ADD)                                                             \
+static void FN(mk_##K##_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t IN,              \
+        const T *wp, const int32_t *permr, int64_t b, const int32_t *colr, int64_t cbase, T *y,  \
+        int64_t ldy, int64_t mr, int64_t olim, const T *bias) {                                  \
     enum { KS = SG_KSETS(NV, MR) };                                                              \
     V acc[KS][MR][NV];  /* KS partial sums over k = kk mod KS, added up at the end */            \
     _Pragma("GCC unroll 8") for (int s = 0; s < KS; s++)                                         \
         _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)                                    \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[s][i][v] = (V){0};          \
+    if (ADD)  /* a later slice of x's columns: the sum starts from y */                          \
+        _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                                  \
+            if (i >= mr) break;                                                                  \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                               \
+                const int64_t left = olim - v * VL;                                              \
+                if (left >= VL) acc[0][i][v] = FN(ld)(y + i * ldy + v * VL);                     \
+                else if (left > 0) acc[0][i][v] = FN(ld_part)(y + i * ldy + v * VL, left);       \
+            }                                                                                    \
+        }                                                                                        \
     const T *xr[MR];  /* row i of the tile (the last real row again past mr: read, never stored) */ \
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) xr[i] = xp + (i < mr ? i : mr - 1) * ldx; \
     for (int64_t i = 0; i < mr; i++)  /* y's lines, owned by the time the tile is stored */      \
         for (int v = 0; v < NV; v++) __builtin_prefetch(y + i * ldy + v * VL, 1, 3);             \
     for (int64_t jj = 0; jj < nz; jj++) {                                                        \
-        const int64_t c = (int64_t)colr[jj] * b, kn = IN - c < b ? IN - c : b;                   \
+        const int64_t c = (int64_t)colr[jj] * b - cbase, kn = IN - c < b ? IN - c : b;           \
         const T *w = wp + (permr ? permr[jj] : jj) * b * b;                                      \
         int64_t kk = 0;                                                                          \
         for (; kk + KS <= kn; kk += KS)                                                          \
@@ -347,6 +347,20 @@ static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t I
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[0][i][v] += acc[s][i][v];   \
     SG_STORE_TILE(acc[0], MR, NV, mr, olim, bias, y, ldy);                                       \
 }
+#define MK_PACKED(NV, MR)                                                                        \
+/* one k of the tile: acc[i][:] += x[i][kk] * w's row kk (NV vectors) */                        \
+static inline __attribute__((always_inline)) void FN(p_step_##NV##_##MR)(V (*acc)[NV], const T *wk, \
+        const T *const *xr, int64_t ck) {                                                        \
+    V wv[NV];                                                                                    \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) { wv[v] = FN(ld)(wk + v * VL); SG_IN_REG(wv[v]); } \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++) {                                      \
+        const T a = xr[i][ck];                                                                   \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv[v] * a;             \
+    }                                                                                            \
+}                                                                                                \
+_Static_assert(SG_FITS(NV, MR * SG_KSETS(NV, MR)), "register tile too large");                   \
+MK_PACKED_FN(NV, MR, p, 0)                                                                       \
+MK_PACKED_FN(NV, MR, pa, 1)
 /* every tile that fits (SG_FITS), by NV (1..SG_NVMAX) */
 #if SG_NREG >= 32
 #define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(1, 16) X(2, 1) X(2, 2) X(2, 4) \
@@ -357,20 +371,36 @@ static void FN(mk_p_##NV##_##MR)(int64_t nz, const T *xp, int64_t ldx, int64_t I
 PACKED_TILES(MK_PACKED)
 
 typedef void (*FN(mk_p_fn))(int64_t, const T *, int64_t, int64_t, const T *, const int32_t *, int64_t,
-                             const int32_t *, T *, int64_t, int64_t, int64_t, const T *);
-/* register tiles by [NV - 1][index of MR in mr_sizes]; NULL where NV x MR would spill */
+                             const int32_t *, int64_t, T *, int64_t, int64_t, int64_t, const T *);
+/* register tiles by [from y][NV - 1][index of MR in mr_sizes]; NULL where NV x MR would spill */
 static const int FN(mr_sizes)[7] = {1, 2, 4, 6, 8, 12, 16};
 #define MR_INDEX(MR) ((MR) <= 2 ? (MR) - 1 : (MR) <= 8 ? (MR) / 2 : (MR) / 4 + 2)
 #define PACKED_ENTRY(NV, MR) [NV - 1][MR_INDEX(MR)] = FN(mk_p_##NV##_##MR),
-static const FN(mk_p_fn) FN(mk_p_table)[SG_NVMAX][7] = {PACKED_TILES(PACKED_ENTRY)};
+#define PACKED_ADD_ENTRY(NV, MR) [NV - 1][MR_INDEX(MR)] = FN(mk_pa_##NV##_##MR),
+static const FN(mk_p_fn) FN(mk_p_table)[2][SG_NVMAX][7] = {{PACKED_TILES(PACKED_ENTRY)},
+                                                           {PACKED_TILES(PACKED_ADD_ENTRY)}};
 #undef PACKED_ENTRY
+#undef PACKED_ADD_ENTRY
 #undef MR_INDEX
 #undef PACKED_TILES
 
+/* block columns per slice of x: 8 tiles of rows in 128 KiB, at least 8 blocks per block-row and
+ * slice on average; C (no slices) below 32 blocks per block-row or if a row's blocks are not sorted */
+static int64_t FN(slice_width)(const int32_t *crow, const int32_t *col, int64_t R, int64_t C, int64_t TM,
+                               int64_t b) {
+    const int64_t nnzb = crow[R];
+    if (nnzb < 32 * R) return C;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = crow[r]; j + 1 < crow[r + 1]; j++)
+            if (col[j] >= col[j + 1]) return C;
+    const int64_t fit = 131072 / (8 * TM * b * (int64_t)sizeof(T)), enough = (8 * C * R + nnzb - 1) / nnzb;
+    const int64_t cw = fit > enough ? fit : enough;
+    return cw < 1 ? 1 : cw < C ? cw : C;
+}
 /* the smallest tile height >= m that NV vectors of accumulators allow (the largest if none) */
 static int FN(mr_index)(int64_t m, int64_t nv) {
     int best = 0;
-    for (int i = 0; i < 7 && FN(mk_p_table)[nv - 1][i]; i++) { best = i; if (FN(mr_sizes)[i] >= m) break; }
+    for (int i = 0; i < 7 && FN(mk_p_table)[0][nv - 1][i]; i++) { best = i; if (FN(mr_sizes)[i] >= m) break; }
     return best;
 }
 
@@ -390,9 +420,21 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
      * the copy streams it in, where a tile, reading a few lines of each of its rows per block, would
      * take scattered cache misses at memory latency. */
     const int pack_x = (IN * (int64_t)sizeof(T)) % 2048 == 0 || (double)M * IN * sizeof(T) > 262144.0;
-    const int64_t ldp = pack_x ? Kp + VL : ldx;
+    int64_t ldp = pack_x ? Kp + VL : ldx;
     const double tile_bytes = (double)(pack_x ? ldp : IN) * TM * sizeof(T);
-    const int64_t per_chunk = 131072 / tile_bytes > 4 ? (int64_t)(131072 / tile_bytes) : 4;
+    int64_t per_chunk = 131072 / tile_bytes > 4 ? (int64_t)(131072 / tile_bytes) : 4;
+    /* rows too long for 8 tiles in 128 KiB, with many blocks per block-row: x's columns in slices of cw
+     * block columns (each in chunks of 8 tiles), every block-row's blocks of one slice at a time, y
+     * summed over the slices (4 tiles of a 5.6k-input row already outgrew L2: 0.87-0.97x the time on
+     * Llama-sized layers at s = 0.75, 1 and 2 threads, Zen 3). Not for the op's W, transposed on the way. */
+    const int64_t C = Kp / b;
+    const int64_t cw = trans || !pack_x || per_chunk >= 8 ? C : FN(slice_width)(crow, col, R, C, TM, b);
+    int64_t *cur = NULL;  /* each block-row's first block of the slice */
+    if (cw < C) {
+        per_chunk = 8;
+        ldp = cw * b + VL;
+        if ((cur = (int64_t *)sg_scratch(SG_IDX, sizeof(int64_t) * (size_t)R)) == NULL) return 1;
+    }
     T *xp = NULL;
     if (pack_x) {
         xp = (T *)sg_scratch(SG_X, (size_t)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T));
@@ -414,14 +456,24 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
         for (int64_t t0 = 0; t0 < ntile; t0 += per_chunk) {
             const int64_t t1 = t0 + per_chunk < ntile ? t0 + per_chunk : ntile;
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
+          for (int64_t s0 = 0; s0 < C; s0 += cw) {
+            const int64_t xoff = s0 * b;
             if (pack_x) {
                 _Pragma("omp for schedule(static)")
-                for (int64_t m = c0; m < c1; m++) FN(panel_row)(xp + (m - c0) * ldp, x + m * ldx, IN, ldp);
+                for (int64_t m = c0; m < c1; m++)
+                    FN(panel_row)(xp + (m - c0) * ldp, x + m * ldx + xoff, IN - xoff, ldp);
             }
             _Pragma("omp for schedule(dynamic, 1)")
             for (int64_t r = 0; r < R; r++) {
-                const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = crow[r + 1] - crow[r];
-                const T *wr = (wt ? wt : wp) + (perm ? 0 : (int64_t)crow[r] * b * b);
+                int64_t j0 = crow[r], j1 = crow[r + 1];
+                if (cur) {
+                    j0 = s0 == 0 ? crow[r] : cur[r];
+                    for (j1 = j0; j1 < crow[r + 1] && col[j1] < s0 + cw; j1++) {}
+                    cur[r] = j1;
+                    if (s0 > 0 && j1 == j0) continue;
+                }
+                const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = j1 - j0;
+                const T *wr = (wt ? wt : wp) + (perm ? 0 : j0 * b * b);
                 if (row_t) {
                     if (panel == NULL) continue;
                     for (int64_t jj = 0; jj < nz; jj++) {  /* W streams from L3 or memory: fetch two blocks ahead */
@@ -437,13 +489,14 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                     const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
                     for (int64_t t = t0; t < t1; t++) {
                         const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
-                        FN(mk_p_table)[nv - 1][t == ntile - 1 ? ml : mi](
-                            nz, pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx, ldp, pack_x ? Kp : IN, wr + lane0,
-                            perm ? perm + crow[r] : NULL, b, col + crow[r], y + m0 * ldy + o0 + lane0, ldy, mr,
-                            olim, bias ? bias + o0 + lane0 : NULL);
+                        FN(mk_p_table)[s0 > 0][nv - 1][t == ntile - 1 ? ml : mi](
+                            nz, pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx, ldp, pack_x ? Kp - xoff : IN,
+                            wr + lane0, perm ? perm + j0 : NULL, b, col + j0, xoff, y + m0 * ldy + o0 + lane0, ldy,
+                            mr, olim, bias && s0 == 0 ? bias + o0 + lane0 : NULL);
                     }
                 }
             }
+          }
         }
     });
     return failed;
