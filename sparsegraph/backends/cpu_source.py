@@ -423,12 +423,15 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     int64_t ldp = pack_x ? Kp + VL : ldx;
     const double tile_bytes = (double)(pack_x ? ldp : IN) * TM * sizeof(T);
     int64_t per_chunk = 131072 / tile_bytes > 4 ? (int64_t)(131072 / tile_bytes) : 4;
-    /* rows too long for 8 tiles in 128 KiB, with many blocks per block-row: x's columns in slices of cw
-     * block columns (each in chunks of 8 tiles), every block-row's blocks of one slice at a time, y
-     * summed over the slices (4 tiles of a 5.6k-input row already outgrew L2: 0.87-0.97x the time on
-     * Llama-sized layers at s = 0.75, 1 and 2 threads, Zen 3). Not for the op's W, transposed on the way. */
+    /* a chunk of x over 384 KiB (rows too long for 8 tiles in 128 KiB) and many blocks per block-row:
+     * x's columns in slices of cw block columns (each in chunks of 8 tiles), every block-row's blocks
+     * of one slice at a time, y summed over the slices (4 tiles of a 5.6k-input row already outgrew
+     * L2: 0.87-0.97x the time on Llama-sized layers at s = 0.75, 1 and 2 threads, Zen 3). Not for the
+     * op's W, transposed on the way. */
     const int64_t C = Kp / b;
-    const int64_t cw = trans || !pack_x || per_chunk >= 8 ? C : FN(slice_width)(crow, col, R, C, TM, b);
+    const double chunk_bytes = (double)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T);
+    const int64_t cw = trans || !pack_x || per_chunk >= 8 || chunk_bytes <= 393216.0 ? C
+                     : FN(slice_width)(crow, col, R, C, TM, b);
     int64_t *cur = NULL;  /* each block-row's first block of the slice */
     if (cw < C) {
         per_chunk = 8;
