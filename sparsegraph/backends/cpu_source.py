@@ -426,7 +426,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
     /* a chunk of x over 384 KiB (rows too long for 8 tiles in 128 KiB) and many blocks per block-row:
      * x's columns in slices of cw block columns (each in chunks of 8 tiles), every block-row's blocks
      * of one slice at a time, y summed over the slices (4 tiles of a 5.6k-input row already outgrew
-     * L2: 0.87-0.97x the time on Llama-sized layers at s = 0.75, 1 and 2 threads, Zen 3). Not for the
+     * L2: 0.87-0.99x the time on Llama-sized layers at s = 0.75, 1 and 2 threads, Zen 3). Not for the
      * op's W, transposed on the way. */
     const int64_t C = Kp / b;
     const double chunk_bytes = (double)(per_chunk * TM < M ? per_chunk * TM : M) * ldp * sizeof(T);
