@@ -459,47 +459,47 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
         for (int64_t t0 = 0; t0 < ntile; t0 += per_chunk) {
             const int64_t t1 = t0 + per_chunk < ntile ? t0 + per_chunk : ntile;
             const int64_t c0 = t0 * TM, c1 = t1 * TM < M ? t1 * TM : M;
-          for (int64_t s0 = 0; s0 < C; s0 += cw) {
-            const int64_t xoff = s0 * b;
-            if (pack_x) {
-                _Pragma("omp for schedule(static)")
-                for (int64_t m = c0; m < c1; m++)
-                    FN(panel_row)(xp + (m - c0) * ldp, x + m * ldx + xoff, IN - xoff, ldp);
-            }
-            _Pragma("omp for schedule(dynamic, 1)")
-            for (int64_t r = 0; r < R; r++) {
-                int64_t j0 = crow[r], j1 = crow[r + 1];
-                if (cur) {
-                    j0 = s0 == 0 ? crow[r] : cur[r];
-                    for (j1 = j0; j1 < crow[r + 1] && col[j1] < s0 + cw; j1++) {}
-                    cur[r] = j1;
-                    if (s0 > 0 && j1 == j0) continue;
+            for (int64_t s0 = 0; s0 < C; s0 += cw) {
+                const int64_t xoff = s0 * b;
+                if (pack_x) {
+                    _Pragma("omp for schedule(static)")
+                    for (int64_t m = c0; m < c1; m++)
+                        FN(panel_row)(xp + (m - c0) * ldp, x + m * ldx + xoff, IN - xoff, ldp);
                 }
-                const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = j1 - j0;
-                const T *wr = (wt ? wt : wp) + (perm ? 0 : j0 * b * b);
-                if (row_t) {
-                    if (panel == NULL) continue;
-                    for (int64_t jj = 0; jj < nz; jj++) {  /* W streams from L3 or memory: fetch two blocks ahead */
-                        if (crow[r] + jj + 2 < crow[R])
-                            for (int64_t l = 0; l < b * b; l += 64 / (int64_t)sizeof(T))
-                                __builtin_prefetch(wr + (jj + 2) * b * b + l);
-                        FN(transpose_block)(panel + jj * b * b, wr + jj * b * b, b);
+                _Pragma("omp for schedule(dynamic, 1)")
+                for (int64_t r = 0; r < R; r++) {
+                    int64_t j0 = crow[r], j1 = crow[r + 1];
+                    if (cur) {
+                        j0 = s0 == 0 ? crow[r] : cur[r];
+                        for (j1 = j0; j1 < crow[r + 1] && col[j1] < s0 + cw; j1++) {}
+                        cur[r] = j1;
+                        if (s0 > 0 && j1 == j0) continue;
                     }
-                    wr = panel;
-                }
-                for (int64_t lane0 = 0; lane0 < ob; lane0 += SG_NVMAX * VL) {
-                    const int64_t nv = (b - lane0) / VL < SG_NVMAX ? (b - lane0) / VL : SG_NVMAX;
-                    const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
-                    for (int64_t t = t0; t < t1; t++) {
-                        const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
-                        FN(mk_p_table)[s0 > 0][nv - 1][t == ntile - 1 ? ml : mi](
-                            nz, pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx, ldp, pack_x ? Kp - xoff : IN,
-                            wr + lane0, perm ? perm + j0 : NULL, b, col + j0, xoff, y + m0 * ldy + o0 + lane0, ldy,
-                            mr, olim, bias && s0 == 0 ? bias + o0 + lane0 : NULL);
+                    const int64_t o0 = r * b, ob = OUT - o0 < b ? OUT - o0 : b, nz = j1 - j0;
+                    const T *wr = (wt ? wt : wp) + (perm ? 0 : j0 * b * b);
+                    if (row_t) {
+                        if (panel == NULL) continue;
+                        for (int64_t jj = 0; jj < nz; jj++) {  /* W streams from L3 or memory: fetch two blocks ahead */
+                            if (crow[r] + jj + 2 < crow[R])
+                                for (int64_t l = 0; l < b * b; l += 64 / (int64_t)sizeof(T))
+                                    __builtin_prefetch(wr + (jj + 2) * b * b + l);
+                            FN(transpose_block)(panel + jj * b * b, wr + jj * b * b, b);
+                        }
+                        wr = panel;
+                    }
+                    for (int64_t lane0 = 0; lane0 < ob; lane0 += SG_NVMAX * VL) {
+                        const int64_t nv = (b - lane0) / VL < SG_NVMAX ? (b - lane0) / VL : SG_NVMAX;
+                        const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
+                        for (int64_t t = t0; t < t1; t++) {
+                            const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;
+                            FN(mk_p_table)[s0 > 0][nv - 1][t == ntile - 1 ? ml : mi](
+                                nz, pack_x ? xp + (m0 - c0) * ldp : x + m0 * ldx, ldp, pack_x ? Kp - xoff : IN,
+                                wr + lane0, perm ? perm + j0 : NULL, b, col + j0, xoff, y + m0 * ldy + o0 + lane0, ldy,
+                                mr, olim, bias && s0 == 0 ? bias + o0 + lane0 : NULL);
+                        }
                     }
                 }
             }
-          }
         }
     });
     return failed;
