@@ -131,7 +131,8 @@ def main() -> None:
     models = "_" + "-".join(args.models) if subset else ""  # a subset of the models writes its own file
     name = ("end_to_end" + models + ("_quick" if args.quick else "") + "".join(f"_s{s:g}" for s in args.sparsity or [])
             + "".join(f"_t{t}" for t in args.threads or []) + heap_kept)
-    print("wrote", write_json(name, rows, machines=machines, rounds=rounds, timing="median of interleaved rounds"))
+    print("wrote", write_json(name, rows, machines=machines, heap_kept=args.keep_heap, rounds=rounds,
+                              timing="median of interleaved rounds"))
 
 
 if __name__ == "__main__":

@@ -152,23 +152,23 @@ static inline T FN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i];
 /* y[i][:olim] = acc[i][:] + bias[:olim] for the mr real rows of an MR x NV register tile. acc is indexed
  * by unrolled constants only, so that the tile stays in registers (a loop to mr kept it in memory:
  * 5-13% of a short tile of the packed kernel, two blocks of 32 per block-row, Zen 3). */
-#define SG_STORE_TILE(acc, MR, NV, mr, olim, bias, y, ldy)                                               \
-    do {                                                                                                 \
-        V bv_[NV];  /* the bias, zero past olim */                                                       \
-        _Pragma("GCC unroll 4") for (int v = 0; v < (NV); v++) {                                         \
-            bv_[v] = (V){0};                                                                             \
-            if ((bias) && (olim) - v * VL >= VL) bv_[v] = FN(ld)((bias) + v * VL);                       \
-            else if (bias) for (int64_t l = 0; l < (olim) - v * VL; l++) bv_[v][l] = (bias)[v * VL + l]; \
-        }                                                                                                \
-        _Pragma("GCC unroll 16") for (int i = 0; i < (MR); i++) {                                        \
-            if (i >= (mr)) break;                                                                        \
-            _Pragma("GCC unroll 4") for (int v = 0; v < (NV); v++) {                                     \
-                const int64_t left_ = (olim) - v * VL;                                                   \
-                const V out_ = (acc)[i][v] + bv_[v];                                                     \
-                if (left_ >= VL) FN(st)((y) + i * (ldy) + v * VL, out_);                                 \
-                else for (int64_t l = 0; l < left_; l++) (y)[i * (ldy) + v * VL + l] = out_[l];          \
-            }                                                                                            \
-        }                                                                                                \
+#define SG_STORE_TILE(acc, MR, NV, mr, olim, bias, y, ldy)                                                  \
+    do {                                                                                                    \
+        V bv_[NV];  /* the bias, zero past olim */                                                          \
+        _Pragma("GCC unroll 4") for (int v = 0; v < (NV); v++) {                                            \
+            bv_[v] = (V){0};                                                                                \
+            if ((bias) && (olim) - v * VL >= VL) bv_[v] = FN(ld)((bias) + v * VL);                          \
+            else if ((bias) && (olim) - v * VL > 0) bv_[v] = FN(ld_part)((bias) + v * VL, (olim) - v * VL); \
+        }                                                                                                   \
+        _Pragma("GCC unroll 16") for (int i = 0; i < (MR); i++) {                                           \
+            if (i >= (mr)) break;                                                                           \
+            _Pragma("GCC unroll 4") for (int v = 0; v < (NV); v++) {                                        \
+                const int64_t left_ = (olim) - v * VL;                                                      \
+                const V out_ = (acc)[i][v] + bv_[v];                                                        \
+                if (left_ >= VL) FN(st)((y) + i * (ldy) + v * VL, out_);                                    \
+                else for (int64_t l = 0; l < left_; l++) (y)[i * (ldy) + v * VL + l] = out_[l];             \
+            }                                                                                               \
+        }                                                                                                   \
     } while (0)
 
 /* ------------------------------------------------------------------------------------------
