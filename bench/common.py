@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparsegraph.backends import cpu
+from sparsegraph.backends import cpu, cpu_op
 from sparsegraph.backends.cost_model import cpu_name, cpuinfo, medians as cost_medians, packed_linear
 from sparsegraph.fsutil import atomic_write
 
@@ -33,12 +33,14 @@ def cpu_id() -> str:
 
 def machine() -> dict:
     """What a speed figure depends on: CPU model, threads, the measured fp32 FMA peak (GFLOP/s), the
-    native kernels' vector width (bytes: 64 with AVX-512, 32 with AVX2), load."""
+    native kernels' vector width (bytes: 64 with AVX-512, 32 with AVX2), whether the op's CPU kernel
+    is the C++ one (`cpu_op`), load."""
     threads = torch.get_num_threads()
     peak = cpu.fma_peak(threads)
     return {"cpu": cpu_name(), "cpu_id": cpu_id(), "threads": threads, "cores": os.cpu_count(),
             "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None,
-            "vector_bytes": cpu.library().vector_bytes if cpu.available() else None, "torch": torch.__version__,
+            "vector_bytes": cpu.library().vector_bytes if cpu.available() else None,
+            "op_kernel": "C++" if cpu_op.loaded() else "Python", "torch": torch.__version__,
             "python": platform.python_version(), "load": [round(v, 2) for v in os.getloadavg()]}
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsegraph.backends import cpu
+from sparsegraph.backends import cpu, cpu_op
 from sparsegraph.backends.cost_model import cpuinfo
 from sparsegraph.backends.sparse_linear import (SparseLinearError, SparseWeight, block_mask_of, sparse_conv2d,
                                                 sparse_linear)
@@ -30,12 +30,19 @@ def _targets() -> dict[str, int | None]:
 
 @pytest.fixture(params=list(_targets()))
 def target(request, monkeypatch):
-    """Runs a test once per form of the native library (see `_targets`)."""
-    if request.param != "native":
-        if not cpu.available():
-            pytest.skip("no C compiler")
-        monkeypatch.setattr(cpu, "_lib", cpu.load(request.param))
-    return request.param
+    """Runs a test once per form of the native library (see `_targets`), the op's C++ kernel included."""
+    if request.param == "native":
+        yield request.param
+        return
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    native, lib = cpu.library(), cpu.load(request.param)
+    monkeypatch.setattr(cpu, "_lib", lib)
+    if cpu_op.loaded():
+        cpu_op.point(lib)
+    yield request.param
+    if cpu_op.loaded():
+        cpu_op.point(native)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -437,40 +444,93 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.sparsegraph.sparse_linear.default, args)
 
 
-def test_bad_inputs_name_the_problem():
-    sw, _ = _weight(20, 10, 4, 0.5, 0, dtype=torch.float32)
-    with pytest.raises(SparseLinearError, match="k=10"):
-        sw.apply(torch.randn(3, 11))
+@pytest.mark.parametrize("block", [4, 32])  # 32: the C++ kernel takes the call first, hands it on
+def test_bad_inputs_name_the_problem(block):
+    sw, _ = _weight(40, 64, block, 0.5, 0, dtype=torch.float32)
+    with pytest.raises(SparseLinearError, match="k=64"):
+        sw.apply(torch.randn(3, 65))
     with pytest.raises(SparseLinearError, match="dtype"):
-        sw.apply(torch.randn(3, 10, dtype=torch.float64))
+        sw.apply(torch.randn(3, 64, dtype=torch.float64))
     with pytest.raises(SparseLinearError, match="impl"):
-        sw.apply(torch.randn(3, 10), impl="magic")
+        sw.apply(torch.randn(3, 64), impl="magic")
     with pytest.raises(SparseLinearError, match="values"):
-        sparse_linear(torch.randn(3, 10), sw.values[:, :2], sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, None,
-                      20, 10, 4)
+        sparse_linear(torch.randn(3, 64), sw.values[:, :2], sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, None,
+                      40, 64, block)
+    with pytest.raises(SparseLinearError, match="crow"):
+        sparse_linear(torch.randn(3, 64), sw.values, sw.crow[:-1], sw.col, sw.crow_t, sw.col_t, sw.perm_t, None,
+                      40, 64, block)
+
+
+def test_the_op_reaches_its_cpu_kernel_without_python(monkeypatch):
+    """With the native library, sparse_linear's CPU dispatch is the C++ kernel: the Python body (and
+    with it `cpu.linear`) runs only for the cases that kernel hands back (here CSR); its autograd too."""
+    assert cpu.available() and cpu_op.loaded(), cpu_op.ERROR
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsegraph::sparse_linear", "CPU")
+
+    def python_body(*args, **kwargs):
+        raise AssertionError("the Python body ran")
+
+    monkeypatch.setattr(cpu, "linear", python_body)
+    lanes = cpu.library().vector_bytes // 4
+    for block in (lanes, 2 * lanes, 4 * lanes):
+        sw, w = _weight(3 * block + 5, 2 * block, block, 0.6, block, dtype=torch.float32)
+        bias = torch.randn(sw.n)
+        for rows in ((1,), (2,), (4, 3), (0,)):
+            x = torch.randn(*rows, sw.k)
+            want = x.double() @ w.T.double()
+            torch.testing.assert_close(sw.apply(x).double(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sw.apply(x, bias).double(), want + bias.double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="Python body"):  # CSR: the Python body
+        SparseWeight.from_dense(torch.randn(6, 5), 1).apply(torch.randn(2, 5))
+    x = torch.randn(5, sw.k, requires_grad=True)  # autograd in C++ too: its node, gradients against float64
+    v = sw.values.clone().requires_grad_()
+    y = sparse_linear(x, v, sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, bias, sw.n, sw.k, sw.block)
+    assert "SparseLinearFn" in y.grad_fn.name()
+    dy = torch.randn(5, sw.n)
+    dx, dv = torch.autograd.grad(y, (x, v), dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.T.double().requires_grad_()
+    dx64, dw64 = torch.autograd.grad(x64 @ w64, (x64, w64), dy.double())
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.unpack(dv, sw.crow, sw.col, sw.n, sw.k, sw.block).double(), dw64.T * (w != 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _without(tool: str, block: int, warning: str, check: str, tmp_path) -> str:
+    """Runs a block-`block` product twice in a new process whose `tool` (CC or CXX) does not exist:
+    it must match x @ w.T, `check` must hold, and exactly one warning contains `warning` (printed)."""
+    code = (
+        "import warnings, torch\n"
+        "from sparsegraph.backends import cpu, cpu_op\n"
+        "from sparsegraph.backends.sparse_linear import SparseWeight\n"
+        "w = torch.randn(64, 40) * (torch.rand(64, 40) < 0.3)\n"
+        "x = torch.randn(4, 40)\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    y = SparseWeight.from_dense(w, {block}).apply(x)\n"
+        f"    y = SparseWeight.from_dense(w, {block}).apply(x)\n"
+        f"assert {check}\n"
+        f"msgs = [str(r.message) for r in rec if {warning!r} in str(r.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert torch.allclose(y, x @ w.T, atol=1e-5)\n"
+        "print(msgs[0])\n")
+    env = dict(os.environ, SPARSEGRAPH_CACHE=str(tmp_path), **{tool: str(tmp_path / "no-such-compiler")})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_falls_back_cleanly_without_a_compiler(tmp_path):
     """No C compiler: one warning, and the PyTorch kernels give the same results."""
-    code = (
-        "import warnings, torch\n"
-        "from sparsegraph.backends import cpu\n"
-        "from sparsegraph.backends.sparse_linear import SparseWeight\n"
-        "w = torch.randn(30, 20) * (torch.rand(30, 20) < 0.3)\n"
-        "x = torch.randn(4, 20)\n"
-        "with warnings.catch_warnings(record=True) as rec:\n"
-        "    warnings.simplefilter('always')\n"
-        "    y = SparseWeight.from_dense(w, 1).apply(x)\n"
-        "    y = SparseWeight.from_dense(w, 1).apply(x)\n"
-        "assert not cpu.available()\n"
-        "msgs = [str(r.message) for r in rec if 'native CPU sparse kernels' in str(r.message)]\n"
-        "assert len(msgs) == 1, msgs\n"
-        "assert torch.allclose(y, x @ w.T, atol=1e-5)\n"
-        "print(msgs[0])\n")
-    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), SPARSEGRAPH_CACHE=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "no C compiler" in out.stdout
+    out = _without("CC", 1, "native CPU sparse kernels", "not cpu.available()", tmp_path)
+    assert "no C compiler" in out
+
+
+def test_the_op_keeps_its_python_body_without_a_cxx_compiler(tmp_path):
+    """No C++ compiler: one warning naming it; the native library still serves the Python body."""
+    check = ("cpu.available() and not cpu_op.loaded() and not "
+             "torch._C._dispatch_has_kernel_for_dispatch_key('sparsegraph::sparse_linear', 'CPU')")
+    out = _without("CXX", 32, "C++", check, tmp_path)
+    assert "no C++ compiler" in out
 
 
 def test_native_kernels_build():

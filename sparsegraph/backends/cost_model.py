@@ -329,14 +329,16 @@ def _sha(data: str | bytes) -> str:
 
 def kernel_key() -> str:
     """What a calibration depends on besides the CPU: the native library's source, the Python entry
-    points (cpu.py, sparse_linear.py), this file (what is measured, and how), PyTorch's version and
-    whether the native kernels are available here (otherwise the op runs PyTorch's sparse kernels)."""
-    from . import sparse_linear
+    points (cpu.py, sparse_linear.py), the op's C++ kernel (cpu_op.cpp) and whether it is registered,
+    this file (what is measured, and how), PyTorch's version and whether the native kernels are
+    available here (otherwise the op runs PyTorch's sparse kernels)."""
+    from . import cpu_op, sparse_linear
     from .cpu_source import source
 
-    parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback"]
-    for module in (cpu, sparse_linear, sys.modules[__name__]):
-        with open(module.__file__, "rb") as f:
+    parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback",
+             b"C++ op" if cpu_op.loaded() else b"Python op"]
+    for path in (cpu.__file__, sparse_linear.__file__, cpu_op.SOURCE, __file__):
+        with open(path, "rb") as f:
             parts.append(f.read())
     return _sha(b"\0".join(parts))
 

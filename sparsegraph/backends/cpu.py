@@ -13,9 +13,10 @@ A block-sparse W (n, k) with blocks b x b is given in BSR form: `values` (nnzb, 
 orientation, zero-padded at ragged edges; `crow` (ceil(n/b)+1,), `col` (nnzb,) int32; and the
 BSR of W^T as `crow_t`, `col_t` and `perm_t` (the value index of each W^T block). CSR is b = 1.
 
-Linear layers whose block is a multiple of the vector width (16 floats with AVX-512, 8 with AVX2) run the packed
-rows kernel (`sg_rows_packed`); `Prepared` makes such a product one native call for eager
-inference. Two data layouts, for the two ways a sparse weight is applied:
+Linear layers whose block is a multiple of the vector width (16 floats with AVX-512, 8 with AVX2) run
+the packed rows kernel (`sg_rows_packed`); `Prepared` makes such a product one native call for eager
+inference, and `cpu_op` (loaded with the library) has the op `sparsegraph::sparse_linear` call it
+from C++. Two data layouts, for the two ways a sparse weight is applied:
 
     rows:  x (M, k) -> y (M, n) = x W^T + bias           linear layers (and transposed convs of them)
     cols:  X (P, k, L) -> Y (P, n, L) = W X + bias        an im2col view (L positions per image)
@@ -38,8 +39,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import warnings
 
 import torch
@@ -86,25 +89,31 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
-def _build(cc: str, march: str = "native") -> str:
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source(), " ".join(flags), version, _cpu_signature()]).encode()).hexdigest()[:16]
+def build_cached(cmd: list[str], text: str, name: str, prefix: str, key: str, link: tuple = (),
+                 note: str | None = None) -> str:
+    """Compile `text` (saved as `name`) with `cmd + [source, *link, "-o", output]` into the cache folder as
+    `<prefix><hash of key>.so`, unless it is there (printing `note` on stderr while it builds); remove
+    this prefix's libraries of other keys."""
     folder = cache_dir()
-    prefix = "libsparsegraph_cpu-" if march == "native" else f"libsparsegraph_cpu_{march}-"
-    path = os.path.join(folder, f"{prefix}{key}.so")
+    path = os.path.join(folder, f"{prefix}{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
+    if note:
+        print(f"sparsegraph: {note} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = os.path.join(tmp, "kernels.c")
+        src = os.path.join(tmp, name)
         with open(src, "w") as f:
-            f.write(source())
+            f.write(text)
         out = os.path.join(tmp, "lib.so")
-        proc = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([*cmd, src, *link, "-o", out], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"{os.path.basename(cc)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[:1]}")
+            raise RuntimeError(f"{os.path.basename(cmd[0])} failed: "
+                               f"{(proc.stderr or proc.stdout).strip().splitlines()[:1]}")
         os.replace(out, path)  # atomic: concurrent builders never see a half-written library
+    if note:
+        print(f" done in {time.perf_counter() - start:.1f} s, cached in {folder}", file=sys.stderr, flush=True)
     for old in os.listdir(folder):  # this target's libraries of earlier sources (a loaded one stays valid)
         if old.startswith(prefix) and old.endswith(".so") and old != os.path.basename(path):
             try:
@@ -112,6 +121,17 @@ def _build(cc: str, march: str = "native") -> str:
             except OSError:
                 pass
     return path
+
+
+def compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+
+
+def _build(cc: str, march: str = "native") -> str:
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    key = "\0".join([source(), " ".join(flags), compiler_version(cc), _cpu_signature()])
+    prefix = "libsparsegraph_cpu-" if march == "native" else f"libsparsegraph_cpu_{march}-"
+    return build_cached([cc, *flags], source(), "kernels.c", prefix, key)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -162,6 +182,9 @@ def library() -> ctypes.CDLL | None:
             if os.environ.get("SPARSEGRAPH_NATIVE", "1") == "0":
                 raise RuntimeError("disabled by SPARSEGRAPH_NATIVE=0")
             _lib = load()
+            from . import cpu_op
+
+            cpu_op.load(_lib)
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch fallback
             BUILD_ERROR = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
             if os.environ.get("SPARSEGRAPH_NATIVE", "1") != "0":
@@ -183,8 +206,6 @@ def fma_peak(threads: int | None = None) -> float | None:
         return None
     threads = threads or _threads()
     if threads not in _peaks:
-        import time
-
         iters, best = 1 << 20, 0.0
         for _ in range(3):
             t = time.perf_counter()

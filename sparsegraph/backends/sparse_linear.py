@@ -16,7 +16,10 @@ balanced BSR (the same number of blocks in every block-row) is the same op on a 
 
 Autograd: dX = dY W runs the same kernels over W^T's structure (no transposed copy of the values);
 dvalues = (dY^T X) only on W's nonzero blocks (an SDDMM); dbias = sum of dY. Fake (meta)
-implementations let `torch.export` and `torch.compile` see through the op.
+implementations let `torch.export` and `torch.compile` see through the op. On CPU, once the native
+library loads, sparse_linear's kernel and autograd are C++ (`cpu_op.cpp`: a call costs a few µs, not
+tens); the cases that kernel does not take run the Python body below, registered a second time as
+`sparsegraph::sparse_linear_py`.
 
 `sparsegraph::sparse_conv2d(x, values, ..., bias, out_channels, kernel_size, stride, padding,
 dilation, block, impl)` is the convolution with the same weight format (W viewed as
@@ -192,10 +195,8 @@ def _triton_layout(crow, col, crow_t, col_t, perm_t, n, k, block):
 # ---------------------------------------------------------------------------------------------
 # the ops
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("sparsegraph::sparse_linear", mutates_args=())
-def sparse_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: Tensor, col_t: Tensor,
-                  perm_t: Tensor, bias: Optional[Tensor], n: int, k: int, block: int, dim: int = -1,
-                  impl: str = "auto") -> Tensor:
+def _linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: Tensor, col_t: Tensor, perm_t: Tensor,
+            bias: Optional[Tensor], n: int, k: int, block: int, dim: int = -1, impl: str = "auto") -> Tensor:
     """y = W x along axis `dim` of x (see the module docstring)."""
     d = _check(x, values, crow, col, n, k, block, dim, impl)
     if x.shape[d] != k:
@@ -216,6 +217,11 @@ def sparse_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: 
         y = tk.bsr_linear(X.transpose(1, 2).reshape(P * L, k).contiguous(), values, lay, bias)
         return y.view(P, L, n).transpose(1, 2).reshape(out_shape).contiguous()
     return cpu.apply_cols(X, values, crow, col, bias, n, k, block, impl).reshape(out_shape)
+
+
+sparse_linear = torch.library.custom_op("sparsegraph::sparse_linear", _linear, mutates_args=())
+# the same body under a second name: where the op's C++ CPU kernel (`cpu_op.cpp`) does not take a case
+sparse_linear_py = torch.library.custom_op("sparsegraph::sparse_linear_py", _linear, mutates_args=())
 
 
 @sparse_linear.register_fake

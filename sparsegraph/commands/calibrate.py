@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..backends import cpu
+    from ..backends import cpu, cpu_op
 
     threads = torch.get_num_threads()
     peak = cpu.fma_peak(threads)
     machine = {"cpu": cm.cpu_name(), "threads": threads, "cores": os.cpu_count(),
                "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None,
-               "native_kernels": cpu.available(), "load_before": [round(v, 2) for v in os.getloadavg()]}
+               "native_kernels": cpu.available(), "cpp_op": cpu_op.loaded(), "load_before": [round(v, 2) for v in os.getloadavg()]}
     cache, busy = None, cm.busy()
     if busy:
         print(f"note: {busy}; timings will be noisy and slow", file=sys.stderr, flush=True)

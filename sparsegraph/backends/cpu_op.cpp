@@ -1,0 +1,172 @@
+// The CPU kernel of `sparsegraph::sparse_linear`, registered with PyTorch's dispatcher.
+//
+// A call of the op from Python, from Inductor's generated code or from an exported program reaches
+// this function without running Python: the arguments are checked here and the product is one call
+// into the native library (`cpu_source.py`, whose entry points `sg_op_init` receives), as in
+// `cpu.linear` for blocks that are a multiple of the vector width. Every other case (another dtype,
+// an index tensor that is not int32, narrow blocks, dim != -1, impl "torch" or "triton", bad
+// arguments, which then get the Python op's error message) goes to `sparsegraph::sparse_linear_py`,
+// the op's Python body registered under a second name. Built by `cpu_op.py` against the running
+// PyTorch's headers.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace {
+
+using at::Tensor;
+using RowsPacked = int (*)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const void *x, int64_t ldx, const void *w,
+                           const int32_t *crow, const int32_t *col, const int32_t *perm, int trans, const void *bias,
+                           void *y, int64_t ldy, int nthreads);
+using Cols = int (*)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const void *X, const void *vals,
+                     const int32_t *crow, const int32_t *col, const int32_t *perm, int64_t so, int64_t si,
+                     const void *bias, void *Y, int nthreads);
+
+struct Kernels {
+  RowsPacked rows_packed = nullptr;  // M > 1: W's (out, in) blocks transposed on the way
+  Cols cols = nullptr;               // M = 1: dot products along W's rows
+};
+Kernels kernels[2];        // float32, float64
+int64_t vector_bytes = 0;  // 0 until sg_op_init: every call takes the Python body
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char *name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+Tensor sparse_linear_py(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
+                        const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
+                        const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
+                        c10::string_view impl) {
+  static auto op = op_handle<Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                                    const Tensor &, const Tensor &, const std::optional<Tensor> &, int64_t, int64_t,
+                                    int64_t, int64_t, c10::string_view)>("sparsegraph::sparse_linear_py");
+  return op.call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+}
+
+bool is_index(const Tensor &t) {
+  return t.is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous();
+}
+
+bool is_operand(const Tensor &t, at::ScalarType dtype) {
+  return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.layout() == at::kStrided;
+}
+
+Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
+                         const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
+                         const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
+                         c10::string_view impl) {
+  const auto dtype = x.scalar_type();
+  const int which = dtype == at::kFloat ? 0 : dtype == at::kDouble ? 1 : -1;
+  const int64_t nd = x.dim();
+  const bool fast = which >= 0 && vector_bytes > 0 && (impl == "auto" || impl == "cpu") && nd >= 1 &&
+                    (dim == -1 || dim == nd - 1) && x.is_cpu() && x.layout() == at::kStrided && n > 0 && k > 0 &&
+                    block > 0 && block % (vector_bytes / static_cast<int64_t>(x.element_size())) == 0 &&
+                    x.size(nd - 1) == k && is_operand(values, dtype) && values.dim() == 3 &&
+                    values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
+                    crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
+                    (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
+  if (!fast) return sparse_linear_py(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  const Tensor xc = x.contiguous();  // (..., k)
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  Tensor y = at::empty(shape, x.options());  // (..., n)
+  const int64_t M = x.numel() / k;
+  if (M == 0) return y;
+  const Kernels &f = kernels[which];
+  const void *b = bias.has_value() ? bias->data_ptr() : nullptr;
+  const int nt = std::max(1, at::get_num_threads());
+  const int status =
+      M == 1 ? f.cols(1, k, n, 1, block, xc.data_ptr(), values.data_ptr(), crow.data_ptr<int32_t>(),
+                      col.data_ptr<int32_t>(), nullptr, block, 1, b, y.data_ptr(), nt)
+             : f.rows_packed(M, k, n, block, xc.data_ptr(), k, values.data_ptr(), crow.data_ptr<int32_t>(),
+                             col.data_ptr<int32_t>(), nullptr, 1, b, y.data_ptr(), n, nt);
+  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  return y;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<decltype(sparse_linear_cpu)> &sparse_linear_op() {
+  static auto op = op_handle<decltype(sparse_linear_cpu)>("sparsegraph::sparse_linear");
+  return op;
+}
+
+// Autograd of CPU tensors, as `_setup_context` / `_backward` in sparse_linear.py (the Python form,
+// which other devices run): dX through W^T's structure, dvalues by the SDDMM, dbias = sum of dY.
+struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
+  static Tensor forward(AutogradContext *ctx, const Tensor &x, const Tensor &values, const Tensor &crow,
+                        const Tensor &col, const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
+                        const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
+                        c10::string_view impl) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor y = sparse_linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+    ctx->save_for_backward({x, values, crow, col, crow_t, col_t, perm_t});
+    ctx->saved_data["sizes"] = std::vector<int64_t>{n, k, block, x.dim() ? (dim % x.dim() + x.dim()) % x.dim() : 0};
+    ctx->saved_data["impl"] = std::string(impl);
+    ctx->saved_data["bias"] = bias.has_value();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    using GradInput = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                             const Tensor &, const Tensor &, int64_t, int64_t, int64_t, int64_t, c10::string_view);
+    using GradValues = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                              const Tensor &, const Tensor &, int64_t, int64_t, int64_t, int64_t, c10::string_view);
+    static auto grad_input = op_handle<GradInput>("sparsegraph::sparse_linear_grad_input");
+    static auto grad_values = op_handle<GradValues>("sparsegraph::sparse_linear_grad_values");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &crow_t = saved[4],
+                 &col_t = saved[5], &perm_t = saved[6];
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const int64_t n = sizes[0], k = sizes[1], block = sizes[2], d = sizes[3];
+    const std::string impl = ctx->saved_data["impl"].toStringRef();
+    const Tensor dy = grads[0].contiguous();
+    variable_list out(13);  // one per argument: x, values, 5 index tensors, bias, 5 others
+    if (ctx->needs_input_grad(0))
+      out[0] = grad_input.call(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, d, impl);
+    if (ctx->needs_input_grad(1))
+      out[1] = grad_values.call(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, d, impl);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(7)) {
+      std::vector<int64_t> dims;
+      for (int64_t i = 0; i < dy.dim(); i++)
+        if (i != d) dims.push_back(i);
+      out[7] = dy.sum(dims);
+    }
+    return out;
+  }
+};
+
+Tensor sparse_linear_autograd(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
+                              const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
+                              const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
+                              c10::string_view impl) {
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || values.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (grad) return SparseLinearFn::apply(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: on to the keys below (fake, functional, CPU)
+  return sparse_linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+}
+
+}  // namespace
+
+// The native library's entry points (float32, then float64) and its vector width in bytes.
+extern "C" void sg_op_init(void *rows_packed_f32, void *cols_f32, void *rows_packed_f64, void *cols_f64,
+                           int64_t vbytes) {
+  kernels[0] = {reinterpret_cast<RowsPacked>(rows_packed_f32), reinterpret_cast<Cols>(cols_f32)};
+  kernels[1] = {reinterpret_cast<RowsPacked>(rows_packed_f64), reinterpret_cast<Cols>(cols_f64)};
+  vector_bytes = vbytes;
+}
+
+TORCH_LIBRARY_IMPL(sparsegraph, CPU, m) { m.impl("sparse_linear", TORCH_FN(sparse_linear_cpu)); }
+// (AutogradCPU: the Python autograd kernel stays registered for the Autograd alias, i.e. other devices)
+TORCH_LIBRARY_IMPL(sparsegraph, AutogradCPU, m) { m.impl("sparse_linear", TORCH_FN(sparse_linear_autograd)); }
