@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsegraph.backends import cost_model as cm
-from sparsegraph.backends import cpu
+from sparsegraph.backends import cpu, cpu_op
 from sparsegraph.cli import main
 from sparsegraph.passes.lower import decide
 
@@ -169,6 +169,26 @@ def test_bad_model_file_names_the_entry(tmp_path, monkeypatch, edit, message):
     with pytest.raises(cm.CostModelError) as e:
         cm.load()
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_calls_the_python_body_runs_pay_its_fixed_cost(tmp_path):
+    """With the op's C++ kernel registered, a linear layer whose block it takes pays `c_sparse`; CSR,
+    narrow blocks and convolutions pay `c_sparse_python`; a model file without the latter (written
+    before the C++ kernel) charges `c_sparse` everywhere."""
+    assert cpu.available() and cpu_op.loaded(), cpu_op.ERROR
+    lanes = cpu.library().vector_bytes // 4
+    m = cm.CostModel(c_sparse=1e-6, c_sparse_python=5e-5)
+    work = m.linear_sparse(8, 64, 64, 4, lanes) - m.c_sparse
+    assert m.fixed_sparse(lanes) == m.fixed_sparse(4 * lanes) == 1e-6
+    assert m.fixed_sparse(1) == m.fixed_sparse(lanes // 2) == m.fixed_sparse() == 5e-5
+    assert m.linear_sparse(8, 64, 64, 4, lanes) == pytest.approx(1e-6 + work)
+    assert m.conv_sparse(2, 9, 64, 64, 4, lanes) - m.c_sparse_python == pytest.approx(
+        cm.CostModel(c_sparse=0.0).conv_sparse(2, 9, 64, 64, 4, lanes))
+    data = json.loads(m.to_json())
+    del data["c_sparse_python"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = cm.read(str(tmp_path / "old.json"))
+    assert old.c_sparse_python is None and old.fixed_sparse(1) == old.fixed_sparse(lanes) == 1e-6
 
 
 def test_rates_interpolate_in_log_rows_log_block_and_log_density():

@@ -1,13 +1,14 @@
-// The CPU kernel of `sparsegraph::sparse_linear`, registered with PyTorch's dispatcher.
+// The CPU kernels of `sparsegraph::sparse_linear`, registered with PyTorch's dispatcher.
 //
 // A call of the op from Python, from Inductor's generated code or from an exported program reaches
-// this function without running Python: the arguments are checked here and the product is one call
-// into the native library (`cpu_source.py`, whose entry points `sg_op_init` receives), as in
-// `cpu.linear` for blocks that are a multiple of the vector width. Every other case (another dtype,
+// the product without running Python. `CPU`: the arguments are checked here and the product is one
+// call into the native library (`cpu_source.py`, whose entry points `sg_op_init` receives), as in
+// `cpu.linear` for blocks that are a multiple of the vector width; every other case (another dtype,
 // an index tensor that is not int32, narrow blocks, dim != -1, impl "torch" or "triton", bad
 // arguments, which then get the Python op's error message) goes to `sparsegraph::sparse_linear_py`,
-// the op's Python body registered under a second name. Built by `cpu_op.py` against the running
-// PyTorch's headers.
+// the op's Python body registered under a second name. `AutogradCPU`: the op's backward (as
+// `_backward` in sparse_linear.py) as a torch::autograd::Function, skipped when nothing needs a
+// gradient. Built by `cpu_op.py` against the running PyTorch's headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -37,19 +38,35 @@ struct Kernels {
 Kernels kernels[2];        // float32, float64
 int64_t vector_bytes = 0;  // 0 until sg_op_init: every call takes the Python body
 
+// sparse_linear(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl)
+using Linear = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                      const Tensor &, const std::optional<Tensor> &, int64_t, int64_t, int64_t, int64_t,
+                      c10::string_view);
+// sparse_linear_grad_input(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, dim, impl), and
+// sparse_linear_grad_values(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, dim, impl)
+using Grad = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                    const Tensor &, int64_t, int64_t, int64_t, int64_t, c10::string_view);
+
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char *name) {
+c10::TypedOperatorHandle<Sig> find(const char *name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
-
-Tensor sparse_linear_py(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
-                        const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
-                        const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
-                        c10::string_view impl) {
-  static auto op = op_handle<Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
-                                    const Tensor &, const Tensor &, const std::optional<Tensor> &, int64_t, int64_t,
-                                    int64_t, int64_t, c10::string_view)>("sparsegraph::sparse_linear_py");
-  return op.call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+// (looked up on first use: the ops are defined in Python, by sparse_linear.py)
+const c10::TypedOperatorHandle<Linear> &linear_op() {
+  static const auto op = find<Linear>("sparsegraph::sparse_linear");
+  return op;
+}
+const c10::TypedOperatorHandle<Linear> &python_body() {
+  static const auto op = find<Linear>("sparsegraph::sparse_linear_py");
+  return op;
+}
+const c10::TypedOperatorHandle<Grad> &grad_input_op() {
+  static const auto op = find<Grad>("sparsegraph::sparse_linear_grad_input");
+  return op;
+}
+const c10::TypedOperatorHandle<Grad> &grad_values_op() {
+  static const auto op = find<Grad>("sparsegraph::sparse_linear_grad_values");
+  return op;
 }
 
 bool is_index(const Tensor &t) {
@@ -74,7 +91,7 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
                     values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
                     crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
                     (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
-  if (!fast) return sparse_linear_py(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  if (!fast) return python_body().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
   const Tensor xc = x.contiguous();  // (..., k)
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
@@ -96,11 +113,6 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<decltype(sparse_linear_cpu)> &sparse_linear_op() {
-  static auto op = op_handle<decltype(sparse_linear_cpu)>("sparsegraph::sparse_linear");
-  return op;
-}
-
 // Autograd of CPU tensors, as `_setup_context` / `_backward` in sparse_linear.py (the Python form,
 // which other devices run): dX through W^T's structure, dvalues by the SDDMM, dbias = sum of dY.
 struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
@@ -109,7 +121,7 @@ struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
                         const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
                         c10::string_view impl) {
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor y = sparse_linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+    Tensor y = linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
     ctx->save_for_backward({x, values, crow, col, crow_t, col_t, perm_t});
     ctx->saved_data["sizes"] = std::vector<int64_t>{n, k, block, x.dim() ? (dim % x.dim() + x.dim()) % x.dim() : 0};
     ctx->saved_data["impl"] = std::string(impl);
@@ -118,12 +130,6 @@ struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    using GradInput = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
-                             const Tensor &, const Tensor &, int64_t, int64_t, int64_t, int64_t, c10::string_view);
-    using GradValues = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
-                              const Tensor &, const Tensor &, int64_t, int64_t, int64_t, int64_t, c10::string_view);
-    static auto grad_input = op_handle<GradInput>("sparsegraph::sparse_linear_grad_input");
-    static auto grad_values = op_handle<GradValues>("sparsegraph::sparse_linear_grad_values");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &values = saved[1], &crow = saved[2], &col = saved[3], &crow_t = saved[4],
                  &col_t = saved[5], &perm_t = saved[6];
@@ -133,9 +139,9 @@ struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
     const Tensor dy = grads[0].contiguous();
     variable_list out(13);  // one per argument: x, values, 5 index tensors, bias, 5 others
     if (ctx->needs_input_grad(0))
-      out[0] = grad_input.call(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, d, impl);
+      out[0] = grad_input_op().call(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, d, impl);
     if (ctx->needs_input_grad(1))
-      out[1] = grad_values.call(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, d, impl);
+      out[1] = grad_values_op().call(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, d, impl);
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(7)) {
       std::vector<int64_t> dims;
       for (int64_t i = 0; i < dy.dim(); i++)
@@ -154,7 +160,7 @@ Tensor sparse_linear_autograd(const Tensor &x, const Tensor &values, const Tenso
                     (x.requires_grad() || values.requires_grad() || (bias.has_value() && bias->requires_grad()));
   if (grad) return SparseLinearFn::apply(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
   at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: on to the keys below (fake, functional, CPU)
-  return sparse_linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  return linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@ import torch
 
 ERROR: str | None = None  # why the C++ kernel is not registered (None: registered, or not tried)
 _loaded: ctypes.CDLL | None = None
+_vector_bytes = 0  # of the library the kernel calls
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_op.cpp")
 
 
@@ -48,9 +49,11 @@ def _build() -> str:
 def point(lib: ctypes.CDLL) -> None:
     """Make the registered kernel call `lib`'s products (a build of the native library, e.g. the
     tests' other `-march` forms)."""
+    global _vector_bytes
     fns = [ctypes.cast(getattr(lib, name + sfx), ctypes.c_void_p) for sfx in ("_f32", "_f64")
            for name in ("sg_rows_packed", "sg_cols")]
     _loaded.sg_op_init(*fns, lib.vector_bytes)
+    _vector_bytes = lib.vector_bytes
 
 
 def load(lib: ctypes.CDLL) -> bool:
@@ -80,3 +83,8 @@ def load(lib: ctypes.CDLL) -> bool:
 
 def loaded() -> bool:
     return _loaded is not None
+
+
+def takes(block: int, element_size: int = 4) -> bool:
+    """Whether the C++ kernel runs a linear layer with b x b blocks (else the Python body does)."""
+    return _loaded is not None and block % (_vector_bytes // element_size) == 0
