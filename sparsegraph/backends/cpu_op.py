@@ -1,14 +1,15 @@
-"""The op's CPU kernel in C++ (`cpu_op.cpp`): `sparsegraph::sparse_linear` without Python on its way.
+"""The op's CPU kernels in C++ (`cpu_op.cpp`): `sparsegraph::sparse_linear` without Python on its way.
 
-Through the Python body, a call of the op costs about 50-80 µs before the product starts (the
-custom-op machinery, argument checks, the choice of kernel), more than a small product itself.
-`cpu_op.cpp` registers a C++ kernel for the op's CPU dispatch key that checks the arguments and
-calls the native library directly, so a call costs what a call of `torch.nn.functional.linear`
-does (a few µs); cases it does not take go to the Python body. It is compiled once per PyTorch
-build with `g++` (`$CXX`) against the headers PyTorch ships, cached beside the native library
-(about 10 s), and loaded when the native library is (`cpu.library()`). Without a C++ compiler, if
-the build fails, or with `SPARSEGRAPH_NATIVE_OP=0`, the op keeps its Python body (one warning
-names the cause of a failure); `ERROR` says why.
+Through the Python body, a call of the op costs 45-65 µs on a Zen 3 before the product starts (the
+custom-op machinery and its autograd wrapper, argument checks, the choice of kernel), more than a
+small product itself. `cpu_op.cpp` registers C++ kernels for the op's CPU and AutogradCPU dispatch
+keys: the first checks the arguments and calls the native library directly, the second records the
+backward only when a gradient is needed, so a call costs about 5 µs (`F.linear` 2.7); cases the
+kernel does not take go to the Python body. It is compiled once per PyTorch build with `g++`
+(`$CXX`) against the headers PyTorch ships, cached beside the native library (about 20 s), and
+loaded with it (`cpu.library()`). Without a C++ compiler, if the build fails, or with
+`SPARSEGRAPH_NATIVE_OP=0`, the op keeps its Python body (one warning names the cause of a failure);
+`ERROR` says why.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _build() -> str:
     key = "\0".join([text, " ".join(flags + list(link)), compiler_version(cxx), torch.__version__,
                      str(torch.version.git_version)])
     return build_cached([cxx, *flags], text, "cpu_op.cpp", "libsparsegraph_op-", key, link,
-                        note="building the op's C++ CPU kernel for this PyTorch (once, about 10 s)")
+                        note="building the op's C++ CPU kernel for this PyTorch (once, about 20 s)")
 
 
 def point(lib: ctypes.CDLL) -> None:

@@ -76,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     peak = cpu.fma_peak(threads)
     machine = {"cpu": cm.cpu_name(), "threads": threads, "cores": os.cpu_count(),
                "fp32_peak_gflops": round(peak / 1e9, 1) if peak else None,
-               "native_kernels": cpu.available(), "cpp_op": cpu_op.loaded(), "load_before": [round(v, 2) for v in os.getloadavg()]}
+               "native_kernels": cpu.available(), "cpp_op": cpu_op.loaded(),
+               "load_before": [round(v, 2) for v in os.getloadavg()]}
     cache, busy = None, cm.busy()
     if busy:
         print(f"note: {busy}; timings will be noisy and slow", file=sys.stderr, flush=True)
