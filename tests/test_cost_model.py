@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsegraph.backends import cost_model as cm
-from sparsegraph.backends import cpu, cpu_op
+from sparsegraph.backends import cpu
 from sparsegraph.cli import main
 from sparsegraph.passes.lower import decide
 
@@ -171,24 +171,19 @@ def test_bad_model_file_names_the_entry(tmp_path, monkeypatch, edit, message):
     assert str(path) in str(e.value) and message in str(e.value)
 
 
-def test_calls_the_python_body_runs_pay_its_fixed_cost(tmp_path):
-    """With the op's C++ kernel registered, a linear layer whose block it takes pays `c_sparse`; CSR,
-    narrow blocks and convolutions pay `c_sparse_python`; a model file without the latter (written
-    before the C++ kernel) charges `c_sparse` everywhere."""
-    assert cpu.available() and cpu_op.loaded(), cpu_op.ERROR
-    lanes = cpu.library().vector_bytes // 4
-    m = cm.CostModel(c_sparse=1e-6, c_sparse_python=5e-5)
-    work = m.linear_sparse(8, 64, 64, 4, lanes) - m.c_sparse
-    assert m.fixed_sparse(lanes) == m.fixed_sparse(4 * lanes) == 1e-6
-    assert m.fixed_sparse(1) == m.fixed_sparse(lanes // 2) == m.fixed_sparse() == 5e-5
-    assert m.linear_sparse(8, 64, 64, 4, lanes) == pytest.approx(1e-6 + work)
-    assert m.conv_sparse(2, 9, 64, 64, 4, lanes) - m.c_sparse_python == pytest.approx(
-        cm.CostModel(c_sparse=0.0).conv_sparse(2, 9, 64, 64, 4, lanes))
+def test_convolutions_pay_their_own_fixed_cost(tmp_path):
+    """sparse_linear calls pay `c_sparse` (its C++ kernel), sparse_conv2d calls `c_sparse_conv` (its
+    Python body); a model file without the latter (written before the C++ kernel) charges `c_sparse`."""
+    m = cm.CostModel(c_sparse=1e-6, c_sparse_conv=5e-5)
+    free = cm.CostModel(c_sparse=0.0, c_sparse_conv=0.0)
+    assert m.linear_sparse(8, 64, 64, 4, 16) == pytest.approx(1e-6 + free.linear_sparse(8, 64, 64, 4, 16))
+    assert m.conv_sparse(2, 9, 64, 64, 4, 16) == pytest.approx(5e-5 + free.conv_sparse(2, 9, 64, 64, 4, 16))
     data = json.loads(m.to_json())
-    del data["c_sparse_python"]
+    del data["c_sparse_conv"]
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = cm.read(str(tmp_path / "old.json"))
-    assert old.c_sparse_python is None and old.fixed_sparse(1) == old.fixed_sparse(lanes) == 1e-6
+    assert old.c_sparse_conv is None
+    assert old.conv_sparse(2, 9, 64, 64, 4, 16) == pytest.approx(1e-6 + free.conv_sparse(2, 9, 64, 64, 4, 16))
 
 
 def test_rates_interpolate_in_log_rows_log_block_and_log_density():

@@ -462,8 +462,10 @@ def test_bad_inputs_name_the_problem(block):
 
 
 def test_the_op_reaches_its_cpu_kernel_without_python(monkeypatch):
-    """With the native library, sparse_linear's CPU dispatch is the C++ kernel: the Python body (and
-    with it `cpu.linear`) runs only for the cases that kernel hands back (here CSR); its autograd too."""
+    """With the native library, sparse_linear's CPU dispatch is the C++ kernel on every path of
+    `cpu.linear` (dot products, packed rows, x^T in chunks of rows, the rows kernel): the Python body
+    (and with it `cpu.linear`) runs only for the cases that kernel hands on (here impl="torch"); its
+    autograd is C++ too."""
     assert cpu.available() and cpu_op.loaded(), cpu_op.ERROR
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsegraph::sparse_linear", "CPU")
 
@@ -472,16 +474,23 @@ def test_the_op_reaches_its_cpu_kernel_without_python(monkeypatch):
 
     monkeypatch.setattr(cpu, "linear", python_body)
     lanes = cpu.library().vector_bytes // 4
-    for block in (lanes, 2 * lanes, 4 * lanes):
-        sw, w = _weight(3 * block + 5, 2 * block, block, 0.6, block, dtype=torch.float32)
-        bias = torch.randn(sw.n)
-        for rows in ((1,), (2,), (4, 3), (0,)):
-            x = torch.randn(*rows, sw.k)
-            want = x.double() @ w.T.double()
-            torch.testing.assert_close(sw.apply(x).double(), want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(sw.apply(x, bias).double(), want + bias.double(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(AssertionError, match="Python body"):  # CSR: the Python body
-        SparseWeight.from_dense(torch.randn(6, 5), 1).apply(torch.randn(2, 5))
+    monkeypatch.setattr(cpu, "TRANSPOSE_ROWS", 3)  # x^T's chunks: several even at a few rows
+    cpu_op.point(cpu.library())
+    try:
+        for block in (1, 4, 12, lanes, 2 * lanes, 4 * lanes):
+            sw, w = _weight(3 * block + 5, 2 * block + 3, block, 0.6, block, dtype=torch.float32)
+            bias = torch.randn(sw.n)
+            for rows in ((1,), (2,), (3,), (7,), (4, 3), (0,)):
+                x = torch.randn(*rows, sw.k)
+                want = x.double() @ w.T.double()
+                torch.testing.assert_close(sw.apply(x).double(), want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(sw.apply(x, bias).double(), want + bias.double(), rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        cpu_op.point(cpu.library())
+    monkeypatch.setattr(cpu, "linear", python_body)
+    with pytest.raises(AssertionError, match="Python body"):
+        sw.apply(torch.randn(2, sw.k), impl="torch")
     x = torch.randn(5, sw.k, requires_grad=True)  # autograd in C++ too: its node, gradients against float64
     v = sw.values.clone().requires_grad_()
     y = sparse_linear(x, v, sw.crow, sw.col, sw.crow_t, sw.col_t, sw.perm_t, bias, sw.n, sw.k, sw.block)

@@ -12,8 +12,8 @@ Every prediction is one formula, a fixed cost per call plus the layer's useful m
     dense conv      c_dense,   MACs = N L n k,        F = flops_conv           F.conv2d (oneDNN)
     sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(d, b)     sparsegraph::sparse_conv2d
 
-where c_sparse is `c_sparse_python` for a call the op's Python body runs: CSR, blocks that are not a
-multiple of the vector width, and convolutions, whenever the op's C++ kernel (`cpu_op`) is registered.
+where a convolution's fixed cost is `c_sparse_conv`: sparse_conv2d runs its Python body, while
+sparse_linear's CPU kernel is C++ (`cpu_op`) wherever that builds.
 
 with M rows (tokens) of a linear layer, N images and L output positions of a convolution, n x k
 the weight's matrix view, nnzb stored blocks of b x b and d = nnzb b^2 / (n k) the fraction of the
@@ -47,8 +47,8 @@ native library's source, the op's Python path, the PyTorch version, this calibra
 another CPU, another thread count or a changed kernel recalibrates. A corrupt or foreign cache
 file is named in a warning and replaced by a new calibration.
 
-How it measures: the fixed costs from the smallest possible call (a 16 x 16 weight, one row, in
-block 16, which the C++ kernel takes, and in CSR, which runs the Python body);
+How it measures: the fixed costs from the smallest possible call (a 16 x 16 weight, one row, and
+as a 1 x 1 convolution of a 1 x 1 image);
 the linear rates on two GPT-2 weights (`LINEAR_SHAPES`: 768 x 768, which stays in cache, and
 3072 x 768) at every M in `ROWS`, dense (MKL, and oneDNN pre-packed where this build has it) and
 each block size at each density in `DENSITIES` (uniform for b = 1, balanced blocks otherwise),
@@ -115,7 +115,7 @@ from typing import Callable
 import torch
 
 from ..graph import SparsegraphError
-from . import cpu, cpu_op
+from . import cpu
 
 MARGIN = 0.9  # sparse must be predicted at least 10% faster than dense
 GPU_MAX_STORED_BLOCKS = 0.5  # CUDA: Triton when at most this fraction of blocks is stored; NOT measured (see above)
@@ -175,7 +175,7 @@ class CostModel:
     """Fixed costs (s) and rates (FLOP/s); tables are keyed by str(M) or str(b) (JSON keys)."""
     c_dense: float = 1.5e-6  # a dense call
     c_sparse: float = 2.1e-5  # a sparse_linear call (dispatch, checks, native call)
-    c_sparse_python: float | None = None  # one its Python body runs (CSR, narrow blocks, conv); None: c_sparse
+    c_sparse_conv: float | None = None  # a sparse_conv2d call (its Python body); None: c_sparse
     t_transpose: float = 0.0  # s per element of x and y a CSR product transposes; 0: not measured (builtin)
     flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
     flops_sparse: dict = field(default_factory=lambda: {"10": {  # by density (% stored), block size, then M
@@ -209,13 +209,6 @@ class CostModel:
         """sparse_conv2d's rate at b x b blocks and `density` of the weight stored."""
         return _interp({d: _interp(by_b, block) for d, by_b in self.flops_cols.items()}, 100 * density)
 
-    def fixed_sparse(self, block: int | None = None) -> float:
-        """The fixed cost of a sparse call: `c_sparse` for a linear layer with b x b blocks the op's C++
-        kernel takes, `c_sparse_python` for the rest (block None: a convolution)."""
-        if self.c_sparse_python is None or (block is not None and cpu_op.takes(block)):
-            return self.c_sparse
-        return self.c_sparse_python
-
     # -- predictions ---------------------------------------------------------------------------
     def linear_dense(self, M: int, n: int, k: int, onednn: bool = False) -> float:
         return predict(self.c_dense, M * n * k, self.rate_dense(M, onednn))
@@ -223,14 +216,15 @@ class CostModel:
     def linear_sparse(self, M: int, n: int, k: int, nnzb: int, block: int) -> float:
         transposes = M * (n + k) * self.t_transpose if cpu.transposes(M, block) else 0
         rate = self.rate_sparse(M, block, nnzb * block * block / (n * k))
-        return predict(self.fixed_sparse(block), M * nnzb * block * block, rate) + transposes
+        return predict(self.c_sparse, M * nnzb * block * block, rate) + transposes
 
     def conv_dense(self, N: int, L: int, n: int, k: int) -> float:
         return predict(self.c_dense, N * L * n * k, self.flops_conv)
 
     def conv_sparse(self, N: int, L: int, n: int, k: int, nnzb: int, block: int) -> float:
         rate = self.rate_cols(block, nnzb * block * block / (n * k))
-        return predict(self.fixed_sparse(), N * L * nnzb * block * block, rate)
+        fixed = self.c_sparse if self.c_sparse_conv is None else self.c_sparse_conv
+        return predict(fixed, N * L * nnzb * block * block, rate)
 
     # -- files ---------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -246,14 +240,14 @@ class CostModel:
         if not isinstance(data, dict):
             raise CostModelError(f"{where}: expected a JSON object of cost model constants")
         names = {f.name for f in fields(cls)}
-        data = {"c_sparse_python": None, **data}  # (files written before the op's C++ kernel)
+        data = {"c_sparse_conv": None, **data}  # (files written before the op's C++ kernel)
         if set(data) != names:
             missing, extra = sorted(names - set(data)), sorted(set(data) - names)
             problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
                 ([f"unknown {', '.join(extra)}"] if extra else [])
             raise CostModelError(f"{where}: " + "; ".join(problems))
-        for name in ("c_dense", "c_sparse", "t_transpose", "c_sparse_python"):
-            if data[name] is not None or name != "c_sparse_python":
+        for name in ("c_dense", "c_sparse", "t_transpose", "c_sparse_conv"):
+            if data[name] is not None or name != "c_sparse_conv":
                 _check_number(data[name], f"{where}: {name}", positive=False)
         _check_number(data["flops_conv"], f"{where}: flops_conv")
         _check_table(data["flops_dense"], f"{where}: flops_dense")
@@ -346,7 +340,7 @@ def kernel_key() -> str:
     points (cpu.py, sparse_linear.py), the op's C++ kernel (cpu_op.cpp) and whether it is registered,
     this file (what is measured, and how), PyTorch's version and whether the native kernels are
     available here (otherwise the op runs PyTorch's sparse kernels)."""
-    from . import sparse_linear
+    from . import cpu_op, sparse_linear
     from .cpu_source import source
 
     parts = [source().encode(), torch.__version__.encode(), b"native" if cpu.available() else b"fallback",
@@ -553,13 +547,12 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     slots = 2 + len(LINEAR_SHAPES) * len(ROWS) + len(CONV_SHAPES)  # timed groups, an equal share of time each
     share = budget_s / slots
     tiny_w, tiny_x = torch.randn(16, 16, generator=gen), torch.randn(1, 16, generator=gen)
-    tiny_sw, tiny_csr = sparse_weight(16, 16, 16, 1.0, gen), sparse_weight(16, 16, 1, 1.0, gen)
+    tiny_sw, tiny_image = sparse_weight(16, 16, 16, 1.0, gen), tiny_x.view(1, 16, 1, 1)
     fixed = medians({"dense": lambda: F.linear(tiny_x, tiny_w), "sparse": lambda: tiny_sw.apply(tiny_x),
-                     "python": lambda: tiny_csr.apply(tiny_x)}, seconds=share)
-    c_dense, c_sparse, c_python = fixed["dense"], fixed["sparse"], fixed["python"]
-    fixed_for = CostModel(c_sparse=c_sparse, c_sparse_python=c_python).fixed_sparse
-    log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us "
-        f"(through the op's Python body {c_python * 1e6:.1f} us)")
+                     "conv": lambda: tiny_sw.conv2d(tiny_image, None, (1, 1))}, seconds=share)
+    c_dense, c_sparse, c_conv = fixed["dense"], fixed["sparse"], fixed["conv"]
+    log(f"fixed cost per call: dense {c_dense * 1e6:.1f} us, sparse {c_sparse * 1e6:.1f} us (convolution "
+        f"{c_conv * 1e6:.1f} us)")
 
     kinds = [(_pct(d), str(b)) for d in DENSITIES for b in BLOCKS]  # the sparse layers: (% stored, block)
     dense: dict = {str(M): [] for M in ROWS}
@@ -578,7 +571,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
             if "packed" in t:
                 packed.setdefault(str(M), []).append(_rate(M * n * k, t["packed"], c_dense))
             for (d, b), sw in sws.items():
-                sparse[d][b][str(M)].append(_rate(M * sw.nnzb * sw.block ** 2, t[d, b], fixed_for(sw.block)))
+                sparse[d][b][str(M)].append(_rate(M * sw.nnzb * sw.block ** 2, t[d, b], c_sparse))
             log(f"linear {n}x{k}, M={M}: dense {dense[str(M)][-1] / 1e9:.1f} GFLOP/s" +
                 (f" (oneDNN pre-packed {packed[str(M)][-1] / 1e9:.1f})" if "packed" in t else "") + ", sparse " +
                 ", ".join(f"{d}% b={b} {sparse[d][b][str(M)][-1] / 1e9:.1f}" for d, b in kinds))
@@ -587,7 +580,7 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
     sw, x = sparse_weight(n, k, 1, DENSITIES[0], gen), torch.randn(M, k, generator=gen)
     t = medians({"csr": lambda: sw.apply(x)}, seconds=share)["csr"]
     csr_rate = min(sparse[d]["1"][str(M)])
-    t_transpose = max(0.0, t - fixed_for(1) - 2 * M * sw.nnzb / csr_rate) / (M * (n + k))
+    t_transpose = max(0.0, t - c_sparse - 2 * M * sw.nnzb / csr_rate) / (M * (n + k))
     log(f"CSR {n}x{k}, M={M}: {t * 1e6:.0f} us, transposes {t_transpose * 1e9:.2f} ns per element of x and y")
 
     conv_dense, conv_sparse = [], {d: {b: [] for b in map(str, BLOCKS)} for d in map(_pct, DENSITIES)}
@@ -599,10 +592,10 @@ def _measure(budget_s: float, log: Callable[[str], object]) -> CostModel:
         t = medians(fns, seconds=share)
         conv_dense.append(_rate(N * H * H * C * C * 9, t["dense"], c_dense))
         for (d, b), sw in swc.items():
-            conv_sparse[d][b].append(_rate(N * H * H * sw.nnzb * sw.block ** 2, t[d, b], fixed_for()))
+            conv_sparse[d][b].append(_rate(N * H * H * sw.nnzb * sw.block ** 2, t[d, b], c_conv))
         log(f"conv 3x3 {N}x{C}x{H}x{H}: dense {conv_dense[-1] / 1e9:.1f} GFLOP/s, sparse " +
             ", ".join(f"{d}% b={b} {conv_sparse[d][b][-1] / 1e9:.1f}" for d, b in kinds))
-    return CostModel(c_dense=c_dense, c_sparse=c_sparse, c_sparse_python=c_python, t_transpose=t_transpose,
+    return CostModel(c_dense=c_dense, c_sparse=c_sparse, c_sparse_conv=c_conv, t_transpose=t_transpose,
                      flops_dense={M: max(r) for M, r in dense.items()},
                      flops_dense_packed={M: max(r) for M, r in packed.items()},
                      flops_sparse={d: {b: {M: min(r) for M, r in t.items()} for b, t in by_b.items()}

@@ -1,12 +1,11 @@
 // The CPU kernels of `sparsegraph::sparse_linear`, registered with PyTorch's dispatcher.
 //
 // A call of the op from Python, from Inductor's generated code or from an exported program reaches
-// the product without running Python. `CPU`: the arguments are checked here and the product is one
-// call into the native library (`cpu_source.py`, whose entry points `sg_op_init` receives), as in
-// `cpu.linear` for blocks that are a multiple of the vector width; every other case (another dtype,
-// an index tensor that is not int32, narrow blocks, dim != -1, impl "torch" or "triton", bad
-// arguments, which then get the Python op's error message) goes to `sparsegraph::sparse_linear_py`,
-// the op's Python body registered under a second name. `AutogradCPU`: the op's backward (as
+// the product without running Python. `CPU`: the arguments are checked here and the product runs in
+// the native library (`cpu_source.py`, whose entry points `sg_op_init` receives) on the paths
+// `cpu.linear` takes; every other case (another dtype, an index tensor that is not int32, dim != -1,
+// impl "torch" or "triton", bad arguments, which then get the Python op's error message) goes to
+// `sparsegraph::sparse_linear_py`, the op's Python body registered under a second name. `AutogradCPU`: the op's backward (as
 // `_backward` in sparse_linear.py) as a torch::autograd::Function, skipped when nothing needs a
 // gradient. Built by `cpu_op.py` against the running PyTorch's headers.
 #include <ATen/Parallel.h>
@@ -32,11 +31,13 @@ using Cols = int (*)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, c
                      const void *bias, void *Y, int nthreads);
 
 struct Kernels {
-  RowsPacked rows_packed = nullptr;  // M > 1: W's (out, in) blocks transposed on the way
-  Cols cols = nullptr;               // M = 1: dot products along W's rows
+  RowsPacked rows_packed = nullptr;  // blocks a multiple of the vector width: W's blocks transposed on the way
+  RowsPacked rows = nullptr;         // other blocks, repacked per call
+  Cols cols = nullptr;               // dot products along W's rows (few rows), or lanes along x^T's rows
 };
 Kernels kernels[2];        // float32, float64
 int64_t vector_bytes = 0;  // 0 until sg_op_init: every call takes the Python body
+int64_t small_m, transpose_below_block, transpose_rows;  // cpu.SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS
 
 // sparse_linear(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl)
 using Linear = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
@@ -86,8 +87,7 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
   const int64_t nd = x.dim();
   const bool fast = which >= 0 && vector_bytes > 0 && (impl == "auto" || impl == "cpu") && nd >= 1 &&
                     (dim == -1 || dim == nd - 1) && x.is_cpu() && x.layout() == at::kStrided && n > 0 && k > 0 &&
-                    block > 0 && block % (vector_bytes / static_cast<int64_t>(x.element_size())) == 0 &&
-                    x.size(nd - 1) == k && is_operand(values, dtype) && values.dim() == 3 &&
+                    block > 0 && x.size(nd - 1) == k && is_operand(values, dtype) && values.dim() == 3 &&
                     values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
                     crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
                     (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
@@ -99,13 +99,27 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
   const int64_t M = x.numel() / k;
   if (M == 0) return y;
   const Kernels &f = kernels[which];
-  const void *b = bias.has_value() ? bias->data_ptr() : nullptr;
+  const void *b = bias.has_value() ? bias->data_ptr() : nullptr, *w = values.data_ptr();
+  const int32_t *cr = crow.data_ptr<int32_t>(), *cl = col.data_ptr<int32_t>();
   const int nt = std::max(1, at::get_num_threads());
-  const int status =
-      M == 1 ? f.cols(1, k, n, 1, block, xc.data_ptr(), values.data_ptr(), crow.data_ptr<int32_t>(),
-                      col.data_ptr<int32_t>(), nullptr, block, 1, b, y.data_ptr(), nt)
-             : f.rows_packed(M, k, n, block, xc.data_ptr(), k, values.data_ptr(), crow.data_ptr<int32_t>(),
-                             col.data_ptr<int32_t>(), nullptr, 1, b, y.data_ptr(), n, nt);
+  const bool packed = block % (vector_bytes / static_cast<int64_t>(x.element_size())) == 0;
+  int status = 0;
+  if (M == 1 || (M < small_m && !packed)) {  // dot products along W's own (out, in) rows, x read as (M, k, 1)
+    status = f.cols(M, k, n, 1, block, xc.data_ptr(), w, cr, cl, nullptr, block, 1, b, y.data_ptr(), nt);
+  } else if (packed) {  // W's own blocks, transposed by the kernel as it goes
+    status = f.rows_packed(M, k, n, block, xc.data_ptr(), k, w, cr, cl, nullptr, 1, b, y.data_ptr(), n, nt);
+  } else if (block < transpose_below_block) {  // lanes along M: y^T = W x^T, in chunks of rows
+    const Tensor x2 = xc.view({M, k}), y2 = y.view({M, n});
+    for (int64_t m0 = 0; m0 < M && status == 0; m0 += transpose_rows) {
+      const int64_t mc = std::min(transpose_rows, M - m0);
+      const Tensor xt = x2.narrow(0, m0, mc).t().contiguous();  // (k, mc)
+      Tensor yt = at::empty({n, mc}, x.options());
+      status = f.cols(1, k, n, mc, block, xt.data_ptr(), w, cr, cl, nullptr, block, 1, b, yt.data_ptr(), nt);
+      y2.narrow(0, m0, mc).copy_(yt.t());
+    }
+  } else {  // the rows kernel, each block-row's blocks repacked
+    status = f.rows(M, k, n, block, xc.data_ptr(), k, w, cr, cl, nullptr, 1, b, y.data_ptr(), n, nt);
+  }
   TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
   return y;
 }
@@ -165,11 +179,14 @@ Tensor sparse_linear_autograd(const Tensor &x, const Tensor &values, const Tenso
 
 }  // namespace
 
-// The native library's entry points (float32, then float64) and its vector width in bytes.
-extern "C" void sg_op_init(void *rows_packed_f32, void *cols_f32, void *rows_packed_f64, void *cols_f64,
-                           int64_t vbytes) {
-  kernels[0] = {reinterpret_cast<RowsPacked>(rows_packed_f32), reinterpret_cast<Cols>(cols_f32)};
-  kernels[1] = {reinterpret_cast<RowsPacked>(rows_packed_f64), reinterpret_cast<Cols>(cols_f64)};
+// The native library's entry points (sg_rows_packed, sg_rows, sg_cols; float32, then float64), its
+// vector width in bytes, and cpu.py's path thresholds.
+extern "C" void sg_op_init(void **fns, int64_t vbytes, int64_t small_m_, int64_t transpose_below_block_,
+                           int64_t transpose_rows_) {
+  for (int i = 0; i < 2; i++)
+    kernels[i] = {reinterpret_cast<RowsPacked>(fns[3 * i]), reinterpret_cast<RowsPacked>(fns[3 * i + 1]),
+                  reinterpret_cast<Cols>(fns[3 * i + 2])};
+  small_m = small_m_, transpose_below_block = transpose_below_block_, transpose_rows = transpose_rows_;
   vector_bytes = vbytes;
 }
 

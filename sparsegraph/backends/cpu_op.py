@@ -22,7 +22,6 @@ import torch
 
 ERROR: str | None = None  # why the C++ kernel is not registered (None: registered, or not tried)
 _loaded: ctypes.CDLL | None = None
-_vector_bytes = 0  # of the library the kernel calls
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_op.cpp")
 
 
@@ -50,11 +49,11 @@ def _build() -> str:
 def point(lib: ctypes.CDLL) -> None:
     """Make the registered kernel call `lib`'s products (a build of the native library, e.g. the
     tests' other `-march` forms)."""
-    global _vector_bytes
-    fns = [ctypes.cast(getattr(lib, name + sfx), ctypes.c_void_p) for sfx in ("_f32", "_f64")
-           for name in ("sg_rows_packed", "sg_cols")]
-    _loaded.sg_op_init(*fns, lib.vector_bytes)
-    _vector_bytes = lib.vector_bytes
+    from .cpu import SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS
+
+    fns = [ctypes.cast(getattr(lib, name + sfx), ctypes.c_void_p).value for sfx in ("_f32", "_f64")
+           for name in ("sg_rows_packed", "sg_rows", "sg_cols")]
+    _loaded.sg_op_init((ctypes.c_void_p * 6)(*fns), lib.vector_bytes, SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS)
 
 
 def load(lib: ctypes.CDLL) -> bool:
@@ -70,7 +69,7 @@ def load(lib: ctypes.CDLL) -> bool:
     try:
         path = _build()
         so = ctypes.CDLL(path)
-        so.sg_op_init.argtypes, so.sg_op_init.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int64], None
+        so.sg_op_init.argtypes, so.sg_op_init.restype = [ctypes.c_void_p] + [ctypes.c_int64] * 4, None
         torch.ops.load_library(path)  # registers the kernel, which takes the Python body until pointed at lib
     except Exception as e:  # noqa: BLE001 - any failure means: keep the Python body
         ERROR = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
@@ -84,8 +83,3 @@ def load(lib: ctypes.CDLL) -> bool:
 
 def loaded() -> bool:
     return _loaded is not None
-
-
-def takes(block: int, element_size: int = 4) -> bool:
-    """Whether the C++ kernel runs a linear layer with b x b blocks (else the Python body does)."""
-    return _loaded is not None and block % (_vector_bytes // element_size) == 0

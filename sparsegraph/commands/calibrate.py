@@ -138,8 +138,7 @@ def _print_model(model: cm.CostModel, machine: dict, peak: float | None) -> None
           + (f"; oneDNN pre-packed {model.flops_dense_packed[top] / 1e9:.1f}" if top in model.flops_dense_packed
              else ""))
     print(f"fixed cost per call: dense {model.c_dense * 1e6:.1f} us, sparse {model.c_sparse * 1e6:.1f} us"
-          + (f" (through the op's Python body {model.c_sparse_python * 1e6:.1f} us)"
-             if model.c_sparse_python is not None else ""))
+          + (f" (convolution {model.c_sparse_conv * 1e6:.1f} us)" if model.c_sparse_conv is not None else ""))
     print(f"conv 3x3: dense (oneDNN) {model.flops_conv / 1e9:.1f} GFLOP/s, sparse "
           + "; ".join(f"{d}% stored: " + ", ".join(f"b={b} {by_b[b] / 1e9:.3g}" for b in sorted(by_b, key=int))
                       for d, by_b in sorted(model.flops_cols.items(), key=lambda i: int(i[0]))))
