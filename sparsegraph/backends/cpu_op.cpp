@@ -5,9 +5,10 @@
 // the native library (`cpu_source.py`, whose entry points `sg_op_init` receives) on the paths
 // `cpu.linear` takes; every other case (another dtype, an index tensor that is not int32, dim != -1,
 // impl "torch" or "triton", bad arguments, which then get the Python op's error message) goes to
-// `sparsegraph::sparse_linear_py`, the op's Python body registered under a second name. `AutogradCPU`: the op's backward (as
-// `_backward` in sparse_linear.py) as a torch::autograd::Function, skipped when nothing needs a
-// gradient. Built by `cpu_op.py` against the running PyTorch's headers.
+// `sparsegraph::sparse_linear_py`, the op's Python body registered under a second name.
+// `AutogradCPU`: the op's backward (as `_backward` in sparse_linear.py) as a
+// torch::autograd::Function, skipped when nothing needs a gradient. Built by `cpu_op.py` against
+// the running PyTorch's headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
