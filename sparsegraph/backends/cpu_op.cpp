@@ -53,23 +53,9 @@ template <typename Sig>
 c10::TypedOperatorHandle<Sig> find(const char *name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
-// (looked up on first use: the ops are defined in Python, by sparse_linear.py)
-const c10::TypedOperatorHandle<Linear> &linear_op() {
-  static const auto op = find<Linear>("sparsegraph::sparse_linear");
-  return op;
-}
-const c10::TypedOperatorHandle<Linear> &python_body() {
-  static const auto op = find<Linear>("sparsegraph::sparse_linear_py");
-  return op;
-}
-const c10::TypedOperatorHandle<Grad> &grad_input_op() {
-  static const auto op = find<Grad>("sparsegraph::sparse_linear_grad_input");
-  return op;
-}
-const c10::TypedOperatorHandle<Grad> &grad_values_op() {
-  static const auto op = find<Grad>("sparsegraph::sparse_linear_grad_values");
-  return op;
-}
+// an op defined in Python (sparse_linear.py), looked up on first use at each place it is called
+#define SG_OP(Sig, name) \
+  ([]() -> const c10::TypedOperatorHandle<Sig> & { static const auto op = find<Sig>(name); return op; }())
 
 bool is_index(const Tensor &t) {
   return t.is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous();
@@ -92,7 +78,9 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
                     values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
                     crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
                     (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
-  if (!fast) return python_body().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  if (!fast)
+    return SG_OP(Linear, "sparsegraph::sparse_linear_py")
+        .call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
   const Tensor xc = x.contiguous();  // (..., k)
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
@@ -136,7 +124,8 @@ struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
                         const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
                         c10::string_view impl) {
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor y = linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+    Tensor y = SG_OP(Linear, "sparsegraph::sparse_linear")
+                   .call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
     ctx->save_for_backward({x, values, crow, col, crow_t, col_t, perm_t});
     ctx->saved_data["sizes"] = std::vector<int64_t>{n, k, block, x.dim() ? (dim % x.dim() + x.dim()) % x.dim() : 0};
     ctx->saved_data["impl"] = std::string(impl);
@@ -154,9 +143,11 @@ struct SparseLinearFn : torch::autograd::Function<SparseLinearFn> {
     const Tensor dy = grads[0].contiguous();
     variable_list out(13);  // one per argument: x, values, 5 index tensors, bias, 5 others
     if (ctx->needs_input_grad(0))
-      out[0] = grad_input_op().call(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, d, impl);
+      out[0] = SG_OP(Grad, "sparsegraph::sparse_linear_grad_input")
+                   .call(dy, values, crow_t, col_t, perm_t, crow, col, n, k, block, d, impl);
     if (ctx->needs_input_grad(1))
-      out[1] = grad_values_op().call(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, d, impl);
+      out[1] = SG_OP(Grad, "sparsegraph::sparse_linear_grad_values")
+                   .call(dy, x, crow, col, crow_t, col_t, perm_t, n, k, block, d, impl);
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(7)) {
       std::vector<int64_t> dims;
       for (int64_t i = 0; i < dy.dim(); i++)
@@ -175,7 +166,8 @@ Tensor sparse_linear_autograd(const Tensor &x, const Tensor &values, const Tenso
                     (x.requires_grad() || values.requires_grad() || (bias.has_value() && bias->requires_grad()));
   if (grad) return SparseLinearFn::apply(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
   at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: on to the keys below (fake, functional, CPU)
-  return linear_op().call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
+  return SG_OP(Linear, "sparsegraph::sparse_linear")
+      .call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
 }
 
 }  // namespace
