@@ -17,8 +17,10 @@ Every candidate of a configuration is timed in interleaved rounds and reported a
 the weight pre-packed for the batch; both are printed as GFLOP/s and as a fraction of this CPU's
 measured fp32 FMA peak (`cpu.fma_peak`). Efficiency per useful FLOP is eta = t_dense * rho / t_sparse
 (1 is the physical limit; rho the mask's density). `eta_sg_op` is the public op
-(`sparsegraph::sparse_linear` through the dispatcher, what autograd and tracing run); `eta_sg_eager`
-is a lowered layer's eager inference call (`cpu.Prepared`, one native call). `choice` is what the cost
+(`sparsegraph::sparse_linear` through the dispatcher, what autograd and tracing run); `eta_sg_frozen`
+the op a frozen compiled graph runs instead (`sparsegraph::sparse_linear_packed`, W's blocks transposed
+at compile time); `eta_sg_eager` is a lowered layer's eager inference call (`cpu.Prepared`, one native
+call). `choice` is what the cost
 model picks and `pred_x` its predicted speedup over MKL dense; `ok` says whether the measured sparse
 time is below MKL dense where it picks sparse.
 """
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from sparsegraph.backends import cost_model as cm
 from sparsegraph.backends import cpu
-from sparsegraph.backends.sparse_linear import SparseWeight
+from sparsegraph.backends.sparse_linear import SparseWeight, sparse_linear_packed
 from sparsegraph.passes.lower import decide
 
 from common import dense_linear, describe, gflops, machine, medians, print_table, write_json
@@ -84,6 +86,8 @@ def run_config(name, n, k, L, batch, s, block, rounds, gen, model, peers):
         if bsr is not None:
             fns["torch_bsr"] = lambda: torch.sparse.mm(bsr, xt)
     fns["sg_op"] = lambda: sw.apply(x)
+    values_t = sw.values.transpose(1, 2).contiguous()
+    fns["sg_frozen"] = lambda: sparse_linear_packed(x, values_t, sw.crow, sw.col, None, n, k, block)
     prep = cpu.Prepared.make(sw.values, sw.crow, sw.col, None, n, k, block)
     fns["sg_eager"] = (lambda: prep(x)) if prep is not None else fns["sg_op"]
     with torch.inference_mode():
@@ -97,7 +101,7 @@ def run_config(name, n, k, L, batch, s, block, rounds, gen, model, peers):
            "mkl_gflops": round(gflops(flop, t["mkl"]), 1),
            "onednn_gflops": round(gflops(flop, t["onednn"]), 1) if "onednn" in t else None,
            "dense_peak_frac": round(flop / dense / peak, 3)}
-    for key in ("torch_csr", "torch_bsr", "sg_op", "sg_eager"):
+    for key in ("torch_csr", "torch_bsr", "sg_op", "sg_frozen", "sg_eager"):
         row[f"{key}_us"] = round(t[key] * 1e6, 1) if key in t else None
         row[f"eta_{key}"] = round(dense * rho / t[key], 3) if key in t else None
     row["sg_gflops"] = round(gflops(flop * rho, t["sg_eager"]), 1)
@@ -163,7 +167,8 @@ def main() -> None:
                     r = rows[-1]
                     print(f"[{len(rows) - first}/{total} {time.perf_counter() - t0:.0f}s] {threads}t {name} "
                           f"rows={r['rows']} s={s} b={b}: dense {r['dense_peak_frac']:.0%} of peak, eta eager "
-                          f"{r['eta_sg_eager']} op {r['eta_sg_op']} csr {r['eta_torch_csr']} bsr {r['eta_torch_bsr']}",
+                          f"{r['eta_sg_eager']} op {r['eta_sg_op']} frozen {r['eta_sg_frozen']} "
+                          f"csr {r['eta_torch_csr']} bsr {r['eta_torch_bsr']}",
                           flush=True)
         if not args.no_conv:
             for name, n, k, L in RESNET:
@@ -173,7 +178,8 @@ def main() -> None:
                             conv_rows.append({"threads": threads,
                                               **run_conv(name, n, k, L, batch, s, b, rounds, gen, model)})
     cols = ["layer", "rows", "threads", "sparsity", "block", "density", "dense_us", "mkl_gflops", "onednn_gflops",
-            "dense_peak_frac", "eta_torch_csr", "eta_torch_bsr", "eta_sg_op", "eta_sg_eager", "sg_speedup_vs_mkl",
+            "dense_peak_frac", "eta_torch_csr", "eta_torch_bsr", "eta_sg_op", "eta_sg_frozen", "eta_sg_eager",
+            "sg_speedup_vs_mkl",
             "choice", "pred_x", "ok"]
     if rows:
         print_table(f"sparse kernels vs dense (eta = t_dense * rho / t_sparse; dense = faster of MKL and oneDNN) "

@@ -16,6 +16,7 @@ from .onnx_checks import randomize_batch_norms
 from .test_lower import _sparse_wins
 
 SPARSE = "sparsegraph.sparse_linear"
+PACKED = "sparsegraph.sparse_linear_packed.default"  # what a frozen graph's CPU products become (pretranspose)
 
 
 def _count(graph_module, name):
@@ -287,8 +288,9 @@ def test_frozen_inference_folds_the_packing_and_follows_weight_updates(block):
     entry = sgc.LOG[-1]
     assert entry["frozen"] == len(list(wide.parameters())) + len(list(wide.buffers()))
     frozen = entry["compiled"][0]
-    assert _count(frozen, SPARSE + ".default") == n_sparse
+    assert entry["pretransposed"] == n_sparse and _count(frozen, PACKED) == n_sparse  # W's blocks as (in, out)
     assert _count(frozen, "aten.index") == 0 and _count(frozen, "constant_pad") == 0  # no packing left per call
+    assert _count(frozen, "aten.permute") == _count(frozen, "aten.transpose") == _count(frozen, "aten.clone") == 0
     with torch.no_grad():
         wide.proj.weight.mul_(-1)
         with warnings.catch_warnings(record=True) as rec:
@@ -325,7 +327,7 @@ def test_global_inductor_freezing_lowers_parameters_dynamo_made_attributes(block
         entry = sgc.LOG[-1]
         assert entry["lowering"]["formats"] == {"bsr": n_sparse}
         assert entry["frozen"] == len(list(wide.parameters())) + len(list(wide.buffers()))
-        assert _count(entry["lowered"], SPARSE + ".default") == n_sparse
+        assert _count(entry["lowered"], PACKED) == n_sparse == entry["pretransposed"]
         assert not [n for n in entry["lowered"].graph.nodes if n.op == "placeholder" and "mask" in n.name]
         wide.head.weight_mask[0].zero_()  # a mask update (DST would make one): re-lowered, eagerly
         with warnings.catch_warnings(record=True) as rec:
@@ -401,7 +403,7 @@ def test_lowered_module_through_inductor_training_and_inference(block):
     twin.eval()
     with torch.inference_mode():  # grad off: an inference graph, frozen
         assert torch.allclose(fast(x), twin(x), rtol=1e-4, atol=1e-5)
-    assert sgc.LOG[-1]["frozen"] > 0 and _count(sgc.LOG[-1]["compiled"][0], SPARSE + ".default") == n_sparse
+    assert sgc.LOG[-1]["frozen"] > 0 and _count(sgc.LOG[-1]["compiled"][0], PACKED) == n_sparse
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sparsegraph.backends import cpu, cpu_op
 from sparsegraph.backends.cost_model import cpuinfo
 from sparsegraph.backends.sparse_linear import (SparseLinearError, SparseWeight, block_mask_of, sparse_conv2d,
-                                                sparse_linear)
+                                                sparse_linear, sparse_linear_packed)
 
 
 def _targets() -> dict[str, int | None]:
@@ -502,6 +502,55 @@ def test_the_op_reaches_its_cpu_kernel_without_python(monkeypatch):
     torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu.unpack(dv, sw.crow, sw.col, sw.n, sw.k, sw.block).double(), dw64.T * (w != 0),
                                rtol=1e-5, atol=1e-5)
+
+
+def _packed(x, sw, bias=None):
+    return sparse_linear_packed(x, sw.values.transpose(1, 2).contiguous(), sw.crow, sw.col, bias, sw.n, sw.k,
+                                sw.block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_op_against_float64(dtype, target, threads, monkeypatch):
+    """sparse_linear_packed (W's blocks given (in, out), as frozen graphs pass them): blocks a
+    multiple of the vector width run the packed kernel on them as given, from the C++ kernel with
+    no Python (`cpu.linear_packed` patched to raise); other blocks (CSR, 4, 12) take the Python body,
+    which transposes them back. Ragged n and k, an empty block-row, 0-9 rows and (4, 3)."""
+    lanes = cpu.library().vector_bytes // torch.empty(0, dtype=dtype).element_size()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for block in (1, 4, 12, lanes, 2 * lanes, 3 * lanes, 4 * lanes):  # (up to 4 vectors per tile at 1-3 rows)
+        native = block % lanes == 0 and cpu_op.loaded()
+        sw, w = _weight(3 * block + 5, 2 * block + 3, block, 0.6, block, empty_rows=1, dtype=dtype)
+        bias = torch.randn(sw.n, dtype=dtype)
+        with monkeypatch.context() as m:
+            if native:
+                m.setattr(cpu, "linear_packed", lambda *a: pytest.fail("the Python body ran"))
+            for rows in ((0,), (1,), (2,), (3,), (8,), (9,), (4, 3)):
+                x = torch.randn(*rows, sw.k, dtype=dtype)
+                want = x.double() @ w.T.double()
+                torch.testing.assert_close(_packed(x, sw).double(), want, rtol=tol, atol=tol)
+                torch.testing.assert_close(_packed(x, sw, bias).double(), want + bias.double(), rtol=tol, atol=tol)
+
+
+def test_packed_op_is_inference_only_and_names_bad_inputs():
+    """No backward: it refuses inputs that want a gradient (C++ and Python bodies alike) and runs
+    under no_grad; bad shapes are named as for sparse_linear; opcheck passes without autograd."""
+    for block in (4, 32):
+        sw, _ = _weight(40, 64, block, 0.5, 0, dtype=torch.float32)
+        x = torch.randn(3, 64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="inference only|autograd"):
+            _packed(x, sw).sum().backward()
+        with torch.no_grad():
+            assert _packed(x, sw).shape == (3, 40)
+        with pytest.raises(SparseLinearError, match="k=64"):
+            _packed(torch.randn(3, 65), sw)
+        with pytest.raises(SparseLinearError, match="dtype"):
+            _packed(torch.randn(3, 64, dtype=torch.float64), sw)
+        with pytest.raises(SparseLinearError, match="crow"):
+            sparse_linear_packed(torch.randn(3, 64), sw.values, sw.crow[:-1], sw.col, None, 40, 64, block)
+        args = (torch.randn(3, 4, 64), sw.values.transpose(1, 2).contiguous(), sw.crow, sw.col, torch.randn(40),
+                40, 64, block)
+        torch.library.opcheck(torch.ops.sparsegraph.sparse_linear_packed.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def _without(tool: str, block: int, warning: str, check: str, tmp_path) -> str:

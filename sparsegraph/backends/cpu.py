@@ -469,6 +469,18 @@ def linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | 
     return _rows(lib, x, values, crow, col, None, True, bias, n, b)
 
 
+def linear_packed(x: Tensor, values_t: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, n: int, k: int,
+                  b: int) -> Tensor:
+    """`linear` with W's blocks given pre-transposed, (in, out) (`_blocks_in_out`): the packed rows
+    kernel on them as they are, at any number of rows; other cases through `linear` on a copy."""
+    x = x.contiguous()
+    lib = _native(x, values_t, bias)
+    if lib is None or b % _lanes(x) or x.shape[0] == 0:
+        return linear(x, values_t.transpose(1, 2), crow, col, bias, n, k, b)
+    bias = bias.contiguous() if bias is not None else None
+    return _rows_packed(lib, x, values_t.contiguous(), _i32(crow), _i32(col), None, False, bias, n, b)
+
+
 def linear_grad_input(dy: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor, perm_t: Tensor, n: int, k: int,
                       b: int, impl: str = "auto") -> Tensor:
     """dx (M, k) = dy (M, n) @ W, through W^T's block structure (values read through perm_t)."""

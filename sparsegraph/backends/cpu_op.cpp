@@ -8,7 +8,8 @@
 // `sparsegraph::sparse_linear_py`, the op's Python body registered under a second name.
 // `AutogradCPU`: the op's backward (as `_backward` in sparse_linear.py) as a
 // torch::autograd::Function, skipped when nothing needs a gradient. Built by `cpu_op.py` against
-// the running PyTorch's headers.
+// the running PyTorch's headers. `sparsegraph::sparse_linear_packed` (inference only, W's blocks given
+// pre-transposed, as frozen compiled graphs pass them) gets a CPU kernel of its own the same way.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -65,33 +66,45 @@ bool is_operand(const Tensor &t, at::ScalarType dtype) {
   return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.layout() == at::kStrided;
 }
 
+// 0 (float32) or 1 (float64) if the native kernels take x (..., k) and W's operands as they are, else -1
+int native_case(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
+                const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block) {
+  const auto dtype = x.scalar_type();
+  const int which = dtype == at::kFloat ? 0 : dtype == at::kDouble ? 1 : -1;
+  const bool ok = which >= 0 && vector_bytes > 0 && x.dim() >= 1 && x.is_cpu() && x.layout() == at::kStrided &&
+                  n > 0 && k > 0 && block > 0 && x.size(-1) == k && is_operand(values, dtype) && values.dim() == 3 &&
+                  values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
+                  crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
+                  (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
+  return ok ? which : -1;
+}
+
+int64_t lanes(const Tensor &x) { return vector_bytes / static_cast<int64_t>(x.element_size()); }
+
+Tensor output(const Tensor &x, int64_t n) {  // (..., n) for x (..., k)
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  return at::empty(shape, x.options());
+}
+
 Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
                          const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
                          const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
                          c10::string_view impl) {
-  const auto dtype = x.scalar_type();
-  const int which = dtype == at::kFloat ? 0 : dtype == at::kDouble ? 1 : -1;
-  const int64_t nd = x.dim();
-  const bool fast = which >= 0 && vector_bytes > 0 && (impl == "auto" || impl == "cpu") && nd >= 1 &&
-                    (dim == -1 || dim == nd - 1) && x.is_cpu() && x.layout() == at::kStrided && n > 0 && k > 0 &&
-                    block > 0 && x.size(nd - 1) == k && is_operand(values, dtype) && values.dim() == 3 &&
-                    values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
-                    crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
-                    (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
-  if (!fast)
+  const int which = (impl == "auto" || impl == "cpu") && (dim == -1 || dim == x.dim() - 1)
+                        ? native_case(x, values, crow, col, bias, n, k, block) : -1;
+  if (which < 0)
     return SG_OP(Linear, "sparsegraph::sparse_linear_py")
         .call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
   const Tensor xc = x.contiguous();  // (..., k)
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = n;
-  Tensor y = at::empty(shape, x.options());  // (..., n)
+  Tensor y = output(x, n);           // (..., n)
   const int64_t M = x.numel() / k;
   if (M == 0) return y;
   const Kernels &f = kernels[which];
   const void *b = bias.has_value() ? bias->data_ptr() : nullptr, *w = values.data_ptr();
   const int32_t *cr = crow.data_ptr<int32_t>(), *cl = col.data_ptr<int32_t>();
   const int nt = std::max(1, at::get_num_threads());
-  const bool packed = block % (vector_bytes / static_cast<int64_t>(x.element_size())) == 0;
+  const bool packed = block % lanes(x) == 0;
   int status = 0;
   if (M == 1 || (M < small_m && !packed)) {  // dot products along W's own (out, in) rows, x read as (M, k, 1)
     status = f.cols(M, k, n, 1, block, xc.data_ptr(), w, cr, cl, nullptr, block, 1, b, y.data_ptr(), nt);
@@ -111,6 +124,39 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
   }
   TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
   return y;
+}
+
+// sparse_linear_packed(x, values_t, crow, col, bias, n, k, block): W's blocks stored (in, out)
+using LinearPacked = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                            const std::optional<Tensor> &, int64_t, int64_t, int64_t);
+
+// the packed rows kernel on W's blocks as given, at any number of rows (as `cpu.linear_packed`)
+Tensor sparse_linear_packed_cpu(const Tensor &x, const Tensor &values_t, const Tensor &crow, const Tensor &col,
+                                const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block) {
+  const int which = native_case(x, values_t, crow, col, bias, n, k, block);
+  if (which < 0 || block % lanes(x) != 0)
+    return SG_OP(LinearPacked, "sparsegraph::sparse_linear_packed_py").call(x, values_t, crow, col, bias, n, k, block);
+  const Tensor xc = x.contiguous();  // (..., k)
+  Tensor y = output(x, n);           // (..., n)
+  const int64_t M = x.numel() / k;
+  if (M == 0) return y;
+  const int status = kernels[which].rows_packed(M, k, n, block, xc.data_ptr(), k, values_t.data_ptr(),
+                                                crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr, 0,
+                                                bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), n,
+                                                std::max(1, at::get_num_threads()));
+  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  return y;
+}
+
+// inference only: refuses to run where a gradient would be wanted, else on to the CPU kernel
+Tensor sparse_linear_packed_autograd(const Tensor &x, const Tensor &values_t, const Tensor &crow, const Tensor &col,
+                                     const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values_t.requires_grad() ||
+                                               (bias.has_value() && bias->requires_grad())),
+              "sparsegraph::sparse_linear_packed is inference only (no backward): call it under torch.no_grad(), "
+              "or use sparsegraph::sparse_linear");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return SG_OP(LinearPacked, "sparsegraph::sparse_linear_packed").call(x, values_t, crow, col, bias, n, k, block);
 }
 
 using torch::autograd::AutogradContext;
@@ -183,6 +229,12 @@ extern "C" void sg_op_init(void **fns, int64_t vbytes, int64_t small_m_, int64_t
   vector_bytes = vbytes;
 }
 
-TORCH_LIBRARY_IMPL(sparsegraph, CPU, m) { m.impl("sparse_linear", TORCH_FN(sparse_linear_cpu)); }
-// (AutogradCPU: the Python autograd kernel stays registered for the Autograd alias, i.e. other devices)
-TORCH_LIBRARY_IMPL(sparsegraph, AutogradCPU, m) { m.impl("sparse_linear", TORCH_FN(sparse_linear_autograd)); }
+TORCH_LIBRARY_IMPL(sparsegraph, CPU, m) {
+  m.impl("sparse_linear", TORCH_FN(sparse_linear_cpu));
+  m.impl("sparse_linear_packed", TORCH_FN(sparse_linear_packed_cpu));
+}
+// (AutogradCPU: the Python autograd kernels stay registered for the Autograd alias, i.e. other devices)
+TORCH_LIBRARY_IMPL(sparsegraph, AutogradCPU, m) {
+  m.impl("sparse_linear", TORCH_FN(sparse_linear_autograd));
+  m.impl("sparse_linear_packed", TORCH_FN(sparse_linear_packed_autograd));
+}

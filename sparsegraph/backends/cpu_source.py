@@ -61,6 +61,11 @@ HEADER = r"""
 /* an MR x NV tile of accumulators fits beside one row of NV weight vectors and a broadcast */
 #define SG_FITS(NV, MR) ((MR) * (NV) + (NV) < SG_NREG)
 #define SG_NVMAX (SG_NREG >= 32 ? 4 : 2)  /* output vectors per tile of the rows kernels */
+/* ... and of the packed kernel's tiles at up to SG_WIDE_ROWS rows, which then read each row of W's
+ * blocks in one pass instead of b / (SG_NVMAX VL): 0.74-0.99x the time at 1-2 rows (median 0.87,
+ * caches flushed before each call), 0.78-1.0x at 3, GPT-2 and Llama layers, block 32, AVX2, Zen 3 */
+#define SG_PNVMAX 4
+#define SG_WIDE_ROWS 3
 /* Independent sums a tile of MR x NV accumulators keeps along k, so that about 8 FMAs are in flight
  * (two FMA ports, 4 cycles of latency): a small tile (few rows of x) would otherwise wait on each
  * accumulator's previous FMA. */
@@ -361,12 +366,13 @@ static inline __attribute__((always_inline)) void FN(p_step_##NV##_##MR)(V (*acc
 _Static_assert(SG_FITS(NV, MR * SG_KSETS(NV, MR)), "register tile too large");                   \
 MK_PACKED_FN(NV, MR, p, 0)                                                                       \
 MK_PACKED_FN(NV, MR, pa, 1)
-/* every tile that fits (SG_FITS), by NV (1..SG_NVMAX) */
+/* every tile that fits (SG_FITS), by NV (1..SG_PNVMAX; NV > SG_NVMAX only for SG_WIDE_ROWS rows) */
 #if SG_NREG >= 32
 #define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(1, 16) X(2, 1) X(2, 2) X(2, 4) \
     X(2, 6) X(2, 8) X(2, 12) X(3, 1) X(3, 2) X(3, 4) X(3, 6) X(3, 8) X(4, 1) X(4, 2) X(4, 4) X(4, 6)
 #else
-#define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(2, 1) X(2, 2) X(2, 4) X(2, 6)
+#define PACKED_TILES(X) X(1, 1) X(1, 2) X(1, 4) X(1, 6) X(1, 8) X(1, 12) X(2, 1) X(2, 2) X(2, 4) X(2, 6) \
+    X(3, 1) X(3, 2) X(4, 1) X(4, 2)
 #endif
 PACKED_TILES(MK_PACKED)
 
@@ -377,7 +383,7 @@ static const int FN(mr_sizes)[7] = {1, 2, 4, 6, 8, 12, 16};
 #define MR_INDEX(MR) ((MR) <= 2 ? (MR) - 1 : (MR) <= 8 ? (MR) / 2 : (MR) / 4 + 2)
 #define PACKED_ENTRY(NV, MR) [NV - 1][MR_INDEX(MR)] = FN(mk_p_##NV##_##MR),
 #define PACKED_ADD_ENTRY(NV, MR) [NV - 1][MR_INDEX(MR)] = FN(mk_pa_##NV##_##MR),
-static const FN(mk_p_fn) FN(mk_p_table)[2][SG_NVMAX][7] = {{PACKED_TILES(PACKED_ENTRY)},
+static const FN(mk_p_fn) FN(mk_p_table)[2][SG_PNVMAX][7] = {{PACKED_TILES(PACKED_ENTRY)},
                                                            {PACKED_TILES(PACKED_ADD_ENTRY)}};
 #undef PACKED_ENTRY
 #undef PACKED_ADD_ENTRY
@@ -409,7 +415,7 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                         T *y, int64_t ldy, int nthreads) {
     if (M <= 0) return 0;
     const int64_t R = (OUT + b - 1) / b, Kp = (IN + b - 1) / b * b;
-    const int64_t nv0 = b / VL < SG_NVMAX ? b / VL : SG_NVMAX;
+    const int64_t nvmax = M <= SG_WIDE_ROWS ? SG_PNVMAX : SG_NVMAX, nv0 = b / VL < nvmax ? b / VL : nvmax;
     const int mi = FN(mr_index)(M, nv0), TM = FN(mr_sizes)[mi];
     const int64_t ntile = (M + TM - 1) / TM;
     const int ml = FN(mr_index)(M - (ntile - 1) * TM, nv0);  /* the last tile: the smallest height that fits */
@@ -487,8 +493,8 @@ int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x
                         }
                         wr = panel;
                     }
-                    for (int64_t lane0 = 0; lane0 < ob; lane0 += SG_NVMAX * VL) {
-                        const int64_t nv = (b - lane0) / VL < SG_NVMAX ? (b - lane0) / VL : SG_NVMAX;
+                    for (int64_t lane0 = 0; lane0 < ob; lane0 += nvmax * VL) {
+                        const int64_t nv = (b - lane0) / VL < nvmax ? (b - lane0) / VL : nvmax;
                         const int64_t olim = ob - lane0 < nv * VL ? ob - lane0 : nv * VL;
                         for (int64_t t = t0; t < t1; t++) {
                             const int64_t m0 = t * TM, mr = M - m0 < TM ? M - m0 : TM;

@@ -231,6 +231,32 @@ def _(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim=-1, im
     return x.new_empty((*x.shape[:d], n, *x.shape[d + 1:]))
 
 
+def _linear_packed(x: Tensor, values_t: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], n: int, k: int,
+                   block: int) -> Tensor:
+    """y = x @ W^T + bias along x's last axis, W's blocks given as `values_t = values.transpose(1, 2)`
+    (each block stored (in, out), as the CPU's packed rows kernel reads it). Inference only (no
+    autograd): a frozen compiled graph computes `values_t` once, at compile time (`compile.py`), so
+    no call transposes W's blocks."""
+    _check(x, values_t, crow, col, n, k, block, -1, "cpu", "sparse_linear_packed")
+    if x.shape[-1] != k:
+        raise SparseLinearError(f"sparse_linear_packed: x has {x.shape[-1]} features, the weight expects k={k}")
+    y = cpu.linear_packed(x.reshape(-1, k), values_t, crow, col, bias, n, k, block)  # (M, n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+sparse_linear_packed = torch.library.custom_op("sparsegraph::sparse_linear_packed", _linear_packed, mutates_args=())
+# (as sparse_linear_py: where the op's C++ CPU kernel does not take a case)
+sparse_linear_packed_py = torch.library.custom_op("sparsegraph::sparse_linear_packed_py", _linear_packed,
+                                                  mutates_args=())
+
+
+@sparse_linear_packed.register_fake
+def _(x, values_t, crow, col, bias, n, k, block):
+    _check(x, values_t, crow, col, n, k, block, -1, "cpu", "sparse_linear_packed")
+    torch._check(x.shape[-1] == k, lambda: f"sparse_linear_packed: x has {x.shape[-1]} features, expected k={k}")
+    return x.new_empty((*x.shape[:-1], n))
+
+
 @torch.library.custom_op("sparsegraph::sparse_linear_grad_input", mutates_args=())
 def sparse_linear_grad_input(dy: Tensor, values: Tensor, crow_t: Tensor, col_t: Tensor, perm_t: Tensor,
                              crow: Tensor, col: Tensor, n: int, k: int, block: int, dim: int = -1,
@@ -448,5 +474,6 @@ def _conv_backward(ctx, dy):
 sparse_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-__all__ = ["sparse_linear", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "sparse_linear_grad_input", "sparse_linear_grad_values", "SparseWeight",
+__all__ = ["sparse_linear", "sparse_linear_packed", "sparse_conv2d", "sparse_conv2d_grad_input",
+           "sparse_conv2d_grad_values", "sparse_linear_grad_input", "sparse_linear_grad_values", "SparseWeight",
            "block_mask_of", "block_rows", "layout_tensors", "SparseLinearError", "IMPLS"]
