@@ -145,7 +145,7 @@ def test_cols_layout_matches_dense(n, k, block, density, P, L, with_bias, impl, 
 
 
 @pytest.mark.parametrize("block,balanced", [(1, False), (16, False), (32, True)])
-@pytest.mark.parametrize("rows", [(1,), (64,), (4, 33)])
+@pytest.mark.parametrize("rows", [(1,), (24,), (64,), (4, 33)])  # 24: lane tiles of 2 vectors, then 1 (AVX2)
 def test_float32_against_float64(block, balanced, rows, target, threads):
     sw, w = _weight(200, 150, block, 0.2, 7, balanced, empty_rows=1)
     _check(sw, w, (*rows, 150), -1, True, "auto", torch.float32, 7)
