@@ -20,9 +20,8 @@ measured fp32 FMA peak (`cpu.fma_peak`). Efficiency per useful FLOP is eta = t_d
 (`sparsegraph::sparse_linear` through the dispatcher, what autograd and tracing run); `eta_sg_frozen`
 the op a frozen compiled graph runs instead (`sparsegraph::sparse_linear_packed`, W's blocks transposed
 at compile time); `eta_sg_eager` is a lowered layer's eager inference call (`cpu.Prepared`, one native
-call). `choice` is what the cost
-model picks and `pred_x` its predicted speedup over MKL dense; `ok` says whether the measured sparse
-time is below MKL dense where it picks sparse.
+call). `choice` is what the cost model picks and `pred_x` its predicted speedup over MKL dense; `ok`
+says whether the measured sparse time is below MKL dense where it picks sparse.
 """
 from __future__ import annotations
 
@@ -179,8 +178,7 @@ def main() -> None:
                                               **run_conv(name, n, k, L, batch, s, b, rounds, gen, model)})
     cols = ["layer", "rows", "threads", "sparsity", "block", "density", "dense_us", "mkl_gflops", "onednn_gflops",
             "dense_peak_frac", "eta_torch_csr", "eta_torch_bsr", "eta_sg_op", "eta_sg_frozen", "eta_sg_eager",
-            "sg_speedup_vs_mkl",
-            "choice", "pred_x", "ok"]
+            "sg_speedup_vs_mkl", "choice", "pred_x", "ok"]
     if rows:
         print_table(f"sparse kernels vs dense (eta = t_dense * rho / t_sparse; dense = faster of MKL and oneDNN) "
                     f"on {machines[0]['cpu']}", rows, cols)

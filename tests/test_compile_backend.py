@@ -316,6 +316,45 @@ def test_freezing_leaves_written_buffers_as_inputs():
     assert torch.equal(m[1].running_mean, twin[1].running_mean) and int(m[1].num_batches_tracked) == 2
 
 
+def test_pretranspose_rewrites_only_products_of_constant_vector_wide_blocks():
+    """`pretranspose` on a hand-built graph: a product whose values are a constant (or computed from
+    constants only) with blocks a multiple of the vector width takes them transposed; one with
+    values from an input, or with narrow blocks, is left alone. Results unchanged."""
+    from sparsegraph.backends import cpu
+    from sparsegraph.backends.sparse_linear import SparseWeight
+
+    if cpu.library() is None:
+        pytest.skip("no native library")
+    lanes = cpu.library().vector_bytes // 4
+    root, graph, g = torch.nn.Module(), torch.fx.Graph(), torch.Generator().manual_seed(0)
+    x, v_in = graph.placeholder("x"), graph.placeholder("v_in")
+    outs, inputs = [], {}
+    for i, (block, source) in enumerate([(2 * lanes, "attr"), (2 * lanes, "computed"), (2 * lanes, "input"),
+                                         (4, "attr")]):
+        w = torch.randn(6 * lanes, 4 * lanes, generator=g) * (torch.rand(6 * lanes, 4 * lanes, generator=g) < 0.5)
+        sw = SparseWeight.from_dense(w, block)
+        for key in ("values", "crow", "col", "crow_t", "col_t", "perm_t"):
+            root.register_buffer(f"w{i}_{key}", getattr(sw, key))
+        idx = [graph.get_attr(f"w{i}_{key}") for key in ("crow", "col", "crow_t", "col_t", "perm_t")]
+        values = graph.get_attr(f"w{i}_values")
+        if source == "computed":
+            values = graph.call_function(torch.ops.aten.mul.Tensor, (values, 1.0))
+        elif source == "input":
+            values, inputs["v_in"] = v_in, sw.values
+        outs.append(graph.call_function(torch.ops.sparsegraph.sparse_linear.default,
+                                        (x, values, *idx, None, sw.n, sw.k, block, -1, "auto")))
+    graph.output(tuple(outs))
+    gm = torch.fx.GraphModule(root, graph)
+    xin = torch.randn(5, 4 * lanes, generator=g)
+    with torch.no_grad():
+        want = gm(xin, inputs["v_in"])
+        assert sgc.pretranspose(gm) == 2
+        got = gm(xin, inputs["v_in"])
+    assert _count(gm, PACKED) == 2 and _count(gm, SPARSE + ".default") == 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_global_inductor_freezing_lowers_parameters_dynamo_made_attributes(block):
     """With `torch._inductor.config.freezing` on and grad off, Dynamo hands the parameters and
     masks over as graph attributes, not inputs: they are lowered all the same, and watched."""

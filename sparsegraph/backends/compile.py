@@ -197,9 +197,10 @@ def pretranspose(gm: fx.GraphModule) -> int:
             const.add(node)
     done = 0
     for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.sparsegraph.sparse_linear.default)):
-        a = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
-        crow = a["crow"]
-        if (a["values"] not in const or a.get("dim", -1) != -1 or a.get("impl", "auto") not in ("auto", "cpu")
+        args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        a = args.kwargs if args is not None else {}
+        crow = a.get("crow")
+        if (not a or a["values"] not in const or a.get("dim", -1) != -1 or a.get("impl", "auto") not in ("auto", "cpu")
                 or a["block"] % lanes or crow.op != "get_attr" or not _get_attr(gm, crow.target).is_cpu):
             continue
         with gm.graph.inserting_before(node):
@@ -260,7 +261,8 @@ class _Compiled:
         else:
             if _inductor_freezes():
                 frozen = [t for *_, t in _attributes(gm)]  # Dynamo made them attributes; Inductor folds them
-                entry["pretransposed"] = pretranspose(graph)
+                if graph is lowered:  # (Dynamo's own graph stays as it is: a re-lowering starts from it)
+                    entry["pretransposed"] = pretranspose(graph)
             self.fn = compiler(graph, inputs, entry["compiled"])
         entry["frozen"] = len(frozen)
         LOG.append(entry)  # once compiled: Dynamo may restart the analysis from inside the compiler
@@ -309,7 +311,7 @@ class _Compiled:
             try:
                 lowered, choices, masks = lower_dynamo_graph(self.gm, list(args), self.target, self.fakes, self.state)
                 LOG.append({"lowered": lowered, "lowering": summary(choices, self.target, cm.load()), "frozen": 0,
-                            "compiled": []})
+                            "compiled": [], "pretransposed": 0})
                 self.fn = lowered
             except Exception:  # noqa: BLE001 - cannot re-lower: the masked-dense graph is always right
                 self.fn, masks = self.gm, []

@@ -10,16 +10,16 @@ Every prediction is one formula, a fixed cost per call plus the layer's useful m
     sparse linear   c_sparse,  MACs = M nnzb b^2,     F = flops_sparse(d, b, M) sparsegraph::sparse_linear
                     CSR (b = 1) from 4 rows adds M (n + k) t_transpose: it works on x^T and y^T
     dense conv      c_dense,   MACs = N L n k,        F = flops_conv           F.conv2d (oneDNN)
-    sparse conv     c_sparse,  MACs = N L nnzb b^2,   F = flops_cols(d, b)     sparsegraph::sparse_conv2d
-
-where a convolution's fixed cost is `c_sparse_conv`: sparse_conv2d runs its Python body, while
-sparse_linear's CPU kernel is C++ (`cpu_op`) wherever that builds.
+    sparse conv     c_sparse_conv, MACs = N L nnzb b^2, F = flops_cols(d, b)   sparsegraph::sparse_conv2d
 
 with M rows (tokens) of a linear layer, N images and L output positions of a convolution, n x k
 the weight's matrix view, nnzb stored blocks of b x b and d = nnzb b^2 / (n k) the fraction of the
-weight stored. The rates are measured on the public ops as a lowered model runs them, never on
-kernel internals, at rows M in `ROWS`, blocks b in `BLOCKS` and densities d in `DENSITIES`. A
-sparse kernel's rate rises with d (each row of x it reads feeds more blocks): on a 2-core Intel
+weight stored. A convolution has a fixed cost of its own, `c_sparse_conv`: sparse_conv2d runs its
+Python body, while sparse_linear's CPU kernel is C++ (`cpu_op`) wherever that builds. A frozen
+compiled graph runs sparse_linear's pre-transposed form (`compile.pretranspose`), as fast or faster,
+so the model errs towards dense there. The rates are measured on the public ops as a lowered model
+runs them, never on kernel internals, at rows M in `ROWS`, blocks b in `BLOCKS` and densities d in
+`DENSITIES`. A sparse kernel's rate rises with d (each row of x it reads feeds more blocks): on a 2-core Intel
 Xeon a block-32 3 x 3 convolution ran at 22-37 GFLOP/s with 10% of its weights stored and 34-45
 with 25%, so a rate measured at one density misjudges layers at another. Between measured points a
 rate follows a power law (log F linear in log M, in log b and in log d); beyond them it is held at

@@ -6,9 +6,9 @@ small product itself. `cpu_op.cpp` registers C++ kernels for the op's CPU and Au
 keys: the first checks the arguments and calls the native library directly, the second records the
 backward only when a gradient is needed, so a call costs about 5 µs (`F.linear` 2.7); cases the
 kernel does not take go to the Python body. `sparsegraph::sparse_linear_packed` (inference only, W's
-blocks pre-transposed, what frozen compiled graphs call) gets the same two kernels. It is compiled once per PyTorch build with `g++`
-(`$CXX`) against the headers PyTorch ships, cached beside the native library (about 20 s), and
-loaded with it (`cpu.library()`). Without a C++ compiler, if the build fails, or with
+blocks pre-transposed, what frozen compiled graphs call) gets the same two kernels. It is compiled
+once per PyTorch build with `g++` (`$CXX`) against the headers PyTorch ships, cached beside the
+native library (about 20 s), and loaded with it (`cpu.library()`). Without a C++ compiler, if the build fails, or with
 `SPARSEGRAPH_NATIVE_OP=0`, the op keeps its Python body (one warning names the cause of a failure);
 `ERROR` says why.
 """
