@@ -504,6 +504,30 @@ def test_the_op_reaches_its_cpu_kernel_without_python(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_conv2d_reaches_its_cpu_kernel_without_python(monkeypatch):
+    """sparse_conv2d's CPU dispatch is C++ too: the direct kernel (3x3, strides, padding, dilation,
+    blocks 1-32) and the cols kernel for an unpadded 1x1 (strided), with the Python body patched to
+    fail; impl="torch" still reaches the Python body. Against float64 conv2d."""
+    from sparsegraph.backends import sparse_linear as sl
+
+    assert cpu.available() and cpu_op.loaded(), cpu_op.ERROR
+    monkeypatch.setattr(sl, "_check_conv", lambda *a, **k: pytest.fail("the Python body ran"))
+    gen = torch.Generator().manual_seed(3)
+    for C, out, kernel, stride, padding, dilation, block in [(16, 32, 3, 1, 1, 1, 16), (16, 32, 3, 2, 1, 1, 32),
+                                                              (8, 12, 3, 1, 0, 2, 4), (16, 24, 1, 2, 0, 1, 8),
+                                                              (16, 20, 1, 1, 0, 1, 1), (6, 10, (3, 1), (2, 1), (1, 0),
+                                                                                         1, 2)]:
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        w = torch.randn(out, C, kh, kw, generator=gen) * (torch.rand(out, C, kh, kw, generator=gen) < 0.4)
+        sw = SparseWeight.from_dense(w.reshape(out, -1), block)
+        x, bias = torch.randn(2, C, 9, 7, generator=gen), torch.randn(out, generator=gen)
+        want = F.conv2d(x.double(), w.double(), bias.double(), stride, padding, dilation)
+        got = sw.conv2d(x, bias, kernel, stride, padding, dilation)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(pytest.fail.Exception, match="Python body"):
+        sw.conv2d(x, bias, kernel, stride, padding, dilation, impl="torch")
+
+
 def _packed(x, sw, bias=None):
     return sparse_linear_packed(x, sw.values.transpose(1, 2).contiguous(), sw.crow, sw.col, bias, sw.n, sw.k,
                                 sw.block)

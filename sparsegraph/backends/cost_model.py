@@ -14,8 +14,9 @@ Every prediction is one formula, a fixed cost per call plus the layer's useful m
 
 with M rows (tokens) of a linear layer, N images and L output positions of a convolution, n x k
 the weight's matrix view, nnzb stored blocks of b x b and d = nnzb b^2 / (n k) the fraction of the
-weight stored. A convolution has a fixed cost of its own, `c_sparse_conv`: sparse_conv2d runs its
-Python body, while sparse_linear's CPU kernel is C++ (`cpu_op`) wherever that builds. A frozen
+weight stored. A convolution has a fixed cost of its own, `c_sparse_conv`: sparse_conv2d's CPU
+kernel is C++ (`cpu_op`) like sparse_linear's, but its autograd wrapper is Python and a 1 x 1
+convolution copies the positions it reads. A frozen
 compiled graph runs sparse_linear's pre-transposed form (`compile.pretranspose`), as fast or faster,
 so the model errs towards dense there. The rates are measured on the public ops as a lowered model
 runs them, never on kernel internals, at rows M in `ROWS`, blocks b in `BLOCKS` and densities d in
@@ -175,7 +176,7 @@ class CostModel:
     """Fixed costs (s) and rates (FLOP/s); tables are keyed by str(M) or str(b) (JSON keys)."""
     c_dense: float = 1.5e-6  # a dense call
     c_sparse: float = 2.1e-5  # a sparse_linear call (dispatch, checks, native call)
-    c_sparse_conv: float | None = None  # a sparse_conv2d call (its Python body); None: c_sparse
+    c_sparse_conv: float | None = None  # a sparse_conv2d call (Python autograd wrapper); None: c_sparse
     t_transpose: float = 0.0  # s per element of x and y a CSR product transposes; 0: not measured (builtin)
     flops_dense: dict = field(default_factory=lambda: {"1": 2.9e10, "8": 1.8e11, "64": 1.8e11, "512": 1.8e11})
     flops_sparse: dict = field(default_factory=lambda: {"10": {  # by density (% stored), block size, then M

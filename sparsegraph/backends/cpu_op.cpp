@@ -9,7 +9,8 @@
 // `AutogradCPU`: the op's backward (as `_backward` in sparse_linear.py) as a
 // torch::autograd::Function, skipped when nothing needs a gradient. Built by `cpu_op.py` against
 // the running PyTorch's headers. `sparsegraph::sparse_linear_packed` (inference only, W's blocks given
-// pre-transposed, as frozen compiled graphs pass them) gets a CPU kernel of its own the same way.
+// pre-transposed, as frozen compiled graphs pass them) and `sparsegraph::sparse_conv2d` get CPU
+// kernels of their own the same way (the convolution keeps its Python autograd).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -31,11 +32,16 @@ using RowsPacked = int (*)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const 
 using Cols = int (*)(int64_t P, int64_t IN, int64_t OUT, int64_t L, int64_t b, const void *X, const void *vals,
                      const int32_t *crow, const int32_t *col, const int32_t *perm, int64_t so, int64_t si,
                      const void *bias, void *Y, int nthreads);
+using Conv = int (*)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW, int64_t SH,
+                     int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t b, const void *x,
+                     const void *vals, const int32_t *crow, const int32_t *col, const void *bias, void *y,
+                     int nthreads);
 
 struct Kernels {
   RowsPacked rows_packed = nullptr;  // blocks a multiple of the vector width: W's blocks transposed on the way
   RowsPacked rows = nullptr;         // other blocks, repacked per call
   Cols cols = nullptr;               // dot products along W's rows (few rows), or lanes along x^T's rows
+  Conv conv2d = nullptr;             // direct convolution (any kernel size, stride, padding, dilation)
 };
 Kernels kernels[2];        // float32, float64
 int64_t vector_bytes = 0;  // 0 until sg_op_init: every call takes the Python body
@@ -66,18 +72,20 @@ bool is_operand(const Tensor &t, at::ScalarType dtype) {
   return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.layout() == at::kStrided;
 }
 
-// 0 (float32) or 1 (float64) if the native kernels take x (..., k) and W's operands as they are, else -1
+// 0 (float32) or 1 (float64) if the native kernels take x and W's operands (n outputs) as they are, else -1
 int native_case(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
-                const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block) {
+                const std::optional<Tensor> &bias, int64_t n, int64_t block) {
   const auto dtype = x.scalar_type();
   const int which = dtype == at::kFloat ? 0 : dtype == at::kDouble ? 1 : -1;
-  const bool ok = which >= 0 && vector_bytes > 0 && x.dim() >= 1 && x.is_cpu() && x.layout() == at::kStrided &&
-                  n > 0 && k > 0 && block > 0 && x.size(-1) == k && is_operand(values, dtype) && values.dim() == 3 &&
-                  values.size(1) == block && values.size(2) == block && is_index(crow) && is_index(col) &&
+  const bool ok = which >= 0 && vector_bytes > 0 && x.is_cpu() && x.layout() == at::kStrided && n > 0 &&
+                  block > 0 && is_operand(values, dtype) && values.dim() == 3 && values.size(1) == block &&
+                  values.size(2) == block && is_index(crow) && is_index(col) &&
                   crow.size(0) == (n + block - 1) / block + 1 && col.size(0) == values.size(0) &&
                   (!bias.has_value() || (is_operand(*bias, dtype) && bias->dim() == 1 && bias->size(0) == n));
   return ok ? which : -1;
 }
+
+bool rows_of(const Tensor &x, int64_t k) { return x.dim() >= 1 && k > 0 && x.size(-1) == k; }  // x (..., k)
 
 int64_t lanes(const Tensor &x) { return vector_bytes / static_cast<int64_t>(x.element_size()); }
 
@@ -91,8 +99,8 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
                          const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
                          const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block, int64_t dim,
                          c10::string_view impl) {
-  const int which = (impl == "auto" || impl == "cpu") && (dim == -1 || dim == x.dim() - 1)
-                        ? native_case(x, values, crow, col, bias, n, k, block) : -1;
+  const int which = (impl == "auto" || impl == "cpu") && (dim == -1 || dim == x.dim() - 1) && rows_of(x, k)
+                        ? native_case(x, values, crow, col, bias, n, block) : -1;
   if (which < 0)
     return SG_OP(Linear, "sparsegraph::sparse_linear_py")
         .call(x, values, crow, col, crow_t, col_t, perm_t, bias, n, k, block, dim, impl);
@@ -133,7 +141,7 @@ using LinearPacked = Tensor(const Tensor &, const Tensor &, const Tensor &, cons
 // the packed rows kernel on W's blocks as given, at any number of rows (as `cpu.linear_packed`)
 Tensor sparse_linear_packed_cpu(const Tensor &x, const Tensor &values_t, const Tensor &crow, const Tensor &col,
                                 const std::optional<Tensor> &bias, int64_t n, int64_t k, int64_t block) {
-  const int which = native_case(x, values_t, crow, col, bias, n, k, block);
+  const int which = rows_of(x, k) ? native_case(x, values_t, crow, col, bias, n, block) : -1;
   if (which < 0 || block % lanes(x) != 0)
     return SG_OP(LinearPacked, "sparsegraph::sparse_linear_packed_py").call(x, values_t, crow, col, bias, n, k, block);
   const Tensor xc = x.contiguous();  // (..., k)
@@ -157,6 +165,54 @@ Tensor sparse_linear_packed_autograd(const Tensor &x, const Tensor &values_t, co
               "or use sparsegraph::sparse_linear");
   at::AutoDispatchBelowADInplaceOrView below;
   return SG_OP(LinearPacked, "sparsegraph::sparse_linear_packed").call(x, values_t, crow, col, bias, n, k, block);
+}
+
+// sparse_conv2d(x, values, crow, col, crow_t, col_t, perm_t, bias, out_channels, kernel_size, stride,
+// padding, dilation, block, impl)
+using Conv2d = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                      const Tensor &, const std::optional<Tensor> &, int64_t, at::IntArrayRef, at::IntArrayRef,
+                      at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view);
+
+// as `cpu.conv2d`: a 1x1 convolution without padding is the cols kernel on the positions it reads,
+// any other the direct kernel; what that does not take goes to the Python body
+Tensor sparse_conv2d_cpu(const Tensor &x, const Tensor &values, const Tensor &crow, const Tensor &col,
+                         const Tensor &crow_t, const Tensor &col_t, const Tensor &perm_t,
+                         const std::optional<Tensor> &bias, int64_t out, at::IntArrayRef kernel,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t block,
+                         c10::string_view impl) {
+  const bool pairs = kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2;
+  const bool positive = pairs && kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 &&
+                        dilation[0] > 0 && dilation[1] > 0 && padding[0] >= 0 && padding[1] >= 0;
+  const int which = (impl == "auto" || impl == "cpu") && positive && x.dim() == 4 && x.size(1) > 0
+                        ? native_case(x, values, crow, col, bias, out, block) : -1;
+  if (which < 0)
+    return SG_OP(Conv2d, "sparsegraph::sparse_conv2d_py")
+        .call(x, values, crow, col, crow_t, col_t, perm_t, bias, out, kernel, stride, padding, dilation, block, impl);
+  const void *b = bias.has_value() ? bias->data_ptr() : nullptr;
+  const int32_t *cr = crow.data_ptr<int32_t>(), *cl = col.data_ptr<int32_t>();
+  const int nt = std::max(1, at::get_num_threads());
+  int status = 0;
+  Tensor y;
+  if (kernel[0] == 1 && kernel[1] == 1 && padding[0] == 0 && padding[1] == 0) {  // Y (N, out, L) = W X (N, C, L)
+    const Tensor xs = x.slice(2, 0, std::nullopt, stride[0]).slice(3, 0, std::nullopt, stride[1]).contiguous();
+    const int64_t N = xs.size(0), C = xs.size(1), Ho = xs.size(2), Wo = xs.size(3);
+    y = at::empty({N, out, Ho, Wo}, x.options());
+    if (y.numel() > 0)
+      status = kernels[which].cols(N, C, out, Ho * Wo, block, xs.data_ptr(), values.data_ptr(), cr, cl, nullptr,
+                                   block, 1, b, y.data_ptr(), nt);
+  } else {
+    const Tensor xc = x.contiguous();
+    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+    const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+    y = at::empty({N, out, std::max<int64_t>(Ho, 0), std::max<int64_t>(Wo, 0)}, x.options());
+    if (y.numel() > 0)
+      status = kernels[which].conv2d(N, C, H, W, out, kernel[0], kernel[1], stride[0], stride[1], padding[0],
+                                     padding[1], dilation[0], dilation[1], block, xc.data_ptr(), values.data_ptr(),
+                                     cr, cl, b, y.data_ptr(), nt);
+  }
+  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  return y;
 }
 
 using torch::autograd::AutogradContext;
@@ -218,13 +274,13 @@ Tensor sparse_linear_autograd(const Tensor &x, const Tensor &values, const Tenso
 
 }  // namespace
 
-// The native library's entry points (sg_rows_packed, sg_rows, sg_cols; float32, then float64), its
-// vector width in bytes, and cpu.py's path thresholds.
+// The native library's entry points (sg_rows_packed, sg_rows, sg_cols, sg_conv2d; float32, then
+// float64), its vector width in bytes, and cpu.py's path thresholds.
 extern "C" void sg_op_init(void **fns, int64_t vbytes, int64_t small_m_, int64_t transpose_below_block_,
                            int64_t transpose_rows_) {
   for (int i = 0; i < 2; i++)
-    kernels[i] = {reinterpret_cast<RowsPacked>(fns[3 * i]), reinterpret_cast<RowsPacked>(fns[3 * i + 1]),
-                  reinterpret_cast<Cols>(fns[3 * i + 2])};
+    kernels[i] = {reinterpret_cast<RowsPacked>(fns[4 * i]), reinterpret_cast<RowsPacked>(fns[4 * i + 1]),
+                  reinterpret_cast<Cols>(fns[4 * i + 2]), reinterpret_cast<Conv>(fns[4 * i + 3])};
   small_m = small_m_, transpose_below_block = transpose_below_block_, transpose_rows = transpose_rows_;
   vector_bytes = vbytes;
 }
@@ -232,6 +288,7 @@ extern "C" void sg_op_init(void **fns, int64_t vbytes, int64_t small_m_, int64_t
 TORCH_LIBRARY_IMPL(sparsegraph, CPU, m) {
   m.impl("sparse_linear", TORCH_FN(sparse_linear_cpu));
   m.impl("sparse_linear_packed", TORCH_FN(sparse_linear_packed_cpu));
+  m.impl("sparse_conv2d", TORCH_FN(sparse_conv2d_cpu));
 }
 // (AutogradCPU: the Python autograd kernels stay registered for the Autograd alias, i.e. other devices)
 TORCH_LIBRARY_IMPL(sparsegraph, AutogradCPU, m) {

@@ -6,11 +6,12 @@ small product itself. `cpu_op.cpp` registers C++ kernels for the op's CPU and Au
 keys: the first checks the arguments and calls the native library directly, the second records the
 backward only when a gradient is needed, so a call costs about 5 µs (`F.linear` 2.7); cases the
 kernel does not take go to the Python body. `sparsegraph::sparse_linear_packed` (inference only, W's
-blocks pre-transposed, what frozen compiled graphs call) gets the same two kernels. It is compiled
-once per PyTorch build with `g++` (`$CXX`) against the headers PyTorch ships, cached beside the
-native library (about 20 s), and loaded with it (`cpu.library()`). Without a C++ compiler, if the build fails, or with
-`SPARSEGRAPH_NATIVE_OP=0`, the op keeps its Python body (one warning names the cause of a failure);
-`ERROR` says why.
+blocks pre-transposed, what frozen compiled graphs call) gets the same two kernels, and
+`sparsegraph::sparse_conv2d` a CPU kernel (its autograd stays Python). It is compiled once per
+PyTorch build with `g++` (`$CXX`) against the headers PyTorch ships, cached beside the native
+library (about 20 s), and loaded with it (`cpu.library()`). Without a C++ compiler, if the build
+fails, or with `SPARSEGRAPH_NATIVE_OP=0`, the ops keep their Python bodies (one warning names the
+cause of a failure); `ERROR` says why.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def point(lib: ctypes.CDLL) -> None:
     from .cpu import SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS
 
     fns = [ctypes.cast(getattr(lib, name + sfx), ctypes.c_void_p).value for sfx in ("_f32", "_f64")
-           for name in ("sg_rows_packed", "sg_rows", "sg_cols")]
-    _loaded.sg_op_init((ctypes.c_void_p * 6)(*fns), lib.vector_bytes, SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS)
+           for name in ("sg_rows_packed", "sg_rows", "sg_cols", "sg_conv2d")]
+    _loaded.sg_op_init((ctypes.c_void_p * 8)(*fns), lib.vector_bytes, SMALL_M, TRANSPOSE_BELOW_BLOCK, TRANSPOSE_ROWS)
 
 
 def load(lib: ctypes.CDLL) -> bool:

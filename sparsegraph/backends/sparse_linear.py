@@ -19,7 +19,8 @@ dvalues = (dY^T X) only on W's nonzero blocks (an SDDMM); dbias = sum of dY. Fak
 implementations let `torch.export` and `torch.compile` see through the op. On CPU, once the native
 library loads, sparse_linear's kernel and autograd are C++ (`cpu_op.cpp`: a call costs a few µs, not
 tens); the cases that kernel does not take run the Python body below, registered a second time as
-`sparsegraph::sparse_linear_py`.
+`sparsegraph::sparse_linear_py`. sparse_conv2d's CPU kernel is C++ the same way (its Python body
+`sparsegraph::sparse_conv2d_py`), its autograd Python.
 
 `sparsegraph::sparse_conv2d(x, values, ..., bias, out_channels, kernel_size, stride, padding,
 dilation, block, impl)` is the convolution with the same weight format (W viewed as
@@ -366,10 +367,9 @@ def _conv2d_unfold(x, values, crow, col, crow_t, col_t, perm_t, bias, out_channe
     return y.view(N, out_channels, Ho, Wo)
 
 
-@torch.library.custom_op("sparsegraph::sparse_conv2d", mutates_args=())
-def sparse_conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: Tensor, col_t: Tensor,
-                  perm_t: Tensor, bias: Optional[Tensor], out_channels: int, kernel_size: list[int], stride: list[int],
-                  padding: list[int], dilation: list[int], block: int, impl: str = "auto") -> Tensor:
+def _conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: Tensor, col_t: Tensor,
+            perm_t: Tensor, bias: Optional[Tensor], out_channels: int, kernel_size: list[int], stride: list[int],
+            padding: list[int], dilation: list[int], block: int, impl: str = "auto") -> Tensor:
     """conv2d(x, W, bias, stride, padding, dilation) for a block-sparse W viewed as (out, C kh kw).
 
     The (c, kh, kw) order of `W.reshape(out, -1)`. On CPU the native kernel convolves directly
@@ -390,6 +390,11 @@ def sparse_conv2d(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, crow_t: 
     parts = [_conv2d_unfold(x[i:i + step], values, crow, col, crow_t, col_t, perm_t, bias, out_channels, kernel,
                             stride, padding, dilation, block, impl) for i in range(0, N, step)]
     return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+sparse_conv2d = torch.library.custom_op("sparsegraph::sparse_conv2d", _conv2d, mutates_args=())
+# (as sparse_linear_py: where the op's C++ CPU kernel does not take a case)
+sparse_conv2d_py = torch.library.custom_op("sparsegraph::sparse_conv2d_py", _conv2d, mutates_args=())
 
 
 @sparse_conv2d.register_fake
