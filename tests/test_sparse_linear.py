@@ -524,6 +524,8 @@ def test_sparse_conv2d_reaches_its_cpu_kernel_without_python(monkeypatch):
         want = F.conv2d(x.double(), w.double(), bias.double(), stride, padding, dilation)
         got = sw.conv2d(x, bias, kernel, stride, padding, dilation)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        if kernel == 3:  # a 2x2 image with no room for the kernel (the floor of -1 / 2): no positions at all
+            assert sw.conv2d(x[:1, :, :2, :2], None, 3, 2, 0, 1).shape == (1, out, 0, 0)
     with pytest.raises(pytest.fail.Exception, match="Python body"):
         sw.conv2d(x, bias, kernel, stride, padding, dilation, impl="torch")
 

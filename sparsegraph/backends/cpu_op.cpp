@@ -1,4 +1,5 @@
-// The CPU kernels of `sparsegraph::sparse_linear`, registered with PyTorch's dispatcher.
+// The CPU kernels of `sparsegraph::sparse_linear` (and of `sparse_linear_packed` and `sparse_conv2d`),
+// registered with PyTorch's dispatcher.
 //
 // A call of the op from Python, from Inductor's generated code or from an exported program reaches
 // the product without running Python. `CPU`: the arguments are checked here and the product runs in
@@ -89,6 +90,16 @@ bool rows_of(const Tensor &x, int64_t k) { return x.dim() >= 1 && k > 0 && x.siz
 
 int64_t lanes(const Tensor &x) { return vector_bytes / static_cast<int64_t>(x.element_size()); }
 
+void check(int status) {
+  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+}
+
+// output positions along one axis, 0 where the (dilated) kernel does not fit: the division floors, as Python's
+int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
 Tensor output(const Tensor &x, int64_t n) {  // (..., n) for x (..., k)
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
@@ -130,7 +141,7 @@ Tensor sparse_linear_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
   } else {  // the rows kernel, each block-row's blocks repacked
     status = f.rows(M, k, n, block, xc.data_ptr(), k, w, cr, cl, nullptr, 1, b, y.data_ptr(), n, nt);
   }
-  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  check(status);
   return y;
 }
 
@@ -152,7 +163,7 @@ Tensor sparse_linear_packed_cpu(const Tensor &x, const Tensor &values_t, const T
                                                 crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr, 0,
                                                 bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), n,
                                                 std::max(1, at::get_num_threads()));
-  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  check(status);
   return y;
 }
 
@@ -203,15 +214,15 @@ Tensor sparse_conv2d_cpu(const Tensor &x, const Tensor &values, const Tensor &cr
   } else {
     const Tensor xc = x.contiguous();
     const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
-    const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
-    y = at::empty({N, out, std::max<int64_t>(Ho, 0), std::max<int64_t>(Wo, 0)}, x.options());
+    const int64_t Ho = conv_out(H, kernel[0], stride[0], padding[0], dilation[0]);
+    const int64_t Wo = conv_out(W, kernel[1], stride[1], padding[1], dilation[1]);
+    y = at::empty({N, out, Ho, Wo}, x.options());
     if (y.numel() > 0)
       status = kernels[which].conv2d(N, C, H, W, out, kernel[0], kernel[1], stride[0], stride[1], padding[0],
                                      padding[1], dilation[0], dilation[1], block, xc.data_ptr(), values.data_ptr(),
                                      cr, cl, b, y.data_ptr(), nt);
   }
-  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "sparsegraph CPU kernel: could not allocate a work buffer");
+  check(status);
   return y;
 }
 
