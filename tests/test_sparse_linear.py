@@ -162,6 +162,7 @@ def test_float32_against_float64(block, balanced, rows, target, threads):
     (1030, 100, 32, (450,)),   # dY's rows 4 KiB apart: its panels copied per chunk too (three, the last ragged)
     (70, 90, 32, (3,)),        # 3 rows: the kernel transposes each block-row's blocks as it takes the row
     (6000, 128, 32, (60,)),    # dX's rows of 6000 inputs, ~56 blocks per block-row: dY's columns in slices
+    (100, 72, 32, (1850,)),    # with 2 threads, forward and dX: each thread takes whole groups of rows
 ])
 def test_packed_rows_kernel_against_float64(n, k, block, rows, target, threads):
     """The packed rows kernel (block a multiple of 16 floats): forward, dX through W's own values,
@@ -555,6 +556,10 @@ def test_packed_op_against_float64(dtype, target, threads, monkeypatch):
                 want = x.double() @ w.T.double()
                 torch.testing.assert_close(_packed(x, sw).double(), want, rtol=tol, atol=tol)
                 torch.testing.assert_close(_packed(x, sw, bias).double(), want + bias.double(), rtol=tol, atol=tol)
+    sw, w = _weight(100, 72, 4 * lanes, 0.5, 1, empty_rows=1, dtype=dtype)
+    x, bias = torch.randn(1850, 72, dtype=dtype), torch.randn(100, dtype=dtype)  # 2 threads: groups of rows each
+    torch.testing.assert_close(_packed(x, sw, bias).double(), x.double() @ w.T.double() + bias.double(), rtol=tol,
+                               atol=tol)
 
 
 def test_packed_op_is_inference_only_and_names_bad_inputs():
