@@ -1,12 +1,14 @@
-"""ONNX Runtime (CPU): dense MatMul against the `ort-block` formulations and `ort-sparse`, side by side.
+"""ONNX Runtime (CPU): dense MatMul against the `ort-block` formulations, `ort-sparse` and `ort-native`.
 
 Single layers: y = x W^T for PyTorch-layout weights W (out, in) with balanced block masks, lowered
 by the same passes as `sg.onnx.lower(model, "ort-block", layout=...)` on a one-MatMul model with the
 masked weight as an initializer: GPT-2 small's projections and the Sparse Wide gpt-mini's own
 layers (d 256 at s = 0.75, 416 at s = 0.9), plus ResNet-18's im2col GEMMs in the full grid.
+`ort-native` (the custom op sparsegraph.SparseLinear, the native kernels in ONNX Runtime) is timed
+when ONNX Runtime's C API headers are there (`sparsegraph ort-headers`).
 End to end: the built-in gpt-mini, dense original against Sparse Wide (balanced_block:32, s = 0.75
-and 0.9) exported with `sg.export_onnx` as a dense file and with `ort-block`, at batch 1 (1 x 64
-tokens) and 16 x 128 tokens.
+and 0.9) exported with `sg.export_onnx` as a dense file, with `ort-block` and with `ort-native`, at
+batch 1 (1 x 64 tokens) and 16 x 128 tokens.
 
     eta = t_dense(same shape) * rho / t_sparse     (rho = the weight's density; 1 is the physical limit)
 
@@ -39,7 +41,10 @@ from common import describe, machine, medians, print_table, write_json  # noqa: 
 import sparsegraph as sg  # noqa: E402
 from sparsegraph.masks import make_mask  # noqa: E402
 from sparsegraph.models import builtin  # noqa: E402
+from sparsegraph.onnx import native  # noqa: E402
 from sparsegraph.onnx.lowering import LAYOUTS  # noqa: E402
+
+NATIVE = native.include_dir() is not None  # ort-native needs ONNX Runtime's C API headers
 
 GPT2 = [("gpt2 c_attn", 2304, 768, 1), ("gpt2 c_fc", 3072, 768, 1), ("gpt2 mlp.c_proj", 768, 3072, 1)]
 # the Sparse Wide gpt-mini's layers (n_embd 128 widened to 256 / 416): (name, out, in, sparsity)
@@ -103,6 +108,9 @@ def bench_layer(name: str, out_f: int, in_f: int, rows: int, sparsity: float, bl
                                        check=False)
     if sparse_too:
         models["ort-sparse"] = sg.onnx.lower(dense, "ort-sparse", fold=False, max_density=1.0, check=False)
+    if NATIVE:
+        models["ort-native"] = sg.onnx.lower(dense, "ort-native", fold=False, block=block, max_density=1.0,
+                                             check=False)
     auto = next(iter(sg.onnx.read_lowering(models["auto"]).values()))
     sessions = {k: _session(m, threads) for k, m in models.items()}
     ref = sessions["dense"](x)
@@ -139,6 +147,8 @@ def bench_gpt_mini(shape: tuple[int, int], sparsities: list[float], threads: int
         stem = os.path.join(folder, f"gpt-mini_{s}_{tag}")
         paths[f"wide s={s} dense"] = sg.export_onnx(wide, inputs, f"{stem}_dense.onnx")
         paths[f"wide s={s} ort-block"] = sg.export_onnx(wide, inputs, f"{stem}_block.onnx", lower="ort-block")
+        if NATIVE:
+            paths[f"wide s={s} ort-native"] = sg.export_onnx(wide, inputs, f"{stem}_native.onnx", lower="ort-native")
         if rows_too:  # the formulation every layer used before the per-layer choice
             paths[f"wide s={s} ort-block rows"] = sg.export_onnx(wide, inputs, f"{stem}_rows.onnx", lower="ort-block",
                                                                  layout="rows")
@@ -146,13 +156,13 @@ def bench_gpt_mini(shape: tuple[int, int], sparsities: list[float], threads: int
     outs = {k: s(*feed) for k, s in sessions.items()}
     for k in outs:
         if k.startswith("wide") and not k.endswith(" dense"):
-            _check(f"gpt-mini {tag} {k}", outs[k], outs[k.split(" ort-block")[0] + " dense"])
+            _check(f"gpt-mini {tag} {k}", outs[k], outs[k.split(" ort-")[0] + " dense"])
     t = _timed({k: (lambda s=s: s(*feed)) for k, s in sessions.items()}, budget)
     base = t["original dense"]
     rows = []
     for k, v in t.items():
         lowering = sg.onnx.read_lowering(paths[k]).values()
-        layouts = sorted({c["layout"] for c in lowering})
+        layouts = sorted({c.get("layout", c["target"]) for c in lowering})
         rows.append({"model": "gpt-mini", "tokens": tag, "variant": k, "layouts": ",".join(layouts) or "-",
                      "handed_over": sum("input_from" in c for c in lowering), "ms": v * 1e3, "vs_original": v / base})
     return rows
@@ -166,7 +176,7 @@ def _short(row: dict) -> dict:
             "dense us": row["dense_us"], "dense GFLOP/s": f"{row['dense_gflops']:.0f}{peak}", "auto": row["auto"],
             "eta auto": row["eta_auto"], "x dense": row["speedup_auto"], "eta rows": row["eta_rows"],
             "eta blocks": row["eta_blocks"], "eta column": row["eta_column"],
-            "eta sparse": row.get("eta_ort-sparse", nan)}
+            "eta sparse": row.get("eta_ort-sparse", nan), "eta native": row.get("eta_ort-native", nan)}
 
 
 def main(argv=None) -> int:
@@ -180,6 +190,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # machine(): the FMA peak at the thread count ONNX Runtime uses
     info = machine()
     print(describe(info), f"| ONNX Runtime {ort.__version__}, {args.threads} intra-op thread(s)", flush=True)
+    if not NATIVE:
+        print("ort-native skipped: no ONNX Runtime C API headers (run `sparsegraph ort-headers`)", flush=True)
     peak = info["fp32_peak_gflops"] * 1e9 if info["fp32_peak_gflops"] else None
     quick = args.quick
     budget = args.budget or (1.0 if quick else 2.0)
@@ -197,7 +209,8 @@ def main(argv=None) -> int:
         print(f"[{k}/{len(configs)} {time.time() - t0:4.0f}s] {name} {out_f}x{in_f} rows={m} s={s}: dense "
               f"{row['dense_us']:.0f}us ({row['dense_gflops']:.0f} GFLOP/s), auto={row['auto']} "
               f"{row['auto_us']:.0f}us (eta {row['eta_auto']:.2f}), rows eta {row['eta_rows']:.2f}, blocks eta "
-              f"{row['eta_blocks']:.2f}, column eta {row['eta_column']:.2f}", flush=True)
+              f"{row['eta_blocks']:.2f}, column eta {row['eta_column']:.2f}"
+              + (f", native eta {row['eta_ort-native']:.2f}" if NATIVE else ""), flush=True)
     print_table(f"single layers, balanced_block:32, ONNX Runtime {ort.__version__} CPU, {args.threads} thread(s); "
                 f"eta = t_dense * density / t", [_short(r) for r in rows], list(_short(rows[0])))
 
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
         for shape in ((1, 64), (16, 128)):
             print(f"[{time.time() - t0:4.0f}s] end to end: gpt-mini {shape[0]}x{shape[1]} tokens", flush=True)
             e2e += bench_gpt_mini(shape, [0.75, 0.9], args.threads, budget * 4, folder, rows_too=not quick)
-    print_table("end to end: gpt-mini, Sparse Wide balanced_block:32 (target: ort-block within 1.5x the original)",
+    print_table("end to end: gpt-mini, Sparse Wide balanced_block:32 (target: within 1.5x the original)",
                 e2e, ["model", "tokens", "variant", "layouts", "handed_over", "ms", "vs_original"])
     path = write_json("onnx_runtime" + ("_quick" if quick else ""), rows, end_to_end=e2e, threads=args.threads,
                       onnxruntime=ort.__version__,

@@ -27,7 +27,7 @@ from sparsegraph.plan import attach_plan
 from .conftest import hf_model
 from .onnx_checks import check_written, randomize_batch_norms, rel_err
 
-MODES = ("dense", "ort-block", "ort-sparse")
+MODES = ("dense", "ort-block", "ort-sparse", "ort-native")
 FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 OPTIONS = {"gpt-mini": {"mask": "balanced_block:16"},  # d 128 -> 256: whole 16-blocks
            "resnet-mini": {"mask": "balanced_block:8", "include_head": True}}  # the Gemm head is sparse too
@@ -102,8 +102,9 @@ def test_export_parity(models, tmp_path, model, family):
             sparse = {w.name for w in sg.plan_of(m).sparse_weights if w.kind == "linear"}
             assert sparse and sparse <= set(lowered), sorted(sparse - set(lowered))
             assert ("SparseToDenseMatMul" in ops) == (mode == "ort-sparse")
+            assert ("SparseLinear" in ops) == (mode == "ort-native")
             block = int(OPTIONS[model]["mask"].rsplit(":", 1)[1])  # the plan's block mask is preferred
-            assert all(c["block"] == block for c in lowered.values() if c["target"] == "ort-block")
+            assert all(c["block"] == block for c in lowered.values() if c["target"] in ("ort-block", "ort-native"))
         if family in ("sparse_parallel", "sparse_factorized", "sparse_doped") and mode != "dense":
             assert "BatchNormalization" not in ops
     if family in ("sparse_parallel", "sparse_factorized", "sparse_doped"):

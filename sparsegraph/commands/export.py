@@ -1,4 +1,4 @@
-"""sparsegraph export MODEL -o OUT.onnx [--lower dense|ort-block|ort-sparse]: a model to ONNX.
+"""sparsegraph export MODEL -o OUT.onnx [--lower dense|ort-block|ort-sparse|ort-native]: a model to ONNX.
 
 MODEL is any model the CLI knows (built-in, torchvision:NAME, hf:ARCH, pkg.module:callable, a saved
 sparsegraph model with its plan); `--transform`/`--sparsity` rewrite it first (as `sparsegraph rewrite`).
@@ -21,10 +21,10 @@ HELP = "export a model (optionally rewritten first) to ONNX, lowered for ONNX Ru
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument("--lower", default="dense", choices=("dense", "ort-block", "ort-sparse"))
+    p.add_argument("--lower", default="dense", choices=("dense", "ort-block", "ort-sparse", "ort-native"))
     p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=None,
                    help="fold BN, parallel branches and U.V products (default: when lowering)")
-    p.add_argument("--block", type=int, default=None, help="ort-block: block size")
+    p.add_argument("--block", type=int, default=None, help="ort-block, ort-native: block size")
     p.add_argument("--layout", default="auto", choices=("auto", "rows", "blocks", "column"),
                    help="ort-block: the formulation (default: chosen per layer)")
     p.add_argument("--max-density", type=float, default=None, help="lower only layers at most this dense")

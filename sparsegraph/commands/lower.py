@@ -4,6 +4,8 @@ ONNX models (`model.onnx`): ONNX-to-ONNX passes for ONNX Runtime (`sg.onnx.lower
   fold         BatchNorm into Conv, Sparse Parallel branches and U.V products into single layers
   ort-block    fold, then block-sparse MatMul/Gemm weights -> Gather + batched MatMul (standard ops)
   ort-sparse   fold, then com.microsoft SparseToDenseMatMul (run with sg.onnx.Session)
+  ort-native   fold, then the custom op sparsegraph.SparseLinear: the native kernels in ONNX Runtime
+               (run with sg.onnx.Session; needs `sparsegraph ort-headers` once)
 Other models: export them with `sparsegraph export MODEL --lower ...`.
 """
 from __future__ import annotations
@@ -16,16 +18,17 @@ from ..fsutil import check_writable
 from ..graph import SparsegraphError
 
 HELP = "fold and lower a model's sparse layers for a runtime (ONNX Runtime for .onnx files)"
-ONNX_TARGETS = ("fold", "ort-block", "ort-sparse")
+ONNX_TARGETS = ("fold", "ort-block", "ort-sparse", "ort-native")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--target", default="ort-block", choices=ONNX_TARGETS,
-                   help="fold | ort-block (default) | ort-sparse")
+                   help="fold | ort-block (default) | ort-sparse | ort-native")
     p.add_argument("--no-fold", action="store_true", help="lower without folding first")
     p.add_argument("--block", type=int, default=None,
-                   help="ort-block: block size (default: the plan's block mask, else the best of 64/32/16/8)")
+                   help="ort-block, ort-native: block size (default: the plan's block mask, else the best of "
+                        "64/32/16/8)")
     p.add_argument("--max-density", type=float, default=None,
                    help="lower only layers whose (padded block) density is at most this (default 0.5)")
     p.add_argument("--layout", default="auto", choices=("auto", "rows", "blocks", "column"),

@@ -2,10 +2,10 @@
 
     sg.onnx.sparsify(path_or_model, transform, sparsity, mask, seed)   rewrite an ONNX graph directly
     sg.onnx.fold(path_or_model)                 BN into Conv, parallel branches and U.V products into one layer
-    sg.onnx.lower(path_or_model, target)        "ort-block" | "ort-sparse" (after folding)
+    sg.onnx.lower(path_or_model, target)        "ort-block" | "ort-sparse" | "ort-native" (after folding)
     sg.onnx.save(model, path) / sg.onnx.load(path)   sparse weights stored sparse where that shrinks the file
     sg.onnx.read_plan(path_or_model)            the SparsityPlan from metadata_props
-    sg.onnx.Session(path_or_model)              ONNX Runtime, feeding ort-sparse weights
+    sg.onnx.Session(path_or_model)              ONNX Runtime, feeding ort-sparse weights, with the ort-native op
 
 Every function takes a path, an `onnx.ModelProto` or an `onnx_ir.Model` and returns a new
 `onnx_ir.Model` (the input is never modified); `output=` writes the result atomically (a
@@ -52,7 +52,7 @@ from ..plan import SparsityPlan
 __all__ = ["sparsify", "fold", "lower", "save", "load", "to_proto", "read_plan", "read_lowering", "Session",
            "TARGETS", "OnnxPassError"]
 
-TARGETS = ("fold", "ort-block", "ort-sparse")
+TARGETS = ("fold", "ort-block", "ort-sparse", "ort-native")
 _SPARSE_MIN_ELEMENTS = 64  # smaller initializers are always stored dense
 
 
@@ -334,8 +334,11 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
                           per layer, see `sparsegraph.onnx.lowering`)
             "ort-sparse"  com.microsoft SparseToDenseMatMul with the weight as a sparse-tensor input
                           (CPU only; run with `sg.onnx.Session`, which feeds the weights)
+            "ort-native"  block-sparse float32 weights become the custom op sparsegraph.SparseLinear, the
+                          native CPU kernels in ONNX Runtime (`sparsegraph.onnx.native`; `sg.onnx.Session`
+                          registers its library); `block` and `max_density` as for ort-block
 
-    >>> import sparsegraph as sg
+    >>> import numpy as np, sparsegraph as sg
     >>> from sparsegraph.models import builtin
     >>> spec = builtin("gpt-mini", n_layer=2)
     >>> wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32")
@@ -350,9 +353,15 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     ['h.0.mlp.c_proj.weight', 'h.1.mlp.c_proj.weight']
     >>> sg.onnx.Session(lowered)(spec.example_inputs[0].numpy()).shape
     (2, 64, 256)
+    >>> native = sg.onnx.lower(path, "ort-native")
+    >>> {c["block"] for c in sg.onnx.read_lowering(native).values()}
+    {32}
+    >>> y = sg.onnx.Session(native)(spec.example_inputs[0].numpy())
+    >>> bool(np.abs(y - wide.eval()(*spec.example_inputs).detach().numpy()).max() < 1e-4)
+    True
     """
     from .folding import FoldPass
-    from .lowering import LAYOUTS, BlockSparseMatMulPass, SparseToDenseMatMulPass
+    from .lowering import LAYOUTS, BlockSparseMatMulPass, NativeSparseMatMulPass, SparseToDenseMatMulPass
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
@@ -370,6 +379,8 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
         model = _run(BlockSparseMatMulPass(block=block, max_density=max_density, layout=layout), model)
     elif target == "ort-sparse":
         model = _run(SparseToDenseMatMulPass(max_density=max_density), model)
+    elif target == "ort-native":
+        model = _run(NativeSparseMatMulPass(block=block, max_density=max_density), model)
     return _finish(model, output, check, sparse_initializers)
 
 
@@ -382,7 +393,9 @@ class Session:
     ONNX Runtime densifies sparse initializers when it loads a model, and SparseToDenseMatMul
     accepts its sparse operand only as a run-time input, so "ort-sparse" files carry each weight as
     the default value of a sparse-tensor graph input. This session takes those defaults out of the
-    model and feeds them (CSR) on every run; other models run unchanged.
+    model and feeds them (CSR) on every run. For "ort-native" files it registers the custom-op
+    library (`sparsegraph.onnx.native`, built on first use) and cuts each product into `threads`
+    pieces for ONNX Runtime's thread pool. Other models run unchanged.
 
     >>> import numpy as np, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -395,6 +408,8 @@ class Session:
     def __init__(self, path_or_model: Any, *, threads: int | None = None, optimization: str = "all",
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         import onnxruntime as ort
+
+        from . import native
 
         proto, self.label = _read_proto(path_or_model)
         sparse_in = _sparse_inputs(proto.graph)
@@ -420,6 +435,9 @@ class Session:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        if any(n.domain == native.DOMAIN for n in proto.graph.node):
+            so.register_custom_ops_library(native.library())
+            native.set_threads(threads)
         so.log_severity_level = 3
         so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -6,8 +6,8 @@
    rewrite rules (BatchNormalization folded into Conv, ...) -- without its initializer
    deduplication, which merges distinct parameters that happen to be equal (every fresh
    LayerNorm weight is all ones) and would tie dimension groups for later ONNX rewrites.
-3. ONNX-to-ONNX passes (`sg.onnx.lower`): "dense" does nothing more; "ort-block" and "ort-sparse"
-   fold first (BN, parallel branches, U.V products), then lower the sparse MatMul/Gemm weights.
+3. ONNX-to-ONNX passes (`sg.onnx.lower`): "dense" does nothing more; "ort-block", "ort-sparse" and
+   "ort-native" fold first (BN, parallel branches, U.V products), then lower the sparse MatMul/Gemm weights.
 4. The plan (`sg.plan_of(model)`: families, densities, SμPar multipliers) goes into
    `metadata_props["sparsegraph.plan"]`; sparse weights become sparse initializers where that
    shrinks the file; the model is checked (`onnx.checker`, full) and written atomically.
@@ -30,7 +30,7 @@ from .rewrite import PLAN_KEY, keep_weight_views
 from ..passes.products import module_form
 from ..plan import plan_of
 
-LOWER_MODES = ("dense", "ort-block", "ort-sparse")
+LOWER_MODES = ("dense", "ort-block", "ort-sparse", "ort-native")
 
 
 def multiply_masks(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,6 +127,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
                          and layout)
            "ort-sparse"  com.microsoft SparseToDenseMatMul, the weight a sparse-tensor input
                          (run with `sg.onnx.Session`, which feeds it)
+           "ort-native"  the custom op sparsegraph.SparseLinear: the native CPU kernels in ONNX Runtime
+                         (run with `sg.onnx.Session`, which registers its library)
     fold   fold BN into Conv, parallel branches and U.V products first (default: when lowering)
 
     The plan is in the file's metadata (`sg.analyze(path).plan`, `sg.onnx.read_plan(path)`);

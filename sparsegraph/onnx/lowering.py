@@ -1,7 +1,7 @@
 """ONNX Runtime lowering passes for sparse MatMul/Gemm weights (DESIGN.md section 6).
 
 ONNX Runtime densifies sparse initializers when it loads a model, so a sparse weight costs a
-dense product unless the graph itself skips the zeros. Two lowerings:
+dense product unless the graph itself skips the zeros. Three lowerings:
 
 ort-block (`BlockSparseMatMulPass`, standard ops only: any execution provider). For y = x W with
 W (K, N) cut into b x b blocks and every output block-column n reading r nonzero input blocks
@@ -48,7 +48,12 @@ is dense and 2-D; the CPU kernel is single-threaded Eigen (CSR) or a scalar loop
 no other execution provider. So y^T = SparseToDenseMatMul(W^T, x2, transB=1), and W^T is a
 sparse graph input whose default value is stored in the file (`sg.onnx.Session` feeds it).
 
-Both record their per-weight choices under metadata_props["sparsegraph.lowering"].
+ort-native (`NativeSparseMatMulPass`): the custom op sparsegraph.SparseLinear(x, values, crow, col[, bias])
+runs sparsegraph's native CPU kernels inside ONNX Runtime (`native.py`, the library built against
+ONNX Runtime's C API header). W (K, N) is stored as the kernels' block-sparse B: output block-rows
+over N, each nonzero b x b block as it sits in W, so y = x W reads only the nonzero blocks, any M.
+
+All three record their per-weight choices under metadata_props["sparsegraph.lowering"].
 """
 from __future__ import annotations
 
@@ -498,5 +503,80 @@ class SparseToDenseMatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(choices))
 
 
-__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "block_layout", "pack_blocks", "auto_layout",
-           "BLOCK_SIZES", "LAYOUTS"]
+def block_mask(W: np.ndarray, b: int) -> np.ndarray:
+    """(ceil(K/b), ceil(N/b)) bool: which b x b blocks of W (K, N) hold a nonzero."""
+    Wp = pad_to_blocks(W, b)
+    return np.abs(Wp).reshape(Wp.shape[0] // b, b, Wp.shape[1] // b, b).max(axis=(1, 3)) != 0
+
+
+def bsr_of(W: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values (nnzb, b, b), crow, col): W (K, N) as the native kernels' block-sparse B, output
+    block-rows over N, each block stored (in, out) as it sits in W, zero-padded at ragged edges."""
+    Wp = pad_to_blocks(W, b)
+    nz = block_mask(W, b).T  # (Nb, Kb): the nonzero input blocks of each output block-row
+    rows, cols = np.nonzero(nz)  # row-major: each row's blocks sorted by column
+    blocks = Wp.reshape(Wp.shape[0] // b, b, Wp.shape[1] // b, b).transpose(2, 0, 1, 3)  # (Nb, Kb, b, b)
+    crow = np.concatenate([[0], np.cumsum(nz.sum(axis=1))])
+    return np.ascontiguousarray(blocks[rows, cols]), crow.astype(np.int32), cols.astype(np.int32)
+
+
+class NativeSparseMatMulPass(ir.passes.InPlacePass):
+    """ort-native: MatMul/Gemm with a block-sparse float32 constant weight -> the custom op
+    sparsegraph.SparseLinear(x, values, crow, col[, bias]) (the native CPU kernels in ONNX Runtime,
+    `sparsegraph.onnx.native`). `block`: the block size (default: the plan's block mask if its stored
+    density is within 10% of the best of 64/32/16/8, else the largest such); layers storing more than
+    `max_density` of W stay dense. Gemm's alpha is folded into the blocks, a per-column C into the op."""
+
+    def __init__(self, block: int | None = None, max_density: float | None = None):
+        super().__init__()
+        self.block = block
+        self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
+
+    def choose(self, W: np.ndarray, plan_block: int | None) -> int | None:
+        K, N = W.shape
+        sizes = [self.block] if self.block else sorted({*BLOCK_SIZES, *([plan_block] if plan_block else [])},
+                                                       reverse=True)
+        stored = {b: block_mask(W, b).sum() * b * b / (K * N) for b in sizes if b <= max(K, N)}
+        if not stored:
+            return None
+        best = min(stored.values())
+        good = [b for b, d in stored.items() if d <= best * 1.1]
+        b = plan_block if plan_block in good else max(good)
+        return b if stored[b] <= self.max_density else None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from .native import DOMAIN, OP
+
+        infer_shapes(model)
+        plan_block = _plan_block(model)
+        namer = Namer(model.graph)
+        choices = {}
+        for node, x, W, name, alpha, C in _candidates(model):
+            if W.dtype != np.float32 or np.count_nonzero(W) > self.max_density * W.size:
+                continue
+            b = self.choose(W, plan_block)
+            if b is None:
+                continue
+            K, N = W.shape
+            values, crow, col = bsr_of(W * np.float32(alpha), b)
+            fuse = C is not None and C.size == N and C.shape in ((N,), (1, N))  # a bias per output
+            bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
+            inputs = [x, bld.const("values", values), bld.const("crow", crow), bld.const("col", col)]
+            y = bld.op(OP, inputs + ([bld.const("bias", C.reshape(N).astype(np.float32))] if fuse else []),
+                       {"n": N, "block": b}, domain=DOMAIN)
+            y.shape, y.type = ir.Shape([*x.shape[:-1], N]), ir.TensorType(ir.DataType.FLOAT)
+            y = _add_bias(bld, y, None if fuse else C, np.float32)
+            bld.insert_after(node)
+            redirect(model.graph, node.outputs[0], y)
+            choices[name] = {"target": "ort-native", "block": b, "blocks": int(len(col)),
+                             "density": float(len(col) * b * b) / (K * N),
+                             "weight_density": float(np.count_nonzero(W)) / W.size, "shape": [K, N], "node": node.name}
+        if choices:
+            model.opset_imports.setdefault(DOMAIN, 1)
+            cleanup(model)
+            _record(model, choices)
+        return ir.passes.PassResult(model, bool(choices))
+
+
+__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "NativeSparseMatMulPass", "block_layout", "pack_blocks",
+           "auto_layout", "block_mask", "bsr_of", "BLOCK_SIZES", "LAYOUTS"]
