@@ -15,7 +15,9 @@ batch 1 (1 x 64 tokens) and 16 x 128 tokens.
 Every candidate of one configuration is timed in the same process with `common.medians`
 (interleaved rounds, the median of each) on the same inputs, after its output was checked against
 the dense session. The dense MatMul's GFLOP/s and its fraction of the CPU's measured fp32 FMA peak
-are printed beside it. Nothing here asserts on time.
+are printed beside it. The sessions' idle threads sleep instead of spinning (`spinning=False`): with
+several threads, each session's own pool would otherwise spin between its runs and slow the next
+session's on the same cores. Nothing here asserts on time.
 
     python bench/onnx_runtime.py                # the full grid (about 10 minutes on 2 cores)
     python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 4 minutes)
@@ -60,7 +62,9 @@ class Mismatch(RuntimeError):
 
 
 def _session(model, threads: int) -> sg.onnx.Session:
-    return sg.onnx.Session(model, threads=threads)
+    """Every session has its own intra-op threads, which spin between runs by default: with several
+    sessions taking turns on the same cores they would take them from each other, so they sleep."""
+    return sg.onnx.Session(model, threads=threads, spinning=False)
 
 
 def _timed(calls: dict, budget: float) -> dict[str, float]:

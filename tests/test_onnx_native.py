@@ -212,3 +212,14 @@ def test_cli_lower_ort_native(tmp_path, capsys):
     with torch.no_grad():
         expected = wide(*spec.example_inputs).numpy()
     assert rel_err(sg.onnx.Session(out)(spec.example_inputs[0].numpy()), expected) <= 1e-4
+
+
+def test_session_threads_sleep_when_asked(tmp_path):
+    """spinning=False (the benchmark's sessions taking turns) reaches ONNX Runtime's options."""
+    path = sg.export_onnx(builtin("gpt-mini", n_layer=1).model.eval(), builtin("gpt-mini").example_inputs,
+                          tmp_path / "d.onnx")
+    options = sg.onnx.Session(path, threads=2, spinning=False).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default (spin)
+        sg.onnx.Session(path, threads=2).session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")

@@ -395,7 +395,8 @@ class Session:
     the default value of a sparse-tensor graph input. This session takes those defaults out of the
     model and feeds them (CSR) on every run. For "ort-native" files it registers the custom-op
     library (`sparsegraph.onnx.native`, built on first use) and cuts each product into `threads`
-    pieces for ONNX Runtime's thread pool. Other models run unchanged.
+    pieces for ONNX Runtime's thread pool. Other models run unchanged. `spinning=False` makes idle
+    intra-op threads sleep at once (for several sessions taking turns on the same cores).
 
     >>> import numpy as np, sparsegraph as sg
     >>> from sparsegraph.models import builtin
@@ -406,7 +407,7 @@ class Session:
     """
 
     def __init__(self, path_or_model: Any, *, threads: int | None = None, optimization: str = "all",
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spinning: bool = True):
         import onnxruntime as ort
 
         from . import native
@@ -435,6 +436,8 @@ class Session:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        if not spinning:  # idle intra-op threads sleep at once instead of spinning for the next op
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if any(n.domain == native.DOMAIN for n in proto.graph.node):
             so.register_custom_ops_library(native.library())
             native.set_threads(threads)
