@@ -155,7 +155,7 @@ def library() -> str:
                             note="building the ONNX Runtime custom op (once)")
     except RuntimeError as e:
         raise SparsegraphError(f"cannot build the ort-native op: {e}") from None
-    if _lib is None:
+    if _lib is None or _lib._name != path:  # (another cache folder: another library)
         _lib = ctypes.CDLL(path)  # the same handle ONNX Runtime's dlopen gets: one thread setting
         _lib.sg_ort_set_threads.argtypes = [ctypes.c_int]
     return path
