@@ -530,8 +530,8 @@ static int FN(rows_packed_team)(int64_t M, int64_t IN, int64_t OUT, int64_t b, c
  * as many groups as the threads divide evenly), copies its own x into its own L2 and runs all block-rows on
  * it, where the team would share each chunk's block-rows and meet at two barriers per chunk. The op's W
  * (trans) is transposed once first, shared. GPT-2 and Llama layers, block 32, 64-1024 rows, 2 threads, Zen 3:
- * 0.56-1.01x the time (median 0.92; 0.53-1.0x, median 0.83, in a noisier run); at s = 0.9 and 1024 rows
- * the shared chunks gave eta 0.39-0.67 from run to run, the groups 0.73-0.78. */
+ * 0.56-1.01x the time (median 0.92; a prototype 0.51-1.0x, median 0.83, in a noisier run); at s = 0.9 and
+ * 1024 rows the shared chunks gave eta 0.39-0.67 from run to run, the groups 0.73-0.78. */
 int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx, const T *wp,
                         const int32_t *crow, const int32_t *col, const int32_t *perm, int trans, const T *bias,
                         T *y, int64_t ldy, int nthreads) {
