@@ -201,13 +201,17 @@ def test_fetch_headers_unpacks_a_package_and_names_bad_ones(monkeypatch, tmp_pat
 @needs_headers
 def test_cli_lower_ort_native(tmp_path, capsys):
     """`sparsegraph lower --target ort-native` on an exported Sparse Wide gpt-mini: the table names the
-    target, the file runs in ONNX Runtime and matches PyTorch."""
+    target, the file runs in ONNX Runtime and matches PyTorch; `sparsegraph ort-headers --build` names
+    the headers and the library."""
     spec = builtin("gpt-mini", n_layer=1)
     wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", 0.75, mask="balanced_block:32").eval()
     dense = sg.export_onnx(wide, spec.example_inputs, tmp_path / "dense.onnx")
     out = tmp_path / "native.onnx"
     assert main(["lower", dense, "--target", "ort-native", "-o", str(out)]) == 0
     assert "ort-native" in capsys.readouterr().out
+    assert main(["ort-headers", "--build"]) == 0  # headers there: named, and the library built (cached)
+    printed = "".join(capsys.readouterr().out.split())  # (however the console wrapped the paths)
+    assert "".join(native.include_dir().split()) in printed and os.path.basename(native.library()) in printed
     check_written(out)
     with torch.no_grad():
         expected = wide(*spec.example_inputs).numpy()
