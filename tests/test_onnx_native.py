@@ -139,6 +139,9 @@ def test_sparse_linear_op_names_bad_inputs():
         sg.onnx.Session(_op_model(values, crow, col, n=0))
     ok = sg.onnx.Session(_op_model(values, crow, col))(x)  # the same operands, consistent: runs
     assert ok.shape == (2, 40)
+    bias = np.arange(40, dtype=np.float32)  # no inputs at all (k = 0, no blocks): every row is the bias
+    empty = _op_model(np.zeros((0, 8, 8), np.float32), np.zeros(6, np.int32), np.zeros(0, np.int32), bias, k=0)
+    np.testing.assert_array_equal(sg.onnx.Session(empty)(np.ones((3, 0), np.float32)), np.tile(bias, (3, 1)))
 
 
 def test_missing_headers_are_named(monkeypatch, tmp_path):

@@ -21,7 +21,8 @@ pre-transposed form (`compile.pretranspose`), as fast or faster, so the model er
 there. The rates are measured on the public ops as a lowered model runs them, never on kernel
 internals, at rows M in `ROWS`, blocks b in `BLOCKS` and densities d in `DENSITIES`. A sparse
 kernel's rate rises with d (each row of x it reads feeds more blocks): on a 2-core Intel Xeon a
-block-32 3 x 3 convolution ran at 22-37 GFLOP/s with 10% of its weights stored and 34-45 with 25%, so a rate measured at one density misjudges layers at another. Between measured points a
+block-32 3 x 3 convolution ran at 22-37 GFLOP/s with 10% of its weights stored and 34-45 with 25%,
+so a rate measured at one density misjudges layers at another. Between measured points a
 rate follows a power law (log F linear in log M, in log b and in log d); beyond them it is held at
 the nearest one (M > 512 gets M = 512's rate; b = 64 gets b = 32's; d > 0.25 gets d = 0.25's, all
 of which err towards dense: more rows, larger blocks and denser weights run faster). Each table is

@@ -127,11 +127,16 @@ def compiler_version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
 
 
-def _build(cc: str, march: str = "native") -> str:
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    key = "\0".join([source(), " ".join(flags), compiler_version(cc), _cpu_signature()])
-    prefix = "libsparsegraph_cpu-" if march == "native" else f"libsparsegraph_cpu_{march}-"
-    return build_cached([cc, *flags], source(), "kernels.c", prefix, key)
+def build_kernels(cc: str, march: str = "native", *, extra: str = "", flags: tuple = (), prefix: str | None = None,
+                  name: str = "kernels.c", key: str = "", note: str | None = None) -> str:
+    """The kernels' C source, followed by `extra` (another library's own code, e.g. the ONNX Runtime op),
+    built with `gcc -O3 -march=<march> -fopenmp` and `flags` into the cache; `key` adds what else the
+    build depends on (a header's hash)."""
+    text = source() + extra
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", *flags]
+    key = "\0".join([text, " ".join(flags), compiler_version(cc), _cpu_signature(), key])
+    prefix = prefix or ("libsparsegraph_cpu-" if march == "native" else f"libsparsegraph_cpu_{march}-")
+    return build_cached([cc, *flags], text, name, prefix, key, note=note)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -163,7 +168,7 @@ def load(march: str = "native") -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'gcc')}) on PATH")
-    lib = ctypes.CDLL(_build(cc, march))
+    lib = ctypes.CDLL(build_kernels(cc, march))
     if lib.sg_abi_version() != ABI_VERSION:
         raise RuntimeError("stale library in the cache (ABI version mismatch)")
     _declare(lib)

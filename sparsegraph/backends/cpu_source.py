@@ -59,7 +59,7 @@ HEADER = r"""
         if (par) { SG_PRAGMA(omp parallel num_threads(nthreads) clauses) { __VA_ARGS__ } }      \
         else { __VA_ARGS__ }                                                                    \
     } while (0)
-/* x (M rows of IN values) too large to have stayed in L2 since it was written */
+/* x (M rows of IN values of the instantiation's type T) too large to have stayed in L2 since it was written */
 #define SG_BIG_X(M, IN) ((double)(M) * (double)(IN) * sizeof(T) > 262144.0)
 /* an MR x NV tile of accumulators fits beside one row of NV weight vectors and a broadcast */
 #define SG_FITS(NV, MR) ((MR) * (NV) + (NV) < SG_NREG)
@@ -529,9 +529,10 @@ static int FN(rows_packed_team)(int64_t M, int64_t IN, int64_t OUT, int64_t b, c
 /* Several threads and at least two chunks of x each: every thread takes whole groups of rows (about a chunk;
  * as many groups as the threads divide evenly), copies its own x into its own L2 and runs all block-rows on
  * it, where the team would share each chunk's block-rows and meet at two barriers per chunk. The op's W
- * (trans) is transposed once first, shared. GPT-2 and Llama layers, block 32, 64-1024 rows, 2 threads, Zen 3:
- * 0.56-1.01x the time (median 0.92; a prototype 0.51-1.0x, median 0.83, in a noisier run); at s = 0.9 and
- * 1024 rows the shared chunks gave eta 0.39-0.67 from run to run, the groups 0.73-0.78. */
+ * (trans) is transposed once first, shared. GPT-2 and Llama layers, block 32, 64-1024 rows, 2 threads, AMD
+ * EPYC (Zen 3): 0.56-1.01x the time (median 0.92; a prototype 0.51-1.0x, median 0.83, in a noisier run); at
+ * s = 0.9 and 1024 rows the shared chunks gave eta 0.39-0.67 from run to run, the groups 0.73-0.78 (dense
+ * MKL at 179-187 GFLOP/s). */
 int FN(sg_rows_packed)(int64_t M, int64_t IN, int64_t OUT, int64_t b, const T *x, int64_t ldx, const T *wp,
                         const int32_t *crow, const int32_t *col, const int32_t *perm, int trans, const T *bias,
                         T *y, int64_t ldy, int nthreads) {

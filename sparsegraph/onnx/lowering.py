@@ -149,6 +149,24 @@ def _plan_block(model: ir.Model) -> int | None:
     return kind.block if kind.name in ("block", "balanced_block") else None
 
 
+def _block_sizes(block: int | None, plan_block: int | None, K: int, N: int) -> list[int]:
+    """The block sizes to try for a (K, N) weight: the caller's, else `BLOCK_SIZES` and the plan's."""
+    sizes = [block] if block else sorted({*BLOCK_SIZES, *([plan_block] if plan_block else [])}, reverse=True)
+    return [b for b in sizes if b <= max(K, N)]
+
+
+def _pick_block(densities: dict[int, float], plan_block: int | None, max_density: float) -> int | None:
+    """Among block sizes with their densities (the fraction of W's FLOPs a lowering computes), the plan's
+    mask block if it is within 10% of the best, else the largest such; None if none, or if the pick
+    computes more than `max_density`."""
+    if not densities:
+        return None
+    best = min(densities.values())
+    good = [b for b, d in densities.items() if d <= best * 1.1]
+    b = plan_block if plan_block in good else max(good)
+    return b if densities[b] <= max_density else None
+
+
 def pad_to_blocks(W: np.ndarray, b: int) -> np.ndarray:
     """W (K, N) with zero rows and columns appended up to multiples of b."""
     K, N = W.shape
@@ -374,25 +392,16 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
         self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
 
     def choose(self, W: np.ndarray, plan_block: int | None) -> tuple[int, np.ndarray, int] | None:
-        """(block size, idx, r) for W, or None to keep it dense. Among the block sizes that tile W,
-        the plan's mask block if its padded density is within 10% of the best, else the largest such."""
+        """(block size, idx, r) for W, or None to keep it dense (`_pick_block` on the padded density:
+        the fraction of the dense FLOPs the batched MatMul does)."""
         K, N = W.shape
-        sizes = [self.block] if self.block else sorted({*BLOCK_SIZES, *([plan_block] if plan_block else [])},
-                                                       reverse=True)
         options = {}
-        for b in sizes:
-            if b > max(K, N):
-                continue
+        for b in _block_sizes(self.block, plan_block, K, N):
             idx, r = block_layout(pad_to_blocks(W, b), b)
-            if r > 0:  # padded density: the fraction of the dense FLOPs the batched MatMul does
+            if r > 0:
                 options[b] = (r * b / K, idx, r)
-        if not options:
-            return None
-        best = min(o[0] for o in options.values())
-        good = [b for b, o in options.items() if o[0] <= best * 1.1]
-        b = plan_block if plan_block in good else max(good)
-        density, idx, r = options[b]
-        return (b, idx, r) if density <= self.max_density else None
+        b = _pick_block({b: o[0] for b, o in options.items()}, plan_block, self.max_density)
+        return None if b is None else (b, *options[b][1:])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_shapes(model)
@@ -533,16 +542,10 @@ class NativeSparseMatMulPass(ir.passes.InPlacePass):
         self.max_density = DEFAULT_MAX_DENSITY if max_density is None else float(max_density)
 
     def choose(self, W: np.ndarray, plan_block: int | None) -> int | None:
+        """The block size for W, or None to keep it dense (`_pick_block` on the stored density)."""
         K, N = W.shape
-        sizes = [self.block] if self.block else sorted({*BLOCK_SIZES, *([plan_block] if plan_block else [])},
-                                                       reverse=True)
-        stored = {b: block_mask(W, b).sum() * b * b / (K * N) for b in sizes if b <= max(K, N)}
-        if not stored:
-            return None
-        best = min(stored.values())
-        good = [b for b, d in stored.items() if d <= best * 1.1]
-        b = plan_block if plan_block in good else max(good)
-        return b if stored[b] <= self.max_density else None
+        stored = {b: block_mask(W, b).sum() * b * b / (K * N) for b in _block_sizes(self.block, plan_block, K, N)}
+        return _pick_block(stored, plan_block, self.max_density)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from .native import DOMAIN, OP

@@ -133,8 +133,7 @@ def fetch_headers(source: str | None = None, *, log=print) -> str:
 def library() -> str:
     """The custom-op library's path, built on first call (a few seconds; cached per machine)."""
     global _lib
-    from ..backends.cpu import _compiler, _cpu_signature, build_cached, compiler_version
-    from ..backends.cpu_source import source
+    from ..backends.cpu import _compiler, build_kernels
 
     include = include_dir()
     if include is None:
@@ -145,14 +144,12 @@ def library() -> str:
     if cc is None:
         raise SparsegraphError(f"the ort-native op needs a C compiler ({os.environ.get('CC', 'gcc')} is not on PATH)")
     with open(SOURCE) as f:
-        text = source() + f.read()
+        glue = f.read()
     with open(os.path.join(include, HEADER), "rb") as f:
         header_hash = hashlib.sha256(f.read()).hexdigest()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{include}"]
-    key = "\0".join([text, " ".join(flags), header_hash, compiler_version(cc), _cpu_signature()])
     try:
-        path = build_cached([cc, *flags], text, "ort_op.c", "libsparsegraph_ort-", key,
-                            note="building the ONNX Runtime custom op (once)")
+        path = build_kernels(cc, extra=glue, flags=(f"-I{include}",), prefix="libsparsegraph_ort-", name="ort_op.c",
+                             key=header_hash, note="building the ONNX Runtime custom op (once)")
     except RuntimeError as e:
         raise SparsegraphError(f"cannot build the ort-native op: {e}") from None
     if _lib is None or _lib._name != path:  # (another cache folder: another library)

@@ -57,8 +57,8 @@ static void *ORT_API_CALL sgo_create(const OrtCustomOp *op, const OrtApi *api, c
     return k;
 }
 
-/* the dimensions of input i (at most 8), and its element count */
-static OrtStatusPtr sgo_dims(const OrtValue *v, int64_t *dims, size_t *rank, int64_t *count) {
+/* the dimensions of a tensor (at most 8) */
+static OrtStatusPtr sgo_dims(const OrtValue *v, int64_t *dims, size_t *rank) {
     OrtTensorTypeAndShapeInfo *info;
     SGO_TRY(sgo_api->GetTensorTypeAndShape(v, &info));
     OrtStatusPtr s = sgo_api->GetDimensionsCount(info, rank);
@@ -66,8 +66,6 @@ static OrtStatusPtr sgo_dims(const OrtValue *v, int64_t *dims, size_t *rank, int
                                        (long long)*rank, 8);
     if (!s) s = sgo_api->GetDimensions(info, dims, *rank);
     sgo_api->ReleaseTensorTypeAndShapeInfo(info);
-    *count = 1;
-    for (size_t i = 0; !s && i < *rank; i++) *count *= dims[i];
     return s;
 }
 static void *sgo_data(const OrtValue *v) {
@@ -97,9 +95,8 @@ static void sgo_piece(void *data, size_t i) {
     if (m1 <= m0 || out <= 0) return;
     const float *x = j->x + m0 * j->k, *bias = j->bias ? j->bias + o0 : NULL;
     float *y = j->y + m0 * j->n + o0;
-    const int failed = j->b % (sg_vector_bytes() / 4) == 0
-        ? sg_rows_packed_f32(m1 - m0, j->k, out, j->b, x, j->k, j->vals, j->crow + r0, j->col, NULL, 0, bias, y, j->n, 1)
-        : sg_rows_f32(m1 - m0, j->k, out, j->b, x, j->k, j->vals, j->crow + r0, j->col, NULL, 0, bias, y, j->n, 1);
+    const int failed = (j->b % (sg_vector_bytes() / 4) == 0 ? sg_rows_packed_f32 : sg_rows_f32)(
+        m1 - m0, j->k, out, j->b, x, j->k, j->vals, j->crow + r0, j->col, NULL, 0, bias, y, j->n, 1);
     if (failed) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
 }
 
@@ -110,14 +107,15 @@ static OrtStatusPtr ORT_API_CALL sgo_compute_v2(void *kernel, OrtKernelContext *
     SGO_TRY(sgo_api->KernelContext_GetInputCount(ctx, &count));
     const OrtValue *in[5] = {NULL, NULL, NULL, NULL, NULL};
     for (size_t i = 0; i < count && i < 5; i++) SGO_TRY(sgo_api->KernelContext_GetInput(ctx, i, &in[i]));
-    int64_t xd[8], vd[8], cd[8], jd[8], bd[8], xn, vn, cn, jn, bn;
+    int64_t xd[8], vd[8], cd[8], jd[8], bd[8], M = 1;
     size_t xr, vr, cr, jr, br;
-    SGO_TRY(sgo_dims(in[0], xd, &xr, &xn));
-    SGO_TRY(sgo_dims(in[1], vd, &vr, &vn));
-    SGO_TRY(sgo_dims(in[2], cd, &cr, &cn));
-    SGO_TRY(sgo_dims(in[3], jd, &jr, &jn));
+    SGO_TRY(sgo_dims(in[0], xd, &xr));
+    SGO_TRY(sgo_dims(in[1], vd, &vr));
+    SGO_TRY(sgo_dims(in[2], cd, &cr));
+    SGO_TRY(sgo_dims(in[3], jd, &jr));
     if (xr < 1) return sgo_api->CreateStatus(ORT_INVALID_ARGUMENT, "sparsegraph.SparseLinear: X is a scalar");
-    const int64_t k = xd[xr - 1], C = (k + b - 1) / b, M = k > 0 ? xn / k : 0;
+    for (size_t i = 0; i + 1 < xr; i++) M *= xd[i];  /* X (..., k) as (M, k) */
+    const int64_t k = xd[xr - 1], C = (k + b - 1) / b;
     if (vr != 3 || vd[1] != b || vd[2] != b)
         return sgo_error(ORT_INVALID_ARGUMENT, "sparsegraph.SparseLinear: values must be (nnzb, %lld, %lld)", b, b);
     if (cr != 1 || cd[0] != R + 1)
@@ -129,10 +127,10 @@ static OrtStatusPtr ORT_API_CALL sgo_compute_v2(void *kernel, OrtKernelContext *
     const float *x = (const float *)sgo_data(in[0]), *vals = (const float *)sgo_data(in[1]), *bias = NULL;
     const int32_t *crow = (const int32_t *)sgo_data(in[2]), *col = (const int32_t *)sgo_data(in[3]);
     if (in[4]) {
-        SGO_TRY(sgo_dims(in[4], bd, &br, &bn));
+        SGO_TRY(sgo_dims(in[4], bd, &br));
         if (br != 1 || bd[0] != n)
             return sgo_error(ORT_INVALID_ARGUMENT, "sparsegraph.SparseLinear: bias must be (%lld,), got %lld values",
-                             n, bn);
+                             n, br == 1 ? bd[0] : -1);
         bias = (const float *)sgo_data(in[4]);
     }
     if (crow[0] != 0 || crow[R] != vd[0])
@@ -153,7 +151,13 @@ static OrtStatusPtr ORT_API_CALL sgo_compute_v2(void *kernel, OrtKernelContext *
     OrtValue *out;
     SGO_TRY(sgo_api->KernelContext_GetOutput(ctx, 0, yd, xr, &out));
     if (M == 0) return NULL;
-    sgo_job_t job = {M, k, n, b, x, vals, bias, crow, col, (float *)sgo_data(out), 1, 0, 0};
+    float *y = (float *)sgo_data(out);
+    if (k == 0) {  /* no inputs: the bias (or zeros) in every row */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t o = 0; o < n; o++) y[m * n + o] = bias ? bias[o] : 0.0f;
+        return NULL;
+    }
+    sgo_job_t job = {M, k, n, b, x, vals, bias, crow, col, y, 1, 0, 0};
     const int64_t threads = sgo_threads ? sgo_threads : omp_get_max_threads();
     if (threads > 1 && (M >= threads || R >= threads)) {
         /* split the larger operand's reads: rows of x when x outweighs the blocks, else block-rows */
