@@ -973,17 +973,24 @@ static int FN(conv2d_shifted)(int64_t N, int64_t C, int64_t H, int64_t W, int64_
  * 32 x 32, that layer ran 1.6x slower). W's blocks are transposed to (in, out) once per call (SG_W).
  * A work item is ltw lanes of one group (their x, all channels, sized to stay in L2) and a group of
  * block-rows whose weights stay in L2 as all items pass (on the 4 x 4 stage, 9 MB of weights would
- * otherwise stream from memory once per item). Images per group, lanes per item and P (from MK_BC's
- * sizes) are chosen for the fewest lanes computed. At stride 2 (phases of the padded image, every
+ * otherwise stream from memory once per item). Within an item, a block-row's blocks run in groups of
+ * at most BC_JG, each group over every tile, the tiles' sums kept between groups in a (lanes, outputs)
+ * buffer: a group's rows of W and lines of x (about 16 KiB for 16 lanes) stay in L1 from tile to tile,
+ * where a tile running over the whole row read it all from L2 (36 KiB of W alone at C = 128, block 16).
+ * Sparse Wide ResNet-18's 3 x 3 layers, blocks 16 and 32, s = 0.75 and 0.9, batch 32, Zen 3: 0.73-0.99x
+ * the time at one thread (median 0.83-0.88), 0.78-0.96x at two; with AVX2, 24 tiles per item instead of
+ * 16 took another 0.95-1.0x. Images per group, lanes per item and P (from MK_BC's sizes) are chosen for
+ * the fewest lanes computed. At stride 2 (phases of the padded image, every
  * tap a shift of one of them) it ran 0.92-1.16x the time of the im2col tiles, so other strides keep
  * those. */
 #define MK_BC(P)                                                                                  \
 _Static_assert(SG_FITS(BC_NW, P), "register tile too large");                                    \
 static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t b, int64_t K,      \
-                          const T *X, const int64_t *roff, T *tb) {                               \
+                          const T *X, const int64_t *roff, T *ab, int64_t lda, int add) {          \
     V acc[P][BC_NW];                                                                              \
     _Pragma("GCC unroll 32") for (int t = 0; t < P; t++)                                          \
-        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) acc[t][u] = (V){0};               \
+        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++)                                   \
+            acc[t][u] = add ? FN(ld)(ab + (u * lda + t) * VL) : (V){0};                           \
     for (int64_t jj = 0; jj < nz; jj++) {                                                         \
         const int64_t c = (int64_t)colr[jj] * b, kn = K - c < b ? K - c : b;                      \
         const T *w = wt + jj * b * b;                                                             \
@@ -1001,7 +1008,7 @@ static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t 
         }                                                                                         \
     }                                                                                             \
     _Pragma("GCC unroll 32") for (int t = 0; t < P; t++)                                          \
-        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) FN(st)(tb + (u * 32 + t) * VL, acc[t][u]); \
+        _Pragma("GCC unroll 2") for (int u = 0; u < BC_NW; u++) FN(st)(ab + (u * lda + t) * VL, acc[t][u]); \
 }
 /* P lanes per tile, widest first, beside BC_NW vectors of output channels: 28 x 1 with AVX-512 (its
  * FMA takes the broadcast from memory); with 16 registers 6 or 5 x 2 and a broadcast register, half
@@ -1013,13 +1020,16 @@ static void FN(mk_bc_##P)(int64_t nz, const int32_t *colr, const T *wt, int64_t 
 #define BC_NW 1
 #define BC_TILES(X) X(28) X(24) X(20) X(16)
 #define BC_MIN_LANES 112  /* four tiles of the widest */
+#define BC_MAX_TILES 16  /* tiles of the widest per work item at most */
 #else
 #define BC_NW 2
 #define BC_TILES(X) X(6) X(5)
 #define BC_MIN_LANES 56  /* four tiles of 14 x 1, where it was measured */
+#define BC_MAX_TILES 24
 #endif
 BC_TILES(MK_BC)
-typedef void (*FN(mk_bc_fn))(int64_t, const int32_t *, const T *, int64_t, int64_t, const T *, const int64_t *, T *);
+typedef void (*FN(mk_bc_fn))(int64_t, const int32_t *, const T *, int64_t, int64_t, const T *, const int64_t *, T *,
+                             int64_t, int);
 #define BC_ENTRY(P) {P, FN(mk_bc_##P)},
 static const struct { int64_t p; FN(mk_bc_fn) f; } FN(bc_tiles)[] = {BC_TILES(BC_ENTRY)};
 #define BC_NTILES ((int)(sizeof(FN(bc_tiles)) / sizeof(FN(bc_tiles)[0])))
@@ -1027,6 +1037,7 @@ static const struct { int64_t p; FN(mk_bc_fn) f; } FN(bc_tiles)[] = {BC_TILES(BC
 #undef BC_TILES
 #define BC_XBYTES (512 * 1024)
 #define BC_WBYTES (1024 * 1024)
+#define BC_JG(b) ((b) * 128 < 16384 ? 16384 / ((b) * 128) : 1)  /* blocks per group: 16 KiB of W's rows and x */
 static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OUT, int64_t KH, int64_t KW,
                             int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t S, int64_t b, const T *x,
                             const T *vals, const int32_t *crow, const int32_t *col, const T *bias, T *y,
@@ -1041,7 +1052,7 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
         const int64_t ng = (N + g1 - 1) / g1, g = (N + ng - 1) / ng;  /* groups of equal size */
         if (g != g1) continue;
         int64_t tl = BC_XBYTES / (C * (int64_t)sizeof(T)) - reach * g;  /* lanes of an item: its x in L2 */
-        tl = tl < 4 * P0 ? 4 * P0 : tl > 16 * P0 ? 16 * P0 : tl;
+        tl = tl < 4 * P0 ? 4 * P0 : tl > BC_MAX_TILES * P0 ? BC_MAX_TILES * P0 : tl;
         if (g > 1 && reach * g > tl) break;  /* an item would read more of x around its lanes than in them */
         const int64_t nl = (Le * g + tl - 1) / tl;
         for (int q = 0; q < BC_NTILES; q++) {
@@ -1065,15 +1076,15 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        const int64_t ldt = ltw + VL;  /* ytile (outputs, lanes): a row's last tile spills into its slack */
+        const int64_t ldt = ltw + VL, lda = (ltw + VL - 1) / VL * VL;  /* ytile (outputs, lanes), slack past ltw */
         T *ytile = (T *)sg_scratch(SG_TILE, (size_t)(per * b * ldt) * sizeof(T));
-        failed = ytile == NULL;
+        T *ab = (T *)sg_scratch(SG_TILE2, (size_t)(BC_NW * lda * VL) * sizeof(T));  /* BC_NW x (lanes, VL outputs) */
+        failed = ytile == NULL || ab == NULL;
 #pragma omp for collapse(3) schedule(dynamic, 1)
         for (int64_t g = 0; g < RG; g++)  /* a group of block-rows, its weights in L2, over all lanes */
             for (int64_t p = 0; p < NG; p++)
                 for (int64_t t = 0; t < nlb; t++) {
                     if (failed) continue;
-                    T tb[BC_NW * 32 * VL] __attribute__((aligned(64))) = {0};  /* BC_NW x (lanes, VL outputs) */
                     const int64_t r0 = g * per, r1 = (g + 1) * per < R ? (g + 1) * per : R, lb = t * ltw;
                     const T *X = xp + p * C * plane * G + lb;
                     for (int64_t r = r0; r < r1; r++)
@@ -1081,15 +1092,16 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
                             const int64_t j0 = crow[r], nz = crow[r + 1] - j0;
                             const T *w = wt + j0 * b * b + v;
                             T *yt = ytile + ((r - r0) * b + v) * ldt;
-                            for (int64_t l0 = 0; l0 < ltw; l0 += P) {
-                                FN(bc_tiles)[tile].f(nz, col + j0, w, b, K, X + l0, roff, tb);
-                                /* each (P lanes, VL outputs) -> VL rows of lanes, VL lanes at a time (rows
-                                   P.. of tb stay 0): the last one's columns past P spill into the next
-                                   tile's lanes (written after) */
-                                for (int u = 0; u < BC_NW; u++)
-                                    for (int64_t q = 0; q < P; q += VL)
-                                        FN(transpose_tile)(yt + u * VL * ldt + l0 + q, ldt, tb + (u * 32 + q) * VL, VL);
-                            }
+                            /* the row's blocks in groups of at most BC_JG, each over every tile */
+                            const int64_t ngr = (nz + BC_JG(b) - 1) / BC_JG(b);
+                            const int64_t gs = ngr > 1 ? (nz + ngr - 1) / ngr : 1 + nz;  /* (one group if none) */
+                            for (int64_t g0 = 0; g0 == 0 || g0 < nz; g0 += gs)
+                                for (int64_t l0 = 0; l0 < ltw; l0 += P)
+                                    FN(bc_tiles)[tile].f(nz - g0 < gs ? nz - g0 : gs, col + j0 + g0, w + g0 * b * b, b,
+                                                         K, X + l0, roff, ab + l0 * VL, lda, g0 > 0);
+                            for (int u = 0; u < BC_NW; u++)  /* (lanes, VL outputs) -> VL rows of lanes */
+                                for (int64_t q = 0; q < ltw; q += VL)
+                                    FN(transpose_tile)(yt + u * VL * ldt + q, ldt, ab + (u * lda + q) * VL, VL);
                             if (bias)
                                 for (int64_t o = 0; o < BC_NW * VL && r * b + v + o < OUT; o++)
                                     for (int64_t l = 0; l < ltw; l++) yt[o * ldt + l] += bias[r * b + v + o];
@@ -1102,6 +1114,7 @@ static int FN(conv2d_bcast)(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
 }
 #undef BC_XBYTES
 #undef BC_WBYTES
+#undef BC_JG
 
 /* ------------------------------------------------------------------------------------------
  * direct convolution: y (N, OUT, Ho, Wo) = conv2d(x (N, C, H, W), W, bias) for a block-sparse
