@@ -6,9 +6,10 @@ masked weight as an initializer: GPT-2 small's projections and the Sparse Wide g
 layers (d 256 at s = 0.75, 416 at s = 0.9), plus ResNet-18's im2col GEMMs in the full grid.
 `ort-native` (the custom op sparsegraph.SparseLinear, the native kernels in ONNX Runtime) is timed
 when ONNX Runtime's C API headers are there (`sparsegraph ort-headers`).
-End to end: the built-in gpt-mini, dense original against Sparse Wide (balanced_block:32, s = 0.75
-and 0.9) exported with `sg.export_onnx` as a dense file, with `ort-block` and with `ort-native`, at
-batch 1 (1 x 64 tokens) and 16 x 128 tokens.
+End to end: the built-in gpt-mini (balanced_block:32) at 1 x 64 and 16 x 128 tokens, and ResNet-18 (CIFAR,
+balanced_block:16) at batch 1 and 32, dense original against Sparse Wide (s = 0.75 and 0.9) exported with
+`sg.export_onnx` as a dense file and lowered: gpt-mini with `ort-block` and `ort-native`, ResNet-18 (whose
+convolutions only `ort-native` lowers, as sparsegraph.SparseConv) with `ort-native`.
 
     eta = t_dense(same shape) * rho / t_sparse     (rho = the weight's density; 1 is the physical limit)
 
@@ -20,7 +21,7 @@ several threads, each session's own pool would otherwise spin between its runs a
 session's on the same cores. Nothing here asserts on time.
 
     python bench/onnx_runtime.py                # the full grid (about 10 minutes on 2 cores)
-    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 4 minutes)
+    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 6 minutes)
     python bench/onnx_runtime.py --threads 1
 """
 from __future__ import annotations
@@ -138,36 +139,44 @@ def bench_layer(name: str, out_f: int, in_f: int, rows: int, sparsity: float, bl
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
-def bench_gpt_mini(shape: tuple[int, int], sparsities: list[float], threads: int, budget: float, folder: str,
-                   rows_too: bool) -> list[dict]:
-    spec = builtin("gpt-mini")
+# model: (its mask, the inputs of each tag, the lowerings it is exported with): gpt-mini's layers are MatMul
+# (ort-block and ort-native), ResNet-18's (CIFAR) are Conv, which only ort-native lowers
+END_TO_END = {"gpt-mini": ("balanced_block:32", {"1x64": (1, 64), "16x128": (16, 128)}, ("ort-block", "ort-native")),
+              "resnet18": ("balanced_block:16", {"1x3x32x32": 1, "32x3x32x32": 32}, ("ort-native",))}
+
+
+def bench_model(name: str, tag: str, sparsities: list[float], threads: int, budget: float, folder: str,
+                rows_too: bool) -> list[dict]:
+    """The dense original against its Sparse Wide forms exported dense and lowered, one input shape."""
+    mask, tags, lowerings = END_TO_END[name]
+    spec = builtin(name)
     spec.model.eval()
-    inputs = spec.make_input(shape)
+    size = tags[tag]
+    inputs = spec.make_input(size) if name == "gpt-mini" else (torch.randn(size, 3, 32, 32),)
     feed = [x.numpy() for x in inputs]
-    tag = "x".join(map(str, shape))
-    paths = {"original dense": sg.export_onnx(spec.model, inputs, os.path.join(folder, f"gpt-mini_{tag}.onnx"))}
+    lowerings = [lo for lo in lowerings if NATIVE or lo != "ort-native"]
+    paths = {"original dense": sg.export_onnx(spec.model, inputs, os.path.join(folder, f"{name}_{tag}.onnx"))}
     for s in sparsities:
-        wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", s, mask="balanced_block:32").eval()
-        stem = os.path.join(folder, f"gpt-mini_{s}_{tag}")
+        wide = sg.sparsify(spec.model, spec.example_inputs, "sparse_wide", s, mask=mask).eval()
+        stem = os.path.join(folder, f"{name}_{s}_{tag}")
         paths[f"wide s={s} dense"] = sg.export_onnx(wide, inputs, f"{stem}_dense.onnx")
-        paths[f"wide s={s} ort-block"] = sg.export_onnx(wide, inputs, f"{stem}_block.onnx", lower="ort-block")
-        if NATIVE:
-            paths[f"wide s={s} ort-native"] = sg.export_onnx(wide, inputs, f"{stem}_native.onnx", lower="ort-native")
-        if rows_too:  # the formulation every layer used before the per-layer choice
+        for lo in lowerings:
+            paths[f"wide s={s} {lo}"] = sg.export_onnx(wide, inputs, f"{stem}_{lo}.onnx", lower=lo)
+        if rows_too and "ort-block" in lowerings:  # the formulation every layer used before the per-layer choice
             paths[f"wide s={s} ort-block rows"] = sg.export_onnx(wide, inputs, f"{stem}_rows.onnx", lower="ort-block",
                                                                  layout="rows")
     sessions = {k: _session(p, threads) for k, p in paths.items()}
     outs = {k: s(*feed) for k, s in sessions.items()}
     for k in outs:
         if k.startswith("wide") and not k.endswith(" dense"):
-            _check(f"gpt-mini {tag} {k}", outs[k], outs[k.split(" ort-")[0] + " dense"])
+            _check(f"{name} {tag} {k}", outs[k], outs[k.split(" ort-")[0] + " dense"])
     t = _timed({k: (lambda s=s: s(*feed)) for k, s in sessions.items()}, budget)
     base = t["original dense"]
     rows = []
     for k, v in t.items():
         lowering = sg.onnx.read_lowering(paths[k]).values()
         layouts = sorted({c.get("layout", c["target"]) for c in lowering})
-        rows.append({"model": "gpt-mini", "tokens": tag, "variant": k, "layouts": ",".join(layouts) or "-",
+        rows.append({"model": name, "input": tag, "variant": k, "layouts": ",".join(layouts) or "-",
                      "handed_over": sum("input_from" in c for c in lowering), "ms": v * 1e3, "vs_original": v / base})
     return rows
 
@@ -220,11 +229,13 @@ def main(argv=None) -> int:
 
     e2e = []
     with tempfile.TemporaryDirectory() as folder:
-        for shape in ((1, 64), (16, 128)):
-            print(f"[{time.time() - t0:4.0f}s] end to end: gpt-mini {shape[0]}x{shape[1]} tokens", flush=True)
-            e2e += bench_gpt_mini(shape, [0.75, 0.9], args.threads, budget * 4, folder, rows_too=not quick)
-    print_table("end to end: gpt-mini, Sparse Wide balanced_block:32 (target: within 1.5x the original)",
-                e2e, ["model", "tokens", "variant", "layouts", "handed_over", "ms", "vs_original"])
+        for name, (_, tags, _) in END_TO_END.items():
+            for tag in tags:
+                print(f"[{time.time() - t0:4.0f}s] end to end: {name} {tag}", flush=True)
+                e2e += bench_model(name, tag, [0.75, 0.9], args.threads, budget * 4, folder, rows_too=not quick)
+    print_table("end to end: Sparse Wide gpt-mini (balanced_block:32) and ResNet-18 (balanced_block:16) "
+                "(target: within 1.5x the original)",
+                e2e, ["model", "input", "variant", "layouts", "handed_over", "ms", "vs_original"])
     path = write_json("onnx_runtime" + ("_quick" if quick else ""), rows, end_to_end=e2e, threads=args.threads,
                       onnxruntime=ort.__version__,
                       command=" ".join(["python bench/onnx_runtime.py", *(argv if argv is not None else sys.argv[1:])]))

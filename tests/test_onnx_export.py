@@ -98,11 +98,13 @@ def test_export_parity(models, tmp_path, model, family):
         assert rel_err(_ort(path, inputs), expected) <= 1e-4, (mode, rel_err(_ort(path, inputs), expected))
         lowered = sg.onnx.read_lowering(path)
         ops = {n.op_type for n in onnx.load(path).graph.node}
-        if family == "sparse_wide" and mode != "dense":  # every sparse MatMul/Gemm weight is lowered
-            sparse = {w.name for w in sg.plan_of(m).sparse_weights if w.kind == "linear"}
+        if family == "sparse_wide" and mode != "dense":  # every sparse MatMul/Gemm weight is lowered,
+            kinds = ("linear", "conv") if mode == "ort-native" else ("linear",)  # and with ort-native every Conv
+            sparse = {w.name for w in sg.plan_of(m).sparse_weights if w.kind in kinds}
             assert sparse and sparse <= set(lowered), sorted(sparse - set(lowered))
             assert ("SparseToDenseMatMul" in ops) == (mode == "ort-sparse")
             assert ("SparseLinear" in ops) == (mode == "ort-native")
+            assert ("SparseConv" in ops) == (mode == "ort-native" and model == "resnet-mini")
             block = int(OPTIONS[model]["mask"].rsplit(":", 1)[1])  # the plan's block mask is preferred
             assert all(c["block"] == block for c in lowered.values() if c["target"] in ("ort-block", "ort-native"))
         if family in ("sparse_parallel", "sparse_factorized", "sparse_doped") and mode != "dense":

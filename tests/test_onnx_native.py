@@ -1,7 +1,7 @@
-"""The ort-native lowering: sparsegraph.SparseLinear, the native kernels as an ONNX Runtime custom op.
+"""The ort-native lowering: sparsegraph.SparseLinear and SparseConv, the native kernels as ONNX Runtime custom ops.
 
-The op runs in real ONNX Runtime sessions against float64 products; model-level parity (gpt-mini,
-resnet-mini's Gemm head, Hugging Face GPT-2) is in test_onnx_export.py (MODES)."""
+The ops run in real ONNX Runtime sessions against float64 products and convolutions; model-level parity
+(gpt-mini, resnet-mini's convolutions and Gemm head, Hugging Face GPT-2) is in test_onnx_export.py (MODES)."""
 from __future__ import annotations
 
 import io
@@ -142,6 +142,109 @@ def test_sparse_linear_op_names_bad_inputs():
     bias = np.arange(40, dtype=np.float32)  # no inputs at all (k = 0, no blocks): every row is the bias
     empty = _op_model(np.zeros((0, 8, 8), np.float32), np.zeros(6, np.int32), np.zeros(0, np.int32), bias, k=0)
     np.testing.assert_array_equal(sg.onnx.Session(empty)(np.ones((3, 0), np.float32)), np.tile(bias, (3, 1)))
+
+
+def _conv_model(W: np.ndarray, bias: np.ndarray | None, stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1),
+                **attrs):
+    """y = Conv(x, W[, bias]) with x (N, C, H, W) of symbolic batch and image size."""
+    n, C = W.shape[:2]
+    inits = [numpy_helper.from_array(W, "w")] + ([numpy_helper.from_array(bias, "b")] if bias is not None else [])
+    node = helper.make_node("Conv", ["x", "w"] + (["b"] if bias is not None else []), ["y"], strides=list(stride),
+                            pads=list(pads), dilations=list(dilation), **attrs)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, "H", "W"])
+    graph = helper.make_graph([node], "conv", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv_weight(n: int, C: int, kh: int, kw: int, b: int, seed: int) -> np.ndarray:
+    """W (n, C, kh, kw), block-sparse as the (n, C kh kw) matrix, its last block-row and block-column empty."""
+    return np.ascontiguousarray(_weight(C * kh * kw, n, b, 0.6, seed).T).reshape(n, C, kh, kw)
+
+
+# (C, n, kernel, stride, pads, dilation): 3x3 padded (the direct kernel, stride 1 and 2), 1x1 (the cols
+# kernel on x or on its strided positions), uneven kernel, stride, padding and dilation
+CONVS = [(6, 20, (3, 3), (1, 1), (1, 1), (1, 1)), (6, 20, (3, 3), (2, 2), (1, 1), (1, 1)),
+         (13, 20, (1, 1), (1, 1), (0, 0), (1, 1)), (13, 20, (1, 1), (2, 2), (0, 0), (1, 1)),
+         (5, 11, (3, 2), (1, 2), (2, 0), (2, 1))]
+
+
+@needs_headers
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("b", [1, 4, 8, 16])
+def test_sparse_conv_op_against_float64(b, threads):
+    """Conv through sparsegraph.SparseConv at every block size (with 8 and 16, the kernels keeping output
+    channels along the vector), ragged channels, an empty block-row and block-column, with and without a
+    bias, 0 to 3 images (at 2 threads: pieces by images and by W's block-rows), against float64."""
+    rng = np.random.default_rng(b)
+    for C, n, kernel, stride, pads, dilation in CONVS:
+        W = _conv_weight(n * b // 4 + 3, C, *kernel, b, C)  # some channels past the last whole block
+        for bias in (None, rng.standard_normal(W.shape[0]).astype(np.float32)):
+            model = sg.onnx.lower(_conv_model(W, bias, stride, pads + pads, dilation), "ort-native", block=b,
+                                  max_density=1.0)
+            (choice,) = sg.onnx.read_lowering(model).values()
+            assert choice["op"] == "SparseConv" and choice["block"] == b
+            assert [node.op_type for node in model.graph] == ["SparseConv"]
+            session = sg.onnx.Session(model, threads=threads)
+            for N in (0, 1, 3):
+                x = rng.standard_normal((N, C, 9, 7)).astype(np.float32)
+                want = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(W).double(),
+                                                  None if bias is None else torch.from_numpy(bias).double(),
+                                                  stride, pads, dilation).numpy()
+                got = session(x)
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max(initial=0)))
+
+
+def test_conv_lowering_leaves_what_the_op_does_not_take():
+    """Grouped convolutions, padding uneven before and after, SAME padding and dense weights stay Conv."""
+    W = _conv_weight(16, 8, 3, 3, 8, 0)
+    keep = {"groups": _conv_model(W[:, :4], None, group=2), "uneven pads": _conv_model(W, None, pads=(0, 0, 1, 1)),
+            "same": _conv_model(W, None, pads=(0, 0, 0, 0)), "dense": _conv_model(np.ones_like(W), None)}
+    keep["same"].graph.node[0].ClearField("attribute")
+    keep["same"].graph.node[0].attribute.extend([helper.make_attribute("auto_pad", "SAME_UPPER")])
+    for name, model in keep.items():
+        lowered = sg.onnx.lower(model, "ort-native", block=8)
+        assert [node.op_type for node in lowered.graph] == ["Conv"], name
+    assert [node.op_type for node in sg.onnx.lower(_conv_model(W, None), "ort-native", block=8).graph] == ["SparseConv"]
+
+
+@needs_headers
+def test_sparse_conv_op_names_bad_inputs():
+    """X of the wrong rank, an image smaller than the kernel's reach, a col past C kh kw: one message each,
+    from the run; a bad attribute fails the session."""
+    W = _conv_weight(16, 4, 3, 3, 8, 1)
+    values, crow, col = bsr_of(np.ascontiguousarray(W.reshape(16, 36).T), 8)
+    values = np.ascontiguousarray(values.transpose(0, 2, 1))
+
+    def op_model(col=col, **attrs):
+        attrs = {"n": 16, "block": 8, "kernel": [3, 3], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
+                 **attrs}
+        inits = [numpy_helper.from_array(a, name) for name, a in (("v", values), ("crow", crow), ("col", col))]
+        node = helper.make_node("SparseConv", ["x", "v", "crow", "col"], ["y"], domain=native.DOMAIN, **attrs)
+        graph = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid(native.DOMAIN, 1)])
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(native.library())
+    so.log_severity_level = 4
+    good = ort.InferenceSession(op_model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    cases = {"X must be (N, C, H, W), got rank 3": (good, np.ones((4, 5, 5), np.float32)),
+             "X's image (2 x 5) is smaller than the kernel's reach": (good, np.ones((1, 4, 2, 5), np.float32)),
+             "col 5 out of range for 5 input blocks of X": (
+                 ort.InferenceSession(op_model(col=col + 5 - col.max()).SerializeToString(), so,
+                                      providers=["CPUExecutionProvider"]), np.ones((1, 4, 5, 5), np.float32))}
+    for message, (session, x) in cases.items():
+        with pytest.raises(Exception, match=re.escape(f"sparsegraph.SparseConv: {message}")):
+            session.run(None, {"x": x})
+    with pytest.raises(SparsegraphError, match=re.escape("stride must be two values of at least 1, got (1, 0)")):
+        sg.onnx.Session(op_model(stride=[1, 0]))
+    with pytest.raises(SparsegraphError, match=re.escape("kernel must be two values of at least 1, got (3, -1)")):
+        sg.onnx.Session(op_model(kernel=[3]))
+    y = good.run(None, {"x": np.ones((2, 4, 5, 5), np.float32)})[0]  # consistent: runs
+    want = torch.nn.functional.conv2d(torch.ones(2, 4, 5, 5, dtype=torch.float64), torch.from_numpy(W).double())
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_missing_headers_are_named(monkeypatch, tmp_path):

@@ -4,8 +4,9 @@ ONNX models (`model.onnx`): ONNX-to-ONNX passes for ONNX Runtime (`sg.onnx.lower
   fold         BatchNorm into Conv, Sparse Parallel branches and U.V products into single layers
   ort-block    fold, then block-sparse MatMul/Gemm weights -> Gather + batched MatMul (standard ops)
   ort-sparse   fold, then com.microsoft SparseToDenseMatMul (run with sg.onnx.Session)
-  ort-native   fold, then the custom op sparsegraph.SparseLinear: the native kernels in ONNX Runtime
-               (run with sg.onnx.Session; needs `sparsegraph ort-headers` once)
+  ort-native   fold, then the custom ops sparsegraph.SparseLinear (MatMul/Gemm) and SparseConv (Conv):
+               the native kernels in ONNX Runtime (run with sg.onnx.Session; needs `sparsegraph
+               ort-headers` once)
 Other models: export them with `sparsegraph export MODEL --lower ...`.
 """
 from __future__ import annotations

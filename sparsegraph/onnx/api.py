@@ -334,8 +334,9 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
                           per layer, see `sparsegraph.onnx.lowering`)
             "ort-sparse"  com.microsoft SparseToDenseMatMul with the weight as a sparse-tensor input
                           (CPU only; run with `sg.onnx.Session`, which feeds the weights)
-            "ort-native"  block-sparse float32 weights become the custom op sparsegraph.SparseLinear, the
-                          native CPU kernels in ONNX Runtime (`sparsegraph.onnx.native`; `sg.onnx.Session`
+            "ort-native"  block-sparse float32 MatMul/Gemm weights become the custom op
+                          sparsegraph.SparseLinear and 2-D Conv weights sparsegraph.SparseConv, the native
+                          CPU kernels in ONNX Runtime (`sparsegraph.onnx.native`; `sg.onnx.Session`
                           registers its library); `block` and `max_density` as for ort-block
 
     >>> import numpy as np, sparsegraph as sg
@@ -359,9 +360,18 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
     >>> y = sg.onnx.Session(native)(spec.example_inputs[0].numpy())
     >>> bool(np.abs(y - wide.eval()(*spec.example_inputs).detach().numpy()).max() < 1e-4)
     True
+    >>> resnet = builtin("resnet-mini")
+    >>> wide = sg.sparsify(resnet.model, resnet.example_inputs, "sparse_wide", 0.75, mask="balanced_block:8").eval()
+    >>> native = sg.onnx.lower(sg.export_onnx(wide, resnet.example_inputs, "resnet.onnx"), "ort-native")
+    >>> sorted({c["op"] for c in sg.onnx.read_lowering(native).values()})  # its convolutions (the head stays dense)
+    ['SparseConv']
+    >>> y = sg.onnx.Session(native)(resnet.example_inputs[0].numpy())
+    >>> bool(np.abs(y - wide(*resnet.example_inputs).detach().numpy()).max() < 1e-4)
+    True
     """
     from .folding import FoldPass
-    from .lowering import LAYOUTS, BlockSparseMatMulPass, NativeSparseMatMulPass, SparseToDenseMatMulPass
+    from .lowering import (LAYOUTS, BlockSparseMatMulPass, NativeSparseConvPass, NativeSparseMatMulPass,
+                           SparseToDenseMatMulPass)
 
     if target not in TARGETS:
         raise SparsegraphError(f"unknown lowering target {target!r}; choose from {', '.join(TARGETS)}")
@@ -381,6 +391,7 @@ def lower(path_or_model: Any, target: str = "ort-block", *, fold: bool = True, b
         model = _run(SparseToDenseMatMulPass(max_density=max_density), model)
     elif target == "ort-native":
         model = _run(NativeSparseMatMulPass(block=block, max_density=max_density), model)
+        model = _run(NativeSparseConvPass(block=block, max_density=max_density), model)
     return _finish(model, output, check, sparse_initializers)
 
 

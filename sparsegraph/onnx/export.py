@@ -7,7 +7,8 @@
    deduplication, which merges distinct parameters that happen to be equal (every fresh
    LayerNorm weight is all ones) and would tie dimension groups for later ONNX rewrites.
 3. ONNX-to-ONNX passes (`sg.onnx.lower`): "dense" does nothing more; "ort-block", "ort-sparse" and
-   "ort-native" fold first (BN, parallel branches, U.V products), then lower the sparse MatMul/Gemm weights.
+   "ort-native" fold first (BN, parallel branches, U.V products), then lower the sparse MatMul/Gemm weights
+   (and, with "ort-native", the sparse Conv weights).
 4. The plan (`sg.plan_of(model)`: families, densities, SμPar multipliers) goes into
    `metadata_props["sparsegraph.plan"]`; sparse weights become sparse initializers where that
    shrinks the file; the model is checked (`onnx.checker`, full) and written atomically.
@@ -127,8 +128,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
                          and layout)
            "ort-sparse"  com.microsoft SparseToDenseMatMul, the weight a sparse-tensor input
                          (run with `sg.onnx.Session`, which feeds it)
-           "ort-native"  the custom op sparsegraph.SparseLinear: the native CPU kernels in ONNX Runtime
-                         (run with `sg.onnx.Session`, which registers its library)
+           "ort-native"  the custom ops sparsegraph.SparseLinear (MatMul/Gemm) and SparseConv (Conv): the
+                         native CPU kernels in ONNX Runtime (run with `sg.onnx.Session`, which registers
+                         their library)
     fold   fold BN into Conv, parallel branches and U.V products first (default: when lowering)
 
     The plan is in the file's metadata (`sg.analyze(path).plan`, `sg.onnx.read_plan(path)`);

@@ -1,4 +1,5 @@
-"""ONNX Runtime lowering passes for sparse MatMul/Gemm weights (DESIGN.md section 6).
+"""ONNX Runtime lowering passes for sparse MatMul/Gemm weights, and with ort-native Conv weights (DESIGN.md
+section 6).
 
 ONNX Runtime densifies sparse initializers when it loads a model, so a sparse weight costs a
 dense product unless the graph itself skips the zeros. Three lowerings:
@@ -52,6 +53,9 @@ ort-native (`NativeSparseMatMulPass`): the custom op sparsegraph.SparseLinear(x,
 runs sparsegraph's native CPU kernels inside ONNX Runtime (`native.py`, the library built against
 ONNX Runtime's C API header). W (K, N) is stored as the kernels' block-sparse B: output block-rows
 over N, each nonzero b x b block as it sits in W, so y = x W reads only the nonzero blocks, any M.
+`NativeSparseConvPass` turns a 2-D Conv with a block-sparse W (out, C, kh, kw) into
+sparsegraph.SparseConv(x, values, crow, col[, bias]): W blocked as the (out, C kh kw) matrix, the kernels'
+direct convolution (or, for a 1x1 kernel without padding, their cols kernel on the positions it reads).
 
 All three record their per-weight choices under metadata_props["sparsegraph.lowering"].
 """
@@ -66,7 +70,8 @@ import onnx_ir as ir
 from ..masks import parse_mask
 from ..plan import plan_of
 from .rewrite import (LOWERING_KEY, MS_DOMAIN, Builder, Namer, add_initializer, cleanup, const_array,
-                           gemm_operands, infer_shapes, is_constant, opset_of, redirect, weight_source)
+                           gemm_operands, infer_shapes, is_constant, opset_of, redirect, weight_source,
+                           weight_value)
 
 BLOCK_SIZES = (64, 32, 16, 8)  # tried largest first when neither the caller nor the plan names one
 LAYOUTS = ("rows", "blocks", "column")  # ort-block's three formulations (module docstring)
@@ -139,6 +144,17 @@ def _record(model: ir.Model, choices: dict) -> None:
     old = json.loads(model.metadata_props.get(LOWERING_KEY, "{}"))
     old.update(choices)
     model.metadata_props[LOWERING_KEY] = json.dumps(old, sort_keys=True)
+
+
+def _lowered(model: ir.Model, choices: dict, domain: str | None = None) -> ir.passes.PassResult:
+    """A lowering pass's result: if it lowered anything, its op domain imported, the replaced nodes
+    removed and its per-weight choices recorded."""
+    if choices:
+        if domain:
+            model.opset_imports.setdefault(domain, 1)
+        cleanup(model)
+        _record(model, choices)
+    return ir.passes.PassResult(model, bool(choices))
 
 
 def _plan_block(model: ir.Model) -> int | None:
@@ -462,10 +478,7 @@ class BlockSparseMatMulPass(ir.passes.InPlacePass):
             source = hand_over_blocks(model.graph, Namer(model.graph), x, gather, blocks_out, K, b)
             if source is not None:
                 choices[name]["input_from"] = source
-        if choices:
-            cleanup(model)
-            _record(model, choices)
-        return ir.passes.PassResult(model, bool(choices))
+        return _lowered(model, choices)
 
 
 class SparseToDenseMatMulPass(ir.passes.InPlacePass):
@@ -505,11 +518,7 @@ class SparseToDenseMatMulPass(ir.passes.InPlacePass):
             redirect(model.graph, node.outputs[0], y)
             choices[name] = {"target": "ort-sparse", "input": input_name, "density": density, "shape": [K, N],
                              "node": node.name}
-        if choices:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            cleanup(model)
-            _record(model, choices)
-        return ir.passes.PassResult(model, bool(choices))
+        return _lowered(model, choices, MS_DOMAIN)
 
 
 def block_mask(W: np.ndarray, b: int) -> np.ndarray:
@@ -571,15 +580,73 @@ class NativeSparseMatMulPass(ir.passes.InPlacePass):
             y = _add_bias(bld, y, None if fuse else C, np.float32)
             bld.insert_after(node)
             redirect(model.graph, node.outputs[0], y)
-            choices[name] = {"target": "ort-native", "block": b, "blocks": int(len(col)),
+            choices[name] = {"target": "ort-native", "op": OP, "block": b, "blocks": int(len(col)),
                              "density": float(len(col) * b * b) / (K * N),
                              "weight_density": float(np.count_nonzero(W)) / W.size, "shape": [K, N], "node": node.name}
-        if choices:
-            model.opset_imports.setdefault(DOMAIN, 1)
-            cleanup(model)
-            _record(model, choices)
-        return ir.passes.PassResult(model, bool(choices))
+        return _lowered(model, choices, DOMAIN)
 
 
-__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "NativeSparseMatMulPass", "block_layout", "pack_blocks",
+def _conv_candidates(model: ir.Model):
+    """(node, x, W (out, C, kh, kw) float32, weight name, bias or None, kernel, stride, padding, dilation) for
+    every 2-D Conv with a constant W, one group, padding the same before and after (or VALID) and a constant
+    bias if any: what sparsegraph.SparseConv takes."""
+    for node in list(model.graph):
+        if node.domain != "" or node.op_type != "Conv":
+            continue
+        W, bias = weight_value(node.inputs[1]), None
+        if W is None or W.ndim != 4 or W.dtype != np.float32 or node.attributes.get_int("group", 1) != 1:
+            continue
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = const_array(node.inputs[2])
+            if bias is None:
+                continue  # a run-time bias
+        auto = node.attributes.get_string("auto_pad", "NOTSET")
+        pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+        if auto not in ("NOTSET", "VALID") or pads[:2] != pads[2:]:
+            continue
+        pairs = [list(node.attributes.get_ints(k, [1, 1])) for k in ("strides", "dilations")]
+        name = weight_source(node.inputs[1])[0].name
+        yield node, node.inputs[0], W, name, bias, list(W.shape[2:]), pairs[0], pads[:2], pairs[1]
+
+
+class NativeSparseConvPass(NativeSparseMatMulPass):
+    """ort-native: 2-D Conv with a block-sparse float32 constant weight (one group, the same padding before
+    and after) -> the custom op sparsegraph.SparseConv(x, values, crow, col[, bias]): sparsegraph's direct
+    convolution kernels in ONNX Runtime. W (out, C, kh, kw) is blocked as the (out, C kh kw) matrix in W's
+    (c, kh, kw) order, each block stored (out, in); the block and `max_density` as for MatMul."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from .native import CONV_OP, DOMAIN
+
+        infer_shapes(model)
+        plan_block = _plan_block(model)
+        namer = Namer(model.graph)
+        choices = {}
+        for node, x, W, name, bias, kernel, stride, padding, dilation in _conv_candidates(model):
+            if np.count_nonzero(W) > self.max_density * W.size:
+                continue
+            n, K = W.shape[0], int(np.prod(W.shape[1:]))
+            Wt = W.reshape(n, K).T  # (K, n): the (in, out) view the block choice and bsr_of take
+            b = self.choose(Wt, plan_block)
+            if b is None:
+                continue
+            values, crow, col = bsr_of(Wt, b)
+            bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
+            inputs = [x, bld.const("values", np.ascontiguousarray(values.transpose(0, 2, 1))),  # blocks (out, in)
+                      bld.const("crow", crow), bld.const("col", col)]
+            inputs += [bld.const("bias", bias.reshape(n).astype(np.float32))] if bias is not None else []
+            y = bld.op(CONV_OP, inputs, {"n": n, "block": b, "kernel": kernel, "stride": stride, "padding": padding,
+                                         "dilation": dilation}, domain=DOMAIN)
+            y.shape, y.type = node.outputs[0].shape, ir.TensorType(ir.DataType.FLOAT)
+            bld.insert_after(node)
+            redirect(model.graph, node.outputs[0], y)
+            choices[name] = {"target": "ort-native", "op": CONV_OP, "block": b, "blocks": int(len(col)),
+                             "density": float(len(col) * b * b) / W.size,
+                             "weight_density": float(np.count_nonzero(W)) / W.size, "shape": list(W.shape),
+                             "node": node.name}
+        return _lowered(model, choices, DOMAIN)
+
+
+__all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "NativeSparseMatMulPass", "NativeSparseConvPass",
+           "block_layout", "pack_blocks",
            "auto_layout", "block_mask", "bsr_of", "BLOCK_SIZES", "LAYOUTS"]

@@ -1,7 +1,9 @@
-"""The ONNX Runtime custom op `sparsegraph.SparseLinear`: the native block-sparse CPU kernels in ONNX Runtime.
+"""The ONNX Runtime custom ops `sparsegraph.SparseLinear` and `sparsegraph.SparseConv`: the native block-sparse
+CPU kernels in ONNX Runtime.
 
-`sg.onnx.lower(path, "ort-native")` turns block-sparse MatMul/Gemm weights into this op
-(`lowering.NativeSparseMatMulPass`); `sg.onnx.Session` registers the library for such files, and a
+`sg.onnx.lower(path, "ort-native")` turns block-sparse MatMul/Gemm weights into SparseLinear
+(`lowering.NativeSparseMatMulPass`) and block-sparse 2-D Conv weights into SparseConv
+(`lowering.NativeSparseConvPass`); `sg.onnx.Session` registers the library for such files, and a
 plain `onnxruntime.InferenceSession` takes it as
 
     so = onnxruntime.SessionOptions()
@@ -16,8 +18,8 @@ unpacks its headers into the cache; `SPARSEGRAPH_ORT_INCLUDE` or a system instal
 (`/usr/include/onnxruntime`) are used first. The API is requested at the header's version
 (ONNX Runtime 1.21), which every later ONNX Runtime serves.
 
-A product is cut into `set_threads(n)` pieces (rows of x, or block-rows of W, whichever operand is
-larger is then read once) run on ONNX Runtime's own intra-op thread pool, each a one-thread call of
+A product is cut into `set_threads(n)` pieces (rows of x or images, or block-rows of W, whichever
+operand is larger is then read once) run on ONNX Runtime's own intra-op thread pool, each a one-thread call of
 the kernels, so no OpenMP team competes with ONNX Runtime's threads; the count is per process
 (default: OpenMP's thread count, `OMP_NUM_THREADS` or the cores), and `sg.onnx.Session(threads=n)`
 sets it to the session's own.
@@ -35,7 +37,7 @@ import urllib.request
 
 from ..graph import SparsegraphError
 
-DOMAIN, OP = "sparsegraph", "SparseLinear"
+DOMAIN, OP, CONV_OP = "sparsegraph", "SparseLinear", "SparseConv"
 SOURCE = os.path.join(os.path.dirname(__file__), "ort_op.c")
 DEB_VERSION = "1.21.0+dfsg-1"  # Debian 13's libonnxruntime-dev: C API version 21
 DEB_URL = f"http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_{DEB_VERSION}_amd64.deb"
@@ -165,4 +167,4 @@ def set_threads(n: int | None) -> None:
     _lib.sg_ort_set_threads(int(n or 0))
 
 
-__all__ = ["DOMAIN", "OP", "include_dir", "fetch_headers", "library", "set_threads"]
+__all__ = ["DOMAIN", "OP", "CONV_OP", "include_dir", "fetch_headers", "library", "set_threads"]
