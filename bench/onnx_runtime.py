@@ -21,7 +21,7 @@ several threads, each session's own pool would otherwise spin between its runs a
 session's on the same cores. Nothing here asserts on time.
 
     python bench/onnx_runtime.py                # the full grid (about 10 minutes on 2 cores)
-    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 6 minutes)
+    python bench/onnx_runtime.py --quick        # GPT-2 and gpt-mini shapes, end to end (about 4 minutes)
     python bench/onnx_runtime.py --threads 1
 """
 from __future__ import annotations
