@@ -142,7 +142,8 @@ def bench_layer(name: str, out_f: int, in_f: int, rows: int, sparsity: float, bl
 # model: (its mask, the inputs of each tag, the lowerings it is exported with): gpt-mini's layers are MatMul
 # (ort-block and ort-native), ResNet-18's (CIFAR) are Conv, which only ort-native lowers
 END_TO_END = {"gpt-mini": ("balanced_block:32", {"1x64": (1, 64), "16x128": (16, 128)}, ("ort-block", "ort-native")),
-              "resnet18": ("balanced_block:16", {"1x3x32x32": 1, "32x3x32x32": 32}, ("ort-native",))}
+              "resnet18": ("balanced_block:16", {"1x3x32x32": (1, 3, 32, 32), "32x3x32x32": (32, 3, 32, 32)},
+                           ("ort-native",))}
 
 
 def bench_model(name: str, tag: str, sparsities: list[float], threads: int, budget: float, folder: str,
@@ -151,8 +152,7 @@ def bench_model(name: str, tag: str, sparsities: list[float], threads: int, budg
     mask, tags, lowerings = END_TO_END[name]
     spec = builtin(name)
     spec.model.eval()
-    size = tags[tag]
-    inputs = spec.make_input(size) if name == "gpt-mini" else (torch.randn(size, 3, 32, 32),)
+    inputs = spec.make_input(tags[tag])
     feed = [x.numpy() for x in inputs]
     lowerings = [lo for lo in lowerings if NATIVE or lo != "ort-native"]
     paths = {"original dense": sg.export_onnx(spec.model, inputs, os.path.join(folder, f"{name}_{tag}.onnx"))}

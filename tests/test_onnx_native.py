@@ -21,7 +21,7 @@ from sparsegraph.cli import main
 from sparsegraph.graph import SparsegraphError
 from sparsegraph.models import builtin
 from sparsegraph.onnx import native
-from sparsegraph.onnx.lowering import bsr_of
+from sparsegraph.onnx.lowering import bsr_of, conv_bsr_of
 
 from .onnx_checks import check_written, rel_err
 
@@ -213,8 +213,7 @@ def test_sparse_conv_op_names_bad_inputs():
     """X of the wrong rank, an image smaller than the kernel's reach, a col past C kh kw: one message each,
     from the run; a bad attribute fails the session."""
     W = _conv_weight(16, 4, 3, 3, 8, 1)
-    values, crow, col = bsr_of(np.ascontiguousarray(W.reshape(16, 36).T), 8)
-    values = np.ascontiguousarray(values.transpose(0, 2, 1))
+    values, crow, col = conv_bsr_of(W, 8)
 
     def op_model(col=col, **attrs):
         attrs = {"n": 16, "block": 8, "kernel": [3, 3], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],

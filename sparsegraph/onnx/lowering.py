@@ -538,6 +538,13 @@ def bsr_of(W: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(blocks[rows, cols]), crow.astype(np.int32), cols.astype(np.int32)
 
 
+def conv_bsr_of(W: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values (nnzb, b, b), crow, col): a Conv weight W (out, C, kh, kw) as SparseConv takes it, the
+    (out, C kh kw) matrix in W's (c, kh, kw) order, output block-rows over out, each block stored (out, in)."""
+    values, crow, col = bsr_of(W.reshape(W.shape[0], -1).T, b)
+    return np.ascontiguousarray(values.transpose(0, 2, 1)), crow, col
+
+
 class NativeSparseMatMulPass(ir.passes.InPlacePass):
     """ort-native: MatMul/Gemm with a block-sparse float32 constant weight -> the custom op
     sparsegraph.SparseLinear(x, values, crow, col[, bias]) (the native CPU kernels in ONNX Runtime,
@@ -625,15 +632,13 @@ class NativeSparseConvPass(NativeSparseMatMulPass):
         for node, x, W, name, bias, kernel, stride, padding, dilation in _conv_candidates(model):
             if np.count_nonzero(W) > self.max_density * W.size:
                 continue
-            n, K = W.shape[0], int(np.prod(W.shape[1:]))
-            Wt = W.reshape(n, K).T  # (K, n): the (in, out) view the block choice and bsr_of take
-            b = self.choose(Wt, plan_block)
+            n = W.shape[0]
+            b = self.choose(W.reshape(n, -1).T, plan_block)  # on the (in, out) view, as for MatMul
             if b is None:
                 continue
-            values, crow, col = bsr_of(Wt, b)
+            values, crow, col = conv_bsr_of(W, b)
             bld = Builder(model.graph, namer, node.name or name, node.metadata_props)
-            inputs = [x, bld.const("values", np.ascontiguousarray(values.transpose(0, 2, 1))),  # blocks (out, in)
-                      bld.const("crow", crow), bld.const("col", col)]
+            inputs = [x, bld.const("values", values), bld.const("crow", crow), bld.const("col", col)]
             inputs += [bld.const("bias", bias.reshape(n).astype(np.float32))] if bias is not None else []
             y = bld.op(CONV_OP, inputs, {"n": n, "block": b, "kernel": kernel, "stride": stride, "padding": padding,
                                          "dilation": dilation}, domain=DOMAIN)
@@ -648,5 +653,5 @@ class NativeSparseConvPass(NativeSparseMatMulPass):
 
 
 __all__ = ["BlockSparseMatMulPass", "SparseToDenseMatMulPass", "NativeSparseMatMulPass", "NativeSparseConvPass",
-           "block_layout", "pack_blocks",
+           "block_layout", "conv_bsr_of", "pack_blocks",
            "auto_layout", "block_mask", "bsr_of", "BLOCK_SIZES", "LAYOUTS"]

@@ -80,18 +80,18 @@ static OrtStatusPtr ORT_API_CALL sgo_create_conv_v2(const OrtCustomOp *op, const
     (void)op;
     return sgo_new_kernel(api, info, "SparseConv", 1, kernel);
 }
-static void *ORT_API_CALL sgo_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
-    void *k = NULL;
-    OrtStatusPtr s = sgo_create_v2(op, api, info, &k);
-    if (s) api->ReleaseStatus(s);
-    return k;
-}
-static void *ORT_API_CALL sgo_create_conv(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
-    void *k = NULL;
-    OrtStatusPtr s = sgo_create_conv_v2(op, api, info, &k);
-    if (s) api->ReleaseStatus(s);
-    return k;
-}
+/* the version-1 entry points, on top of the version-2 ones: errors reported as a NULL kernel or not at all */
+#define SGO_V1(CREATE, COMPUTE)                                                                       \
+    static void *ORT_API_CALL CREATE(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) { \
+        void *k = NULL;                                                                               \
+        OrtStatusPtr s = CREATE##_v2(op, api, info, &k);                                              \
+        if (s) api->ReleaseStatus(s);                                                                 \
+        return k;                                                                                     \
+    }                                                                                                 \
+    static void ORT_API_CALL COMPUTE(void *kernel, OrtKernelContext *ctx) {                           \
+        OrtStatusPtr s = COMPUTE##_v2(kernel, ctx);                                                   \
+        if (s) sgo_api->ReleaseStatus(s);                                                             \
+    }
 
 /* the dimensions of a tensor (at most 8) */
 static OrtStatusPtr sgo_dims(const char *op, const OrtValue *v, int64_t *dims, size_t *rank) {
@@ -304,14 +304,8 @@ static OrtStatusPtr ORT_API_CALL sgo_compute_conv_v2(void *kernel, OrtKernelCont
     free(xs);
     return s;
 }
-static void ORT_API_CALL sgo_compute(void *kernel, OrtKernelContext *ctx) {
-    OrtStatusPtr s = sgo_compute_v2(kernel, ctx);
-    if (s) sgo_api->ReleaseStatus(s);
-}
-static void ORT_API_CALL sgo_compute_conv(void *kernel, OrtKernelContext *ctx) {
-    OrtStatusPtr s = sgo_compute_conv_v2(kernel, ctx);
-    if (s) sgo_api->ReleaseStatus(s);
-}
+SGO_V1(sgo_create, sgo_compute)
+SGO_V1(sgo_create_conv, sgo_compute_conv)
 static void ORT_API_CALL sgo_destroy(void *kernel) { free(kernel); }
 
 static const char *ORT_API_CALL sgo_name(const OrtCustomOp *op) { (void)op; return "SparseLinear"; }
